@@ -1,0 +1,31 @@
+"""The named errors the data loaders raise on bad input.
+
+Every error message names the file (and where useful the entry inside it), says what is wrong and how to fix it.
+They subclass the built-in exception a caller would expect (``ValueError``), so ``except ValueError`` still works.
+"""
+
+from __future__ import annotations
+
+
+class DataFormatError(ValueError):
+    """An annotation file is readable but its content does not match the documented format."""
+
+
+class MalformedJSONError(DataFormatError):
+    """A JSON / JSONL file does not parse; the message carries the path, line, column and character offset."""
+
+
+class MaskSizeError(DataFormatError):
+    """A mask (RLE or PNG) has a size different from the image or frame it belongs to."""
+
+
+class EmptyMediaError(DataFormatError):
+    """A sample refers to no frames (an empty ``frames`` list, an empty video folder)."""
+
+
+class EmptyDatasetError(DataFormatError):
+    """A source produced no records at all (usually a wrong split name or an empty annotation file)."""
+
+
+class UnknownDatasetError(ValueError):
+    """A dataset name in a mix or on the command line is not one the package can load."""

@@ -1,0 +1,81 @@
+"""A ``predict_fn`` for :func:`~transformers_maskcma.evaluation.runner.evaluate_dataset` that runs a saved model.
+
+The model and processor are loaded with the Auto classes (``trust_remote_code=True``, so an exported Hub folder
+works without this package's modeling code), and each record goes through ``processor(...)`` and
+``model.segment(...)`` as in DESIGN.md §4.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import numpy as np
+
+__all__ = ["model_predict_fn", "segment_output_masks"]
+
+
+def segment_output_masks(output) -> list[np.ndarray]:
+    """The predicted masks of one sample from what ``model.segment`` returns.
+
+    Accepted: an object or dict with a ``masks`` entry (or the masks themselves) that is a tensor/array of shape
+    ``(N, H, W)`` (image) or ``(N, T, H, W)`` (video), with ``N`` the answer's ``[SEG]`` count, or a list of ``N``
+    such per-object masks; a leading batch dimension of size 1 (a list of one entry) is removed.
+
+    Returns:
+        a list of ``N`` boolean numpy arrays, one per object (``(H, W)`` or ``(T, H, W)``).
+    """
+    masks = output.get("masks") if isinstance(output, dict) else getattr(output, "masks", output)
+    if masks is None:
+        return []
+    if isinstance(masks, (list, tuple)) and len(masks) == 1 and isinstance(masks[0], (list, tuple)):
+        masks = masks[0]  # a batch of one sample
+    if isinstance(masks, (list, tuple)):
+        return [_to_numpy(mask) for mask in masks]
+    array = _to_numpy(masks)
+    return list(array)
+
+
+def _to_numpy(value) -> np.ndarray:
+    if hasattr(value, "detach"):
+        value = value.detach().float().cpu().numpy() if value.dtype.is_floating_point else value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def model_predict_fn(
+    model_dir: str | os.PathLike, device: str | None = None, dtype: str | None = None
+) -> Callable[[dict], list[np.ndarray]]:
+    """Load a MaskCMA model folder (or Hub repo id) and return ``predict_fn(record) -> list of object masks``.
+
+    Args:
+        model_dir: a folder written by ``save_pretrained`` / ``maskcma export``, or a Hub repo id.
+        device: ``"cuda"``, ``"cpu"``, …; default CUDA when available.
+        dtype: torch dtype name for the weights (``"bfloat16"``, ``"float32"``); default the saved dtype.
+
+    Returns:
+        A function of one decoded record (frames as PIL images) returning the answer's masks, one array per
+        ``[SEG]`` object (``(H, W)`` for an image, ``(T, H, W)`` for a video), at the original frame size.
+    """
+    import torch
+    from transformers import AutoModel, AutoProcessor
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    load_kwargs = {"trust_remote_code": True}
+    if dtype is not None:
+        load_kwargs["dtype"] = getattr(torch, dtype)
+    model = AutoModel.from_pretrained(model_dir, **load_kwargs).to(device).eval()
+    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+
+    def predict(record: dict) -> list[np.ndarray]:
+        frames = [frame.convert("RGB") for frame in record["frames"]]
+        if record["media_type"] == "image":
+            inputs = processor(images=frames[0], text=record["prompt"], return_tensors="pt")
+        else:
+            inputs = processor(videos=frames, text=record["prompt"], return_tensors="pt")
+        inputs = inputs.to(device)
+        with torch.inference_mode():
+            output = model.segment(**inputs)
+        return segment_output_masks(output)
+
+    return predict

@@ -1,0 +1,161 @@
+"""Reading what the evaluation needs from dataset records (the format of :mod:`transformers_maskcma.data.schema`)
+without decoding any frame: the ground-truth union per frame, the frame size, the ReVOS foreground, frame names.
+
+Every error names the sample id, so a bad record in a benchmark of thousands is found at once.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import datasets
+import numpy as np
+from PIL import Image
+
+from ..data.errors import DataFormatError, MaskSizeError
+from ..data.records import unpack_masks
+from ..data.schema import decode_rle
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "foreground_frames",
+    "frame_names",
+    "frame_size",
+    "ground_truth_frames",
+    "has_ground_truth",
+    "parse_meta",
+    "undecoded_view",
+]
+
+#: Extensions stripped from frame names when naming the PNG of a frame.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def undecoded_view(dataset: datasets.Dataset) -> datasets.Dataset:
+    """The same rows with ``frames`` left as ``{"path", "bytes"}`` instead of decoded images (scoring never needs
+    pixels, and decoding every frame of a video benchmark would dominate the time)."""
+    if "frames" not in dataset.column_names:
+        raise ValueError(f"the dataset has no 'frames' column (columns: {dataset.column_names}); expected records "
+                         "in the format of transformers_maskcma.data.schema.RECORD_FEATURES")
+    return dataset.cast_column("frames", datasets.List(datasets.Image(decode=False)))
+
+
+def parse_meta(record: dict) -> dict:
+    """The record's ``meta`` JSON as a dict (``{}`` when empty)."""
+    raw = record.get("meta") or "{}"
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise DataFormatError(f"sample {record.get('sample_id')!r}: meta is not valid JSON ({error.msg})") from None
+    if not isinstance(meta, dict):
+        raise DataFormatError(f"sample {record.get('sample_id')!r}: meta must be a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def has_ground_truth(meta: dict) -> bool:
+    """``False`` for records of splits whose masks are withheld (``meta["has_masks"] = false``)."""
+    return bool(meta.get("has_masks", True))
+
+
+def _header_size(frame) -> tuple[int, int]:
+    """``(height, width)`` of an undecoded (``{"path", "bytes"}``) or decoded (PIL) frame, reading the header only."""
+    if isinstance(frame, Image.Image):
+        return frame.height, frame.width
+    if frame.get("bytes"):
+        source = io.BytesIO(frame["bytes"])
+    elif frame.get("path"):
+        source = frame["path"]
+    else:
+        raise DataFormatError(f"a frame has neither bytes nor a path: {frame!r:.200}")
+    try:
+        with Image.open(source) as image:
+            return image.height, image.width
+    except FileNotFoundError:
+        raise FileNotFoundError(f"frame not found: {source}") from None
+
+
+def frame_size(record: dict) -> tuple[int, int]:
+    """``(height, width)`` of the record's frames, from the header of its first frame."""
+    if len(record["frames"]) == 0:
+        raise DataFormatError(f"sample {record['sample_id']!r} has no frames; an expression with no frames cannot be scored")
+    return _header_size(record["frames"][0])
+
+
+def _decode_checked(rle: dict, size: tuple[int, int], where: str) -> np.ndarray:
+    rle_size = (int(rle["size"][0]), int(rle["size"][1]))
+    if rle_size != tuple(size):
+        raise MaskSizeError(
+            f"{where}: the mask RLE has size {rle_size} (height, width) but the frame is {tuple(size)}; the mask "
+            "belongs to another image or the frames were resized"
+        )
+    return decode_rle(rle)
+
+
+def ground_truth_frames(record: dict, size: tuple[int, int]) -> np.ndarray:
+    """Union of the record's objects in every frame.
+
+    Args:
+        record: a record with ``masks[object][frame]`` RLEs.
+        size: ``(height, width)`` of the frames.
+
+    Returns:
+        ``bool`` array of shape ``(num_frames, height, width)``; all false for a record without objects.
+    """
+    sample_id = record["sample_id"]
+    num_frames = len(record["frames"])
+    union = np.zeros((num_frames, *size), dtype=bool)
+    for index, frames in enumerate(unpack_masks(record["masks"])):
+        if len(frames) != num_frames:
+            raise DataFormatError(
+                f"sample {sample_id!r}: object {index} has {len(frames)} masks for {num_frames} frames"
+            )
+        for frame, rle in enumerate(frames):
+            union[frame] |= _decode_checked(rle, size, f"sample {sample_id!r} object {index} frame {frame}")
+    return union
+
+
+def foreground_frames(record: dict, meta: dict, size: tuple[int, int]) -> np.ndarray:
+    """The union of all annotated objects of each frame (ReVOS ``R``), from ``meta["foreground"]``.
+
+    Returns:
+        ``bool`` array of shape ``(num_frames, height, width)``.
+    """
+    sample_id = record["sample_id"]
+    rles = meta.get("foreground")
+    if rles is None:
+        raise DataFormatError(
+            f"sample {sample_id!r}: ReVOS R needs meta['foreground'] (the per-frame union of all objects of the "
+            "video); load the split with transformers_maskcma.data.load_revos(..., include_foreground=True)"
+        )
+    num_frames = len(record["frames"])
+    if len(rles) != num_frames:
+        raise DataFormatError(f"sample {sample_id!r}: meta['foreground'] has {len(rles)} masks for {num_frames} frames")
+    return np.stack(
+        [_decode_checked(rle, size, f"sample {sample_id!r} foreground frame {frame}") for frame, rle in enumerate(rles)]
+    )
+
+
+def frame_names(record: dict, meta: dict) -> list[str]:
+    """Names of the record's frames without extension (``"00000"``): ``meta["frame_names"]``, else the stems of the
+    frame file paths."""
+    names = meta.get("frame_names")
+    if names is None:
+        paths = [frame.get("path") if isinstance(frame, dict) else getattr(frame, "filename", None) for frame in record["frames"]]
+        if not all(paths):
+            raise DataFormatError(
+                f"sample {record['sample_id']!r}: frame names are unknown (no meta['frame_names'] and the frames "
+                "are stored as bytes); add meta['frame_names']"
+            )
+        names = [Path(path).name for path in paths]
+    if len(names) != len(record["frames"]):
+        raise DataFormatError(
+            f"sample {record['sample_id']!r}: {len(names)} frame names for {len(record['frames'])} frames"
+        )
+    stripped = []
+    for name in names:
+        name = str(name)
+        suffix = Path(name).suffix
+        stripped.append(name[: -len(suffix)] if suffix.lower() in IMAGE_EXTENSIONS else name)
+    return stripped

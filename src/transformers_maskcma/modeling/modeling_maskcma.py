@@ -1,0 +1,802 @@
+"""MaskCMA: a multimodal LLM that answers with ``[SEG]`` tokens, SAM2 that decodes each ``[SEG]`` into a mask, and
+a Mask-guided Cross-Modal Attention (CMA) between them.
+
+This file is copied flat into Hub repositories as remote code: it imports only torch, transformers and the
+modules beside it (with flat relative imports).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoTokenizer,
+    PreTrainedModel,
+    Sam2VideoModel,
+)
+from transformers import initialization as init
+from transformers.utils import ModelOutput, cached_file, logging
+
+from .cma import ConvMaskPriorHead, MaskGuidedCrossModalAttention
+from .configuration_maskcma import MaskCMAConfig
+from .mask_decoding import SamFrameFeatures, dice_loss, sigmoid_bce_loss, upsample_mask_logits
+from .target_mapping import SegTargets, build_seg_targets
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class MaskCMAOutput(ModelOutput):
+    r"""
+    Output of [`MaskCMAModel.forward`]. A *target* is one (``[SEG]`` token, frame) pair: an image sample with two
+    objects has two targets, a video sample with one object and four frames has four.
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*):
+            ``lm_loss + bce_loss_weight·mask_bce + dice_loss_weight·mask_dice + prior_loss_weight·prior_loss``,
+            from the parts that were computable (LM part needs `labels`, mask parts need `gt_masks`).
+        lm_loss, mask_bce, mask_dice, prior_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            The components; `prior_loss` is BCE·w_bce + Dice·w_dice on the mask prior.
+        logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
+            Language-model logits.
+        pred_masks (`torch.FloatTensor` of shape `(num_targets, mask_height, mask_width)`):
+            Final low-resolution mask logits (256×256 for released SAM2).
+        prior_masks (`torch.FloatTensor` of shape `(num_targets, mask_height, mask_width)`, *optional*):
+            Mask prior logits (pass 1 or the conv head, upsampled); `None` without CMA or with the GT prior.
+        iou_scores (`torch.FloatTensor` of shape `(num_targets,)`):
+            SAM2's predicted IoU of each chosen mask.
+        seg_embeds (`torch.FloatTensor` of shape `(num_seg_tokens, 256)`):
+            Projected ``[SEG]`` embeddings, in reading order over the batch.
+        mask_pooled_embeds (`torch.FloatTensor` of shape `(num_targets, 256)`, *optional*):
+            SAM2 image embedding averaged over each target's ground-truth mask (for the contrastive loss);
+            zero rows where the ground truth is empty (see `target_has_mask`).
+        target_has_mask (`torch.BoolTensor` of shape `(num_targets,)`, *optional*):
+            Whether each target's ground-truth mask has a foreground pixel.
+        target_seg_index (`torch.LongTensor` of shape `(num_targets,)`):
+            Row of `seg_embeds` each target was decoded with.
+        target_frame_index (`torch.LongTensor` of shape `(num_targets,)`):
+            Row of `sam_pixel_values` each target was decoded on.
+        seg_sample_index (`torch.LongTensor` of shape `(num_seg_tokens,)`):
+            Batch index of each ``[SEG]`` token.
+        seg_object_ids (`torch.LongTensor` of shape `(num_seg_tokens,)`, *optional*):
+            Object identity of each ``[SEG]`` within its sample, when given (repeated objects share an id).
+    """
+
+    loss: torch.FloatTensor | None = None
+    lm_loss: torch.FloatTensor | None = None
+    mask_bce: torch.FloatTensor | None = None
+    mask_dice: torch.FloatTensor | None = None
+    prior_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    pred_masks: torch.FloatTensor | None = None
+    prior_masks: torch.FloatTensor | None = None
+    iou_scores: torch.FloatTensor | None = None
+    seg_embeds: torch.FloatTensor | None = None
+    mask_pooled_embeds: torch.FloatTensor | None = None
+    target_has_mask: torch.BoolTensor | None = None
+    target_seg_index: torch.LongTensor | None = None
+    target_frame_index: torch.LongTensor | None = None
+    seg_sample_index: torch.LongTensor | None = None
+    seg_object_ids: torch.LongTensor | None = None
+
+
+@dataclass
+class MaskCMASegmentationOutput(ModelOutput):
+    r"""
+    Output of [`MaskCMAModel.segment`], one entry per sample of the batch.
+
+    Args:
+        answers (`list[str]` or `None`):
+            Decoded answers (`None` when the model has no tokenizer attached; see `answer_ids`).
+        answer_ids (`list[torch.LongTensor]`):
+            Generated token ids of each answer (without the prompt).
+        masks (`list[torch.BoolTensor]`):
+            Per sample, `(num_objects, height, width)` for an image, `(num_objects, num_frames, height, width)`
+            for a video, at the original size; `num_objects` is the number of ``[SEG]`` in the answer (0 is fine).
+        scores (`list[torch.FloatTensor]`):
+            Per sample, `(num_objects,)`: SAM2's predicted IoU of each mask (mean over key frames for videos).
+        mask_logits (`list[torch.FloatTensor]`):
+            Per sample, the low-resolution logits `(num_objects, [num_frames,] mask_height, mask_width)`.
+    """
+
+    answers: list | None = None
+    answer_ids: list | None = None
+    masks: list | None = None
+    scores: list | None = None
+    mask_logits: list | None = None
+
+
+class MaskCMAPreTrainedModel(PreTrainedModel):
+    config_class = MaskCMAConfig
+    config: MaskCMAConfig
+    base_model_prefix = "maskcma"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "video", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _no_split_modules = ["MaskGuidedCrossModalAttention"]
+    # Trainer must not divide our loss by the number of items in the batch: the loss is already a mean
+    accepts_loss_kwargs = False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = 0.02
+        if isinstance(module, MaskGuidedCrossModalAttention):
+            init.zeros_(module.gamma)
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+
+class MaskCMAModel(MaskCMAPreTrainedModel):
+    r"""
+    The MaskCMA referring-segmentation model.
+
+    Holds:
+    - `vlm`: the image-text-to-text model (`AutoModelForImageTextToText`, InternVL by default);
+    - `sam2`: transformers' native `Sam2VideoModel` (image encoder, prompt encoder, mask decoder, memory);
+    - `seg_proj`: `Linear(H, H) → ReLU → Linear(H, 256) → Dropout(0)` on the ``[SEG]`` hidden state;
+    - `text_proj`: `Linear(H, 256)` on the prompt's text-token hidden states (the CMA's keys);
+    - `cma`: [`MaskGuidedCrossModalAttention`]; `prior_head`: [`ConvMaskPriorHead`] when `mask_source="conv"`.
+
+    Decoding one target (``[SEG]`` ``s`` on a frame with SAM2 embedding ``F``):
+    pass 1 `decoder(F, [no-point pad, s])` → prior ``G``; `F' = cma(F, T ∪ {s}, G)`; pass 2 `decoder(F', …)`.
+    With `use_cma=False`, only one pass (the plain Sa2VA path).
+    """
+
+    def __init__(self, config: MaskCMAConfig):
+        super().__init__(config)
+        self.vlm = AutoModelForImageTextToText.from_config(config.vlm_config)
+        self.sam2 = Sam2VideoModel(config.sam2_config)
+        hidden_size = config.text_hidden_size
+        embed_dim = config.seg_embed_dim
+        self.seg_proj = nn.Sequential(
+            nn.Linear(hidden_size, hidden_size), nn.ReLU(), nn.Linear(hidden_size, embed_dim), nn.Dropout(0.0)
+        )
+        self.text_proj = nn.Linear(hidden_size, embed_dim)
+        self.cma = MaskGuidedCrossModalAttention(
+            embed_dim=embed_dim,
+            num_heads=config.cma_num_heads,
+            direction=config.cma_direction,
+            gate=config.cma_gate,
+            warmup_target=config.cma_warmup_target,
+            top_k=config.cma_topk_tokens,
+            dropout=config.cma_dropout,
+        )
+        self.prior_head = ConvMaskPriorHead(embed_dim) if config.mask_source == "conv" else None
+        self.tokenizer = None
+        self.post_init()
+        self.apply_default_freezing()
+
+    # -- parameter groups --------------------------------------------------------------------------------------
+
+    def vision_tower(self) -> nn.Module:
+        """The VLM's vision encoder (frozen by default)."""
+        inner = getattr(self.vlm, "model", self.vlm)
+        for name in ("vision_tower", "visual", "vision_model"):
+            module = getattr(inner, name, None)
+            if module is not None:
+                return module
+        raise AttributeError(
+            f"cannot find the vision tower of {type(self.vlm).__name__}; expected an attribute 'vision_tower', "
+            "'visual' or 'vision_model' on the VLM"
+        )
+
+    def sam2_frozen_modules(self) -> list[nn.Module]:
+        """SAM2 parts that stay frozen: everything except the prompt encoder and the mask decoder. The decoder's
+        `conv_s0`/`conv_s1` (projections of the high-resolution features) belong to the decoder and are trained."""
+        return [
+            module for name, module in self.sam2.named_children() if name not in ("prompt_encoder", "mask_decoder")
+        ]
+
+    def apply_default_freezing(self) -> None:
+        """Freeze SAM2's image encoder and memory modules and the VLM's vision tower, as configured."""
+        if self.config.freeze_sam2_image_encoder:
+            for module in self.sam2_frozen_modules():
+                module.requires_grad_(False)
+            for name, parameter in self.sam2.named_parameters(recurse=False):
+                parameter.requires_grad_(False)
+        if self.config.freeze_vision_tower:
+            self.vision_tower().requires_grad_(False)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.vlm.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.vlm.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.vlm.get_output_embeddings()
+
+    def set_cma_warmup_factor(self, factor: float) -> None:
+        """Set the CMA warm-up factor (γ multiplier, or ω for the `"mask"` target); 1.0 at inference."""
+        if not 0.0 <= factor <= 1.0:
+            raise ValueError(f"the CMA warm-up factor must lie in [0, 1], got {factor}")
+        self.cma.warmup_factor = float(factor)
+
+    # -- SAM2 features -----------------------------------------------------------------------------------------
+
+    def encode_frames(self, sam_pixel_values: torch.Tensor) -> SamFrameFeatures:
+        """Run SAM2's image encoder.
+
+        Args:
+            sam_pixel_values (`torch.FloatTensor` of shape `(num_frames, 3, S, S)`): frames resized to SAM2's input
+                size S (1024 for released SAM2) and normalised with ImageNet mean/std.
+
+        Returns:
+            [`SamFrameFeatures`]: `image_embeddings` `(num_frames, 256, S/16, S/16)` (with SAM2's no-memory
+            embedding added, as for a single image) and the decoder-projected high-resolution features
+            `(num_frames, 32, S/4, S/4)` and `(num_frames, 64, S/8, S/8)`.
+        """
+        encoder_trainable = any(p.requires_grad for p in self.sam2.vision_encoder.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and encoder_trainable):
+            vision_outputs = self.sam2.vision_encoder(sam_pixel_values, return_dict=True)
+        feature_maps = vision_outputs.fpn_hidden_states
+        decoder = self.sam2.mask_decoder
+        high_res_s0 = decoder.conv_s0(feature_maps[0])
+        high_res_s1 = decoder.conv_s1(feature_maps[1])
+        no_memory = self.sam2.no_memory_embedding.view(1, -1, 1, 1)
+        image_embeddings = feature_maps[-1] + no_memory
+        return SamFrameFeatures(image_embeddings=image_embeddings, high_res_features=[high_res_s0, high_res_s1])
+
+    # -- one decoder pass -------------------------------------------------------------------------------------
+
+    def _decoder_pass(
+        self, image_embeddings: torch.Tensor, high_res_features: list[torch.Tensor], seg_embeds: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM2's mask decoder with the sparse prompt `[no-point pad, s]`, multimask output, best predicted IoU kept.
+
+        Args:
+            image_embeddings: `(N, 256, h, w)`; high_res_features: `[(N, 32, 4h, 4w), (N, 64, 2h, 2w)]`;
+            seg_embeds: `(N, 256)`.
+
+        Returns:
+            `(mask_logits (N, 1, 4h, 4w), iou_scores (N,))`.
+        """
+        num_targets = image_embeddings.shape[0]
+        device = image_embeddings.device
+        points = torch.zeros(num_targets, 1, 1, 2, device=device, dtype=image_embeddings.dtype)
+        labels = -torch.ones(num_targets, 1, 1, device=device, dtype=torch.int32)
+        sparse, dense = self.sam2.prompt_encoder(
+            input_points=points, input_labels=labels, input_boxes=None, input_masks=None
+        )
+        sparse = torch.cat([sparse, seg_embeds[:, None, None, :].to(sparse.dtype)], dim=2)
+        positional = self.sam2.get_image_wide_positional_embeddings().repeat(num_targets, 1, 1, 1)
+        mask_logits, iou_scores, _, _ = self.sam2.mask_decoder(
+            image_embeddings=image_embeddings,
+            image_positional_embeddings=positional.to(image_embeddings.dtype),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense.to(image_embeddings.dtype),
+            multimask_output=True,
+            high_resolution_features=high_res_features,
+        )
+        mask_logits, iou_scores = mask_logits[:, 0], iou_scores[:, 0]  # (N, 3, H, W), (N, 3)
+        best = iou_scores.argmax(dim=-1)
+        rows = torch.arange(num_targets, device=device)
+        return mask_logits[rows, best].unsqueeze(1), iou_scores[rows, best]
+
+    def decode_masks(
+        self,
+        frame_features: SamFrameFeatures,
+        seg_embeds: torch.Tensor,
+        text_tokens: torch.Tensor,
+        text_token_mask: torch.Tensor,
+        gt_prior_masks: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor | None]:
+        """Decode one mask per target, with the CMA between two decoder passes.
+
+        Args:
+            frame_features (`SamFrameFeatures`): per-target SAM2 features (row i is target i's frame).
+            seg_embeds (`torch.FloatTensor` of shape `(num_targets, 256)`).
+            text_tokens (`torch.FloatTensor` of shape `(num_targets, num_text_tokens, 256)`).
+            text_token_mask (`torch.BoolTensor` of shape `(num_targets, num_text_tokens)`).
+            gt_prior_masks (`torch.FloatTensor` of shape `(num_targets, H, W)`, *optional*): ground truth used as the
+                prior when `mask_source="gt"` in training.
+
+        Returns:
+            dict with `mask_logits` `(N, 1, 4h, 4w)`, `iou_scores` `(N,)`, `prior_logits` `(N, 1, 4h, 4w)` or None.
+        """
+        image_embeddings = frame_features.image_embeddings
+        high_res = frame_features.high_res_features
+        if image_embeddings.shape[0] == 0:  # no [SEG] in the batch: nothing to decode
+            empty = image_embeddings.new_zeros(0, 1, *high_res[0].shape[-2:])
+            return {
+                "mask_logits": empty + 0.0 * seg_embeds.sum(),
+                "iou_scores": image_embeddings.new_zeros(0),
+                "prior_logits": empty if self.config.use_cma else None,
+            }
+        if not self.config.use_cma:
+            mask_logits, iou_scores = self._decoder_pass(image_embeddings, high_res, seg_embeds)
+            return {"mask_logits": mask_logits, "iou_scores": iou_scores, "prior_logits": None}
+
+        embed_size = image_embeddings.shape[-2:]
+        mask_source = self.config.mask_source
+        if mask_source == "gt" and not (self.training and gt_prior_masks is not None):
+            mask_source = "pred"  # documented fallback: no ground truth at inference
+        prior_logits = None
+        if mask_source == "pred":
+            prior_logits, _ = self._decoder_pass(image_embeddings, high_res, seg_embeds)
+            prior_at_embedding = F.interpolate(prior_logits, size=embed_size, mode="bilinear", antialias=True)
+        elif mask_source == "conv":
+            prior_at_embedding = self.prior_head(image_embeddings, seg_embeds)
+            low_res_size = high_res[0].shape[-2:]
+            prior_logits = F.interpolate(prior_at_embedding, size=low_res_size, mode="bilinear")
+        else:
+            fraction = F.interpolate(gt_prior_masks[:, None].float(), size=embed_size, mode="area")
+            prior_at_embedding = torch.logit(fraction.clamp(1e-6, 1 - 1e-6)).to(image_embeddings.dtype)
+
+        cma_output = self.cma(image_embeddings, text_tokens, text_token_mask, seg_embeds, prior_at_embedding)
+        mask_logits, iou_scores = self._decoder_pass(cma_output.image_embeddings, high_res, seg_embeds)
+        return {"mask_logits": mask_logits, "iou_scores": iou_scores, "prior_logits": prior_logits}
+
+    # -- language side -----------------------------------------------------------------------------------------
+
+    def _prompt_text_mask(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.LongTensor | None,
+        text_token_mask: torch.Tensor | None,
+    ) -> torch.BoolTensor:
+        """Which positions are the prompt's text tokens: the processor's `text_token_mask` when given, else every
+        attended position that is not an image token, not ``[SEG]``, not a special token and not part of the
+        answer (positions with a label)."""
+        if text_token_mask is not None:
+            return text_token_mask.bool()
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        mask = mask & (input_ids != self.config.image_token_id) & (input_ids != self.config.seg_token_id)
+        special_ids = set(self.tokenizer.all_special_ids) if self.tokenizer is not None else set()
+        for special_id in special_ids:
+            mask = mask & (input_ids != special_id)
+        if labels is not None:
+            mask = mask & (labels == -100)
+        return mask
+
+    def project_text_and_seg(
+        self,
+        last_hidden_state: torch.Tensor,
+        input_ids: torch.LongTensor,
+        prompt_text_mask: torch.BoolTensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Project the ``[SEG]`` hidden states and the prompt's text-token hidden states to SAM2's width.
+
+        Args:
+            last_hidden_state: `(batch_size, seq_len, H)`; input_ids: `(batch_size, seq_len)`;
+            prompt_text_mask: `(batch_size, seq_len)` bool.
+
+        Returns:
+            `seg_embeds (num_seg, 256)`, `seg_sample_index (num_seg,)`, `text_tokens (batch_size, T, 256)` and
+            `text_token_mask (batch_size, T)` with `T` the largest number of prompt text tokens in the batch.
+        """
+        if self.config.seg_token_id is None:
+            raise ValueError(
+                "MaskCMAConfig.seg_token_id is not set; build the model with the tokenizer's [SEG] id "
+                "(config.seg_token_id = tokenizer.convert_tokens_to_ids('[SEG]'))"
+            )
+        seg_positions = (input_ids == self.config.seg_token_id).nonzero(as_tuple=False)  # row-major = reading order
+        seg_hidden = last_hidden_state[seg_positions[:, 0], seg_positions[:, 1]]
+        seg_embeds = self.seg_proj(seg_hidden)
+        seg_sample_index = seg_positions[:, 0]
+
+        counts = prompt_text_mask.sum(dim=1)
+        num_text = max(int(counts.max().item()) if counts.numel() else 0, 1)
+        order = torch.argsort((~prompt_text_mask).to(torch.int8), dim=1, stable=True)[:, :num_text]
+        gathered = last_hidden_state.gather(1, order.unsqueeze(-1).expand(-1, -1, last_hidden_state.shape[-1]))
+        text_token_mask = prompt_text_mask.gather(1, order)
+        text_tokens = self.text_proj(gathered)
+        return seg_embeds, seg_sample_index, text_tokens, text_token_mask
+
+    # -- forward -----------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        sam_pixel_values: torch.FloatTensor | None = None,
+        gt_masks: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        text_token_mask: torch.Tensor | None = None,
+        target_seg_index: torch.LongTensor | None = None,
+        target_frame_index: torch.LongTensor | None = None,
+        frame_sample_index: torch.LongTensor | None = None,
+        seg_object_ids: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> MaskCMAOutput:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`):
+                Prompt and answer tokens; image placeholders and ``[SEG]`` tokens included.
+            attention_mask (`torch.Tensor` of shape `(batch_size, seq_len)`, *optional*).
+            pixel_values (`torch.FloatTensor` of shape `(num_tiles, 3, tile, tile)`, *optional*):
+                The VLM's image tiles for the whole batch, in sample order.
+            sam_pixel_values (`torch.FloatTensor` of shape `(num_frames, 3, S, S)`, *optional*):
+                SAM2 inputs; by default one frame per sample (images). Required to decode masks.
+            gt_masks (`torch.Tensor` of shape `(num_targets, H, W)`, *optional*):
+                Ground-truth masks (any resolution; resized with nearest to the low-resolution mask size).
+            labels (`torch.LongTensor` of shape `(batch_size, seq_len)`, *optional*):
+                LM labels, -100 where no loss is taken (prompt, image tokens, padding).
+            text_token_mask (`torch.BoolTensor` of shape `(batch_size, seq_len)`, *optional*):
+                The prompt's text tokens (the CMA's keys); computed from the other inputs when missing.
+            target_seg_index (`torch.LongTensor` of shape `(num_targets,)`, *optional*):
+                For each target, which ``[SEG]`` (in reading order over the batch) decodes it. Default: target i is
+                the i-th ``[SEG]``.
+            target_frame_index (`torch.LongTensor` of shape `(num_targets,)`, *optional*):
+                For each target, the row of `sam_pixel_values` it is decoded on. Default: the frame of the
+                ``[SEG]``'s sample (one frame per sample).
+            frame_sample_index (`torch.LongTensor` of shape `(num_frames,)`, *optional*):
+                Sample of each SAM2 frame; default `arange(batch_size)`.
+            seg_object_ids (`torch.LongTensor` of shape `(num_seg_tokens,)`, *optional*):
+                Object identity of each ``[SEG]`` within its sample (passed through for the contrastive loss).
+
+        Returns:
+            [`MaskCMAOutput`].
+        """
+        vlm_outputs = self.vlm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            labels=labels,
+            output_hidden_states=True,
+            return_dict=True,
+        )
+        last_hidden_state = vlm_outputs.hidden_states[-1]
+        prompt_text_mask = self._prompt_text_mask(input_ids, attention_mask, labels, text_token_mask)
+        seg_embeds, seg_sample_index, text_tokens, text_mask = self.project_text_and_seg(
+            last_hidden_state, input_ids, prompt_text_mask
+        )
+        output = MaskCMAOutput(
+            lm_loss=vlm_outputs.loss,
+            logits=vlm_outputs.logits,
+            seg_embeds=seg_embeds,
+            seg_sample_index=seg_sample_index,
+            seg_object_ids=seg_object_ids,
+        )
+        loss = vlm_outputs.loss
+
+        if sam_pixel_values is not None:
+            targets = build_seg_targets(
+                seg_sample_index=seg_sample_index,
+                batch_size=input_ids.shape[0],
+                num_frames=sam_pixel_values.shape[0],
+                num_gt_masks=None if gt_masks is None else gt_masks.shape[0],
+                target_seg_index=target_seg_index,
+                target_frame_index=target_frame_index,
+                frame_sample_index=frame_sample_index,
+            )
+            decoded = self._decode_targets(
+                sam_pixel_values, targets, seg_embeds, text_tokens, text_mask, gt_masks
+            )
+            output.pred_masks = decoded["mask_logits"][:, 0]
+            output.iou_scores = decoded["iou_scores"]
+            output.prior_masks = None if decoded["prior_logits"] is None else decoded["prior_logits"][:, 0]
+            output.target_seg_index = targets.seg_index
+            output.target_frame_index = targets.frame_index
+            if gt_masks is not None:
+                mask_losses = self._mask_losses(decoded, gt_masks)
+                output.mask_bce, output.mask_dice, output.prior_loss = (
+                    mask_losses["bce"], mask_losses["dice"], mask_losses["prior"]
+                )
+                output.mask_pooled_embeds = decoded["mask_pooled_embeds"]
+                output.target_has_mask = decoded["target_has_mask"]
+                mask_total = (
+                    self.config.bce_loss_weight * mask_losses["bce"]
+                    + self.config.dice_loss_weight * mask_losses["dice"]
+                )
+                if mask_losses["prior"] is not None:
+                    mask_total = mask_total + self.config.prior_loss_weight * mask_losses["prior"]
+                loss = mask_total if loss is None else loss + mask_total
+        elif gt_masks is not None:
+            raise ValueError("gt_masks were given without sam_pixel_values: the masks cannot be decoded")
+        output.loss = loss
+        return output
+
+    def _decode_targets(
+        self,
+        sam_pixel_values: torch.Tensor,
+        targets: SegTargets,
+        seg_embeds: torch.Tensor,
+        text_tokens: torch.Tensor,
+        text_mask: torch.Tensor,
+        gt_masks: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor | None]:
+        frame_features = self.encode_frames(sam_pixel_values)
+        target_features = frame_features.select(targets.frame_index)
+        target_samples = targets.sample_index
+        target_seg = seg_embeds[targets.seg_index]
+        low_res_size = target_features.high_res_features[0].shape[-2:]
+        gt_low_res = None
+        if gt_masks is not None:
+            gt_low_res = F.interpolate(gt_masks[:, None].float(), size=low_res_size, mode="nearest")[:, 0]
+        decoded = self.decode_masks(
+            target_features, target_seg, text_tokens[target_samples], text_mask[target_samples], gt_low_res
+        )
+        if gt_masks is not None:
+            embeddings = target_features.image_embeddings
+            gt_at_embedding = F.interpolate(gt_masks[:, None].float(), size=embeddings.shape[-2:], mode="nearest")
+            area = gt_at_embedding.sum(dim=(2, 3))  # (N, 1)
+            pooled = (embeddings * gt_at_embedding).sum(dim=(2, 3)) / area.clamp_min(1.0)
+            decoded["mask_pooled_embeds"] = pooled
+            decoded["target_has_mask"] = area[:, 0] > 0
+            decoded["gt_low_res"] = gt_low_res
+        return decoded
+
+    def _mask_losses(self, decoded: dict, gt_masks: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        gt_low_res = decoded["gt_low_res"]
+        logits = decoded["mask_logits"][:, 0]
+        losses = {"bce": sigmoid_bce_loss(logits, gt_low_res), "dice": dice_loss(logits, gt_low_res), "prior": None}
+        if decoded["prior_logits"] is not None:
+            prior = decoded["prior_logits"][:, 0]
+            losses["prior"] = (
+                self.config.bce_loss_weight * sigmoid_bce_loss(prior, gt_low_res)
+                + self.config.dice_loss_weight * dice_loss(prior, gt_low_res)
+            )
+        return losses
+
+    # -- inference ---------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def segment(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        sam_pixel_values: torch.FloatTensor | None = None,
+        original_sizes: torch.LongTensor | None = None,
+        text_token_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        mask_threshold: float | None = None,
+        **kwargs,
+    ) -> MaskCMASegmentationOutput:
+        r"""Generate an answer for each prompt and decode every ``[SEG]`` of it into a mask.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, prompt_len)`): left-padded prompts.
+            attention_mask (`torch.Tensor` of shape `(batch_size, prompt_len)`, *optional*).
+            pixel_values (`torch.FloatTensor` of shape `(num_tiles, 3, tile, tile)`): the VLM's tiles.
+            sam_pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, S, S)`): SAM2 inputs, one per sample.
+            original_sizes (`torch.LongTensor` of shape `(batch_size, 2)`): `(height, width)` of each image; masks
+                are returned at this size (default: SAM2's input size).
+            text_token_mask (`torch.BoolTensor` of shape `(batch_size, prompt_len)`, *optional*).
+            max_new_tokens (`int`): answer length limit.
+            mask_threshold (`float`, *optional*): logit threshold (default `config.mask_threshold`, i.e. 0.5 after
+                the sigmoid).
+            kwargs: further generation arguments (e.g. `do_sample`), passed to `generate`.
+
+        Returns:
+            [`MaskCMASegmentationOutput`]. An answer without ``[SEG]`` gives `(0, H, W)` masks.
+        """
+        if sam_pixel_values is None:
+            raise ValueError("segment() needs sam_pixel_values (the processor's SAM2 input) to decode masks")
+        if sam_pixel_values.ndim == 5:
+            from .video_segmentation import segment_video
+
+            return segment_video(
+                self,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                pixel_values=pixel_values,
+                sam_pixel_values=sam_pixel_values,
+                original_sizes=original_sizes,
+                text_token_mask=text_token_mask,
+                max_new_tokens=max_new_tokens,
+                mask_threshold=mask_threshold,
+                **kwargs,
+            )
+        answer = self.generate_answer(input_ids, attention_mask, pixel_values, text_token_mask, max_new_tokens, **kwargs)
+        threshold = self.config.mask_threshold if mask_threshold is None else mask_threshold
+        batch_size = input_ids.shape[0]
+        sizes = self._original_sizes(original_sizes, batch_size, sam_pixel_values)
+        frame_features = self.encode_frames(sam_pixel_values)
+        seg_sample_index = answer["seg_sample_index"]
+        decoded = self.decode_masks(
+            frame_features.select(seg_sample_index),
+            answer["seg_embeds"],
+            answer["text_tokens"][seg_sample_index],
+            answer["text_token_mask"][seg_sample_index],
+        )
+        masks, scores, logits = [], [], []
+        for sample in range(batch_size):
+            rows = (seg_sample_index == sample).nonzero(as_tuple=True)[0]
+            sample_logits = decoded["mask_logits"][rows, 0]
+            logits.append(sample_logits)
+            scores.append(decoded["iou_scores"][rows])
+            masks.append(upsample_mask_logits(sample_logits, tuple(sizes[sample])) > threshold)
+        return MaskCMASegmentationOutput(
+            answers=answer["answers"], answer_ids=answer["answer_ids"], masks=masks, scores=scores, mask_logits=logits
+        )
+
+    def _original_sizes(self, original_sizes, batch_size, sam_pixel_values) -> list[tuple[int, int]]:
+        if original_sizes is None:
+            size = tuple(sam_pixel_values.shape[-2:])
+            return [size] * batch_size
+        return [(int(h), int(w)) for h, w in original_sizes.tolist()]
+
+    def generate_answer(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        pixel_values: torch.FloatTensor | None,
+        text_token_mask: torch.Tensor | None,
+        max_new_tokens: int,
+        **generate_kwargs,
+    ) -> dict:
+        """Generate the answers, then run the VLM once over prompt + answer to read the last-layer hidden states
+        at every ``[SEG]`` of the answers and at the prompt's text tokens (the same computation as in training).
+
+        Returns a dict with `answers` (list of str, or None without tokenizer), `answer_ids` (list of 1-D tensors),
+        `seg_embeds` `(num_seg, 256)`, `seg_sample_index` `(num_seg,)`, `text_tokens` `(batch, T, 256)`,
+        `text_token_mask` `(batch, T)`.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        prompt_len = input_ids.shape[1]
+        pad_id = self._pad_token_id()
+        sequences = self.vlm.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            max_new_tokens=max_new_tokens,
+            do_sample=generate_kwargs.pop("do_sample", False),
+            pad_token_id=pad_id,
+            **generate_kwargs,
+        )
+        answer_ids = sequences[:, prompt_len:]
+        eos_ids = self._eos_token_ids()
+        # everything after the first end-of-sequence token is padding added by generate
+        is_eos = torch.isin(answer_ids, torch.tensor(eos_ids, device=answer_ids.device))
+        answer_mask = (is_eos.cumsum(dim=1) - is_eos.int()) == 0  # up to and including the first EOS
+        full_mask = torch.cat([attention_mask, answer_mask.to(attention_mask.dtype)], dim=1)
+        clean_answer = answer_ids.masked_fill(~answer_mask, pad_id)
+        full_ids = torch.cat([input_ids, clean_answer], dim=1)
+
+        outputs = self.vlm(
+            input_ids=full_ids,
+            attention_mask=full_mask,
+            pixel_values=pixel_values,
+            output_hidden_states=True,
+            return_dict=True,
+        )
+        if text_token_mask is None:
+            prompt_mask = self._prompt_text_mask(input_ids, attention_mask, None, None)
+        else:
+            prompt_mask = text_token_mask.bool()
+        full_text_mask = torch.cat([prompt_mask, torch.zeros_like(answer_mask)], dim=1)
+        seg_ids = full_ids.clone()
+        seg_ids[:, :prompt_len] = pad_id  # only [SEG] tokens of the answer decode masks
+        seg_ids = seg_ids.masked_fill(~full_mask.bool(), pad_id)
+        seg_embeds, seg_sample_index, text_tokens, text_mask = self.project_text_and_seg(
+            outputs.hidden_states[-1], seg_ids, full_text_mask
+        )
+        kept_ids = [row[mask] for row, mask in zip(answer_ids, answer_mask)]
+        answers = None
+        if self.tokenizer is not None:
+            answers = [self.tokenizer.decode(ids, skip_special_tokens=False) for ids in kept_ids]
+            answers = [self._strip_answer(text) for text in answers]
+        if seg_embeds.shape[0] == 0:
+            logger.warning("the answer contains no [SEG] token: no mask is returned")
+        return {
+            "answers": answers,
+            "answer_ids": kept_ids,
+            "seg_embeds": seg_embeds,
+            "seg_sample_index": seg_sample_index,
+            "text_tokens": text_tokens,
+            "text_token_mask": text_mask,
+        }
+
+    def _strip_answer(self, text: str) -> str:
+        for token in (self.tokenizer.eos_token, self.tokenizer.pad_token, "<|im_end|>"):
+            if token:
+                text = text.replace(token, "")
+        return text.strip()
+
+    def _pad_token_id(self) -> int:
+        text_config = self.config.vlm_config.get_text_config()
+        pad = getattr(text_config, "pad_token_id", None)
+        if pad is None and self.tokenizer is not None:
+            pad = self.tokenizer.pad_token_id
+        return 0 if pad is None else int(pad)
+
+    def _eos_token_ids(self) -> list[int]:
+        eos = self.vlm.generation_config.eos_token_id
+        if eos is None:
+            eos = self.config.vlm_config.get_text_config().eos_token_id
+        if eos is None and self.tokenizer is not None:
+            eos = self.tokenizer.eos_token_id
+        if eos is None:
+            return []
+        return list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
+
+    # -- building and loading ----------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """Load a saved MaskCMA model strictly: any missing or unexpected weight raises a `ValueError` that names
+        the keys (the research code's export silently dropped the CMA weights). The tokenizer saved beside the
+        weights, when present, is attached so that `segment()` returns decoded answers."""
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        problems = {
+            kind: sorted(loading_info.get(kind) or [])
+            for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
+            if loading_info.get(kind)
+        }
+        if problems:
+            details = "; ".join(f"{kind}: {keys}" for kind, keys in problems.items())
+            raise ValueError(
+                f"the checkpoint at {pretrained_model_name_or_path!r} does not match MaskCMAModel ({details}). "
+                "Every weight must load: re-export the model with `maskcma export`, or convert foreign checkpoints "
+                "with `maskcma convert`."
+            )
+        tokenizer_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
+        trust_remote_code = kwargs.get("trust_remote_code")
+        tokenizer_file = cached_file(
+            pretrained_model_name_or_path,
+            "tokenizer_config.json",
+            _raise_exceptions_for_missing_entries=False,
+            **tokenizer_kwargs,
+        )
+        if tokenizer_file is not None:
+            model.tokenizer = AutoTokenizer.from_pretrained(
+                os.path.dirname(tokenizer_file), trust_remote_code=trust_remote_code
+            )
+        return (model, loading_info) if wants_info else model
+
+    @classmethod
+    def from_pretrained_parts(
+        cls,
+        vlm: str | os.PathLike | PreTrainedModel,
+        sam2: str | os.PathLike | PreTrainedModel,
+        tokenizer=None,
+        seg_token: str = "[SEG]",
+        **config_overrides,
+    ) -> MaskCMAModel:
+        """Build a MaskCMA model from an existing VLM and SAM2 (folders, Hub ids or loaded models).
+
+        The CMA, `seg_proj`, `text_proj` (and the conv prior head) are freshly initialised, with γ = 0 so the masks
+        equal those of the CMA-free path until training. When a `tokenizer` is given, ``[SEG]`` is added to it if
+        missing and the VLM's embeddings are resized to the tokenizer.
+        """
+        if not isinstance(vlm, PreTrainedModel):
+            vlm = AutoModelForImageTextToText.from_pretrained(vlm)
+        if not isinstance(sam2, PreTrainedModel):
+            sam2 = Sam2VideoModel.from_pretrained(sam2)
+        if not isinstance(sam2, Sam2VideoModel):
+            raise TypeError(
+                f"sam2 must be a Sam2VideoModel (it holds the image path and the video memory), got {type(sam2).__name__}; "
+                "load SAM2 checkpoints with Sam2VideoModel.from_pretrained"
+            )
+        seg_token_id = config_overrides.pop("seg_token_id", None)
+        if tokenizer is not None:
+            if seg_token not in tokenizer.get_vocab():
+                tokenizer.add_special_tokens({"additional_special_tokens": [seg_token]})
+            seg_token_id = tokenizer.convert_tokens_to_ids(seg_token)
+            if len(tokenizer) > vlm.get_input_embeddings().weight.shape[0]:
+                vlm.resize_token_embeddings(len(tokenizer))
+        if seg_token_id is None:
+            raise ValueError("pass the tokenizer (or seg_token_id=...) so that the model knows the [SEG] token id")
+        config = MaskCMAConfig(
+            vlm_config=vlm.config, sam2_config=sam2.config, seg_token_id=seg_token_id, **config_overrides
+        )
+        model = cls(config)
+        model.vlm.load_state_dict(vlm.state_dict(), strict=True)
+        model.sam2.load_state_dict(sam2.state_dict(), strict=True)
+        model.tokenizer = tokenizer
+        return model
+
+
+__all__ = ["MaskCMAModel", "MaskCMAPreTrainedModel", "MaskCMAOutput", "MaskCMASegmentationOutput"]
