@@ -31,7 +31,9 @@ import datasets
 import numpy as np
 from pycocotools import mask as coco_mask
 
-RLE_FEATURE = {"size": datasets.Sequence(datasets.Value("int32")), "counts": datasets.Value("string")}
+# `datasets.List` (not `Sequence`) so that a list of dicts stays a list of dicts (Sequence of a dict stores a
+# dict of lists)
+RLE_FEATURE = {"size": datasets.List(datasets.Value("int32")), "counts": datasets.Value("string")}
 
 RECORD_FEATURES = datasets.Features(
     {
@@ -39,10 +41,10 @@ RECORD_FEATURES = datasets.Features(
         "source": datasets.Value("string"),
         "media_type": datasets.Value("string"),
         "media_id": datasets.Value("string"),
-        "frames": datasets.Sequence(datasets.Image()),
+        "frames": datasets.List(datasets.Image()),
         "prompt": datasets.Value("string"),
         "answer": datasets.Value("string"),
-        "masks": datasets.Sequence(datasets.Sequence(RLE_FEATURE)),
+        "masks": datasets.List(datasets.List(RLE_FEATURE)),
         "meta": datasets.Value("string"),
     }
 )
