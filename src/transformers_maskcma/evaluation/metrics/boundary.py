@@ -132,22 +132,33 @@ def dilate_with_disk(maps: np.ndarray, radius: int) -> np.ndarray:
     return dilated
 
 
-def _precision_recall_one(predicted_boundary: np.ndarray, true_boundary: np.ndarray, radius: int) -> tuple[float, float]:
-    """Precision and recall of two non-empty ``(height, width)`` boundary maps.
+def _matched_fraction(source: np.ndarray, target: np.ndarray, radius: int) -> float:
+    """Fraction of the ``source`` boundary pixels that lie inside ``target`` dilated by :func:`disk` ``(radius)``.
 
-    Only the bounding box of both maps matters (every pixel that is counted lies inside it, and every pixel that
-    can match one lies inside it too), so the dilation runs on that crop.
+    Equal to ``count(source & dilate_with_disk(target, radius)) / count(source)``, but the dilation is only
+    evaluated at the source pixels: for each row offset ``dy`` of the disk, a running count along the rows of
+    ``target`` says whether the segment ``[x - w, x + w]`` of row ``y + dy`` holds a target pixel.
+
+    Args:
+        source: non-empty ``(height, width)`` boundary map.
+        target: ``(height, width)`` boundary map.
     """
-    rows = np.flatnonzero((predicted_boundary | true_boundary).any(axis=1))
-    columns = np.flatnonzero((predicted_boundary | true_boundary).any(axis=0))
-    crop = (slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1))
-    predicted_boundary = predicted_boundary[crop]
-    true_boundary = true_boundary[crop]
-    predicted_dilated = dilate_with_disk(predicted_boundary, radius)
-    true_dilated = dilate_with_disk(true_boundary, radius)
-    precision = np.count_nonzero(predicted_boundary & true_dilated) / np.count_nonzero(predicted_boundary)
-    recall = np.count_nonzero(true_boundary & predicted_dilated) / np.count_nonzero(true_boundary)
-    return float(precision), float(recall)
+    height, width = target.shape
+    counts = np.zeros((height, width + 1), dtype=np.int32)
+    np.cumsum(target, axis=1, dtype=np.int32, out=counts[:, 1:])
+    ys, xs = np.nonzero(source)
+    matched = np.zeros(ys.shape, dtype=bool)
+    for dy in range(-radius, radius + 1):
+        rows = ys + dy
+        inside = (rows >= 0) & (rows < height)
+        if not inside.any():
+            continue
+        half_width = math.isqrt(radius * radius - dy * dy)
+        rows, columns = rows[inside], xs[inside]
+        upper = np.minimum(columns + half_width + 1, width)
+        lower = np.maximum(columns - half_width, 0)
+        matched[inside] |= counts[rows, upper] > counts[rows, lower]
+    return float(matched.mean())
 
 
 def boundary_precision_recall(
@@ -186,9 +197,13 @@ def boundary_precision_recall(
     recall[~has_predicted & has_true] = 0.0  # nothing predicted: P = 1, R = 0
     precision[has_predicted & ~has_true] = 0.0  # nothing to find: P = 0, R = 1
     for frame in np.flatnonzero(has_predicted & has_true):
-        precision[frame], recall[frame] = _precision_recall_one(
-            predicted_boundaries[frame], true_boundaries[frame], radius
-        )
+        # every pixel that is counted or can be matched lies in the bounding box of both boundaries
+        predicted, true = predicted_boundaries[frame], true_boundaries[frame]
+        rows = np.flatnonzero(predicted.any(axis=1) | true.any(axis=1))
+        columns = np.flatnonzero(predicted.any(axis=0) | true.any(axis=0))
+        crop = (slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1))
+        precision[frame] = _matched_fraction(predicted[crop], true[crop], radius)
+        recall[frame] = _matched_fraction(true[crop], predicted[crop], radius)
     return precision, recall
 
 
