@@ -7,9 +7,10 @@ perturbed so that no tensor keeps a trivial (zero / one) initialisation, and it 
 
 from __future__ import annotations
 
-import copy
+import argparse
 import json
 import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from transformers import Sam2Config, Sam2Model, Sam2VideoModel
 
-from transformers_maskcma.cli import main as cli_main
+from transformers_maskcma.hub_cards import convert_commands
 from transformers_maskcma.hub_cards.convert_sam2 import (
     CONVERSION_REPORT_NAME,
     IMAGE_MODEL_DROPPED_PREFIXES,
@@ -40,14 +41,21 @@ SIZE_FILES = {"tiny": "t", "small": "s", "base_plus": "b+", "large": "l"}
 IMAGE_MODEL_PREFIXES = ("image_encoder.", "sam_prompt_encoder.", "sam_mask_decoder.")
 
 
+def cli_main(argv: list[str]) -> int:
+    """`maskcma ...` with the `convert` command mounted the way cli.py mounts an area's `register`."""
+    parser = argparse.ArgumentParser(prog="maskcma")
+    convert_commands.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
 def official_yaml(size: str, generation: str = "sam2.1") -> Path:
     return OFFICIAL_CONFIG_DIR / generation / f"{generation}_hiera_{SIZE_FILES[size]}.yaml"
 
 
 def tiny_official_config() -> dict:
     """The official SAM2.1 tiny config, shrunk: Hiera width 32 with stages (1, 1, 2, 1), 256×256 input."""
-    config = OmegaConf.to_container(OmegaConf.load(official_yaml("tiny")))
-    model = copy.deepcopy(config)["model"]
+    model = OmegaConf.to_container(OmegaConf.load(official_yaml("tiny")))["model"]
     model["image_encoder"]["trunk"].update(
         embed_dim=32,
         num_heads=1,
@@ -112,11 +120,9 @@ def official_image_embeddings(official, pixel_values: torch.Tensor) -> list[torc
     return [feature.permute(1, 2, 0).reshape(1, -1, *size) for feature, size in zip(features, sizes)]
 
 
-def official_decode(official, embeddings, points=None, labels=None, boxes=None, masks=None, multimask=True):
+def official_decode(official, embeddings, points, labels, masks=None, multimask=True):
     """The official SAM2ImagePredictor._predict path (raw logits, no object-score masking)."""
-    sparse, dense = official.sam_prompt_encoder(
-        points=None if points is None else (points, labels), boxes=boxes, masks=masks
-    )
+    sparse, dense = official.sam_prompt_encoder(points=(points, labels), boxes=None, masks=masks)
     return official.sam_mask_decoder(
         image_embeddings=embeddings[-1],
         image_pe=official.sam_prompt_encoder.get_dense_pe(),
@@ -154,8 +160,12 @@ def test_converted_folder_loads_strictly_and_matches_official_outputs(tiny, conv
         cases = {
             # "no prompt" as official SAM2Base._forward_sam_heads encodes it: one padding point with label -1
             "no prompt": ({"points": torch.zeros(1, 1, 2), "labels": -torch.ones(1, 1, dtype=torch.int32)}, {}),
-            "points": ({"points": points, "labels": labels}, {"input_points": points[:, None], "input_labels": labels[:, None]}),
-            "box": ({"boxes": box}, {"input_boxes": box[:, None]}),
+            "points": (
+                {"points": points, "labels": labels},
+                {"input_points": points[:, None], "input_labels": labels[:, None]},
+            ),
+            # the official predictor passes a box as its two corners with labels 2 and 3
+            "box": ({"points": box.view(1, 2, 2), "labels": torch.tensor([[2, 3]])}, {"input_boxes": box[:, None]}),
             "points + mask": (
                 {"points": points, "labels": labels, "masks": mask_prompt},
                 {"input_points": points[:, None], "input_labels": labels[:, None], "input_masks": mask_prompt},
@@ -163,7 +173,9 @@ def test_converted_folder_loads_strictly_and_matches_official_outputs(tiny, conv
         }
         for name, (official_prompt, hf_prompt) in cases.items():
             for multimask in (True, False):
-                masks, iou, _, object_score = official_decode(official, expected_embeddings, multimask=multimask, **official_prompt)
+                masks, iou, _, object_score = official_decode(
+                    official, expected_embeddings, multimask=multimask, **official_prompt
+                )
                 out = model(pixel_values=pixel_values, multimask_output=multimask, **hf_prompt)
                 assert out.pred_masks.shape == (1, 1, 3 if multimask else 1, IMAGE_SIZE // 4, IMAGE_SIZE // 4), name
                 assert_close(out.pred_masks[:, 0], masks)
@@ -225,7 +237,8 @@ def test_video_model_has_every_key_and_matches_official_memory_modules(tiny, pix
             current_vision_position_embeddings=current_position,
             memory_posision_embeddings=memories_position,
         )
-        assert_close(attended, expected_attended)
+        assert attended.shape == (1, 1, size * size, 256)  # transformers: (1, batch, HW, C)
+        assert_close(attended[0].transpose(0, 1), expected_attended)
 
         token = torch.randn(3, 256, generator=generator)
         assert_close(model.object_pointer_proj(token), official.obj_ptr_proj(token))
@@ -272,6 +285,10 @@ def test_files_that_are_not_sam2_checkpoints(tmp_path):
     torch.save({"state_dict": {"encoder.weight": torch.zeros(2)}}, other)
     with pytest.raises(Sam2ConversionError, match="not an official SAM2 checkpoint"):
         load_sam2_checkpoint(other)
+    pickled = tmp_path / "pickled.pt"
+    pickled.write_bytes(pickle.dumps(argparse.Namespace(model="not tensors"), protocol=2))
+    with pytest.raises(Sam2ConversionError, match="not a PyTorch checkpoint that torch.load can read safely"):
+        load_sam2_checkpoint(pickled)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_sam2_checkpoint(tmp_path / "missing.pt")
 
@@ -337,7 +354,8 @@ def test_cli_writes_a_loadable_folder(tmp_path, capsys):
 def test_cli_video_with_official_config(tiny, tmp_path):
     _, _, config_file, checkpoint = tiny
     output = tmp_path / "video"
-    assert cli_main(["convert", "sam2", str(checkpoint), "--output", str(output), "--config", str(config_file), "--video"]) == 0
+    argv = ["convert", "sam2", str(checkpoint), "--output", str(output), "--config", str(config_file), "--video"]
+    assert cli_main(argv) == 0
     model, info = Sam2VideoModel.from_pretrained(output, output_loading_info=True)
     assert {name: value for name, value in info.items() if value} == {}
     assert model.config.memory_attention_num_layers == 2

@@ -102,6 +102,9 @@ class Sam2OfficialArchitecture:
     use_mlp_for_obj_ptr_proj: bool = True
     add_tpos_enc_to_obj_ptrs: bool = True  # SAM2.1; SAM2 (2.0): False
     proj_tpos_enc_in_obj_ptrs: bool = True  # SAM2.1; SAM2 (2.0): False
+    use_signed_tpos_enc_to_obj_ptrs: bool = True  # SAM2.1; SAM2 (2.0): False
+    use_multimask_token_for_obj_ptr: bool = True
+    fixed_no_obj_ptr: bool = True
     no_obj_embed_spatial: bool = True  # SAM2.1; SAM2 (2.0): False
     memory_attention_num_layers: int = 4
     memory_attention_num_heads: int = 1
@@ -172,7 +175,12 @@ SAM2_SIZE_PRESETS: dict[str, Sam2OfficialArchitecture] = {
 }
 
 # SAM2 (2.0) differs from SAM2.1 only in these video settings
-_SAM2_0_OVERRIDES = {"add_tpos_enc_to_obj_ptrs": False, "proj_tpos_enc_in_obj_ptrs": False, "no_obj_embed_spatial": False}
+_SAM2_0_OVERRIDES = {
+    "add_tpos_enc_to_obj_ptrs": False,
+    "proj_tpos_enc_in_obj_ptrs": False,
+    "use_signed_tpos_enc_to_obj_ptrs": False,
+    "no_obj_embed_spatial": False,
+}
 
 # official class defaults, used when an official YAML omits a value (it then gets the constructor's default)
 _HIERA_CLASS_DEFAULTS = {
@@ -208,6 +216,9 @@ _SAM2_BASE_CLASS_DEFAULTS = {
     "use_mlp_for_obj_ptr_proj": False,
     "add_tpos_enc_to_obj_ptrs": True,
     "proj_tpos_enc_in_obj_ptrs": False,
+    "use_signed_tpos_enc_to_obj_ptrs": False,
+    "use_multimask_token_for_obj_ptr": False,
+    "fixed_no_obj_ptr": False,
     "no_obj_embed_spatial": False,
 }
 
@@ -230,7 +241,9 @@ def _section(mapping: Mapping[str, Any], key: str, where: str) -> Mapping[str, A
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        raise Sam2ConversionError(f"Official SAM2 config: `{where}.{key}` must be a mapping, got {type(value).__name__}.")
+        raise Sam2ConversionError(
+            f"Official SAM2 config: `{where}.{key}` must be a mapping, got {type(value).__name__}."
+        )
     return value
 
 
@@ -257,7 +270,9 @@ def sam2_architecture_from_official_config(config: str | Path | Mapping[str, Any
     if isinstance(config, (str, Path)):
         path = Path(config)
         if not path.is_file():
-            raise FileNotFoundError(f"Official SAM2 config {path} does not exist; pass the YAML the model was built from.")
+            raise FileNotFoundError(
+                f"Official SAM2 config {path} does not exist; pass the YAML the model was built from."
+            )
         with path.open() as handle:
             config = yaml.safe_load(handle)
         where = str(path)
@@ -298,7 +313,9 @@ def sam2_architecture_from_official_config(config: str | Path | Mapping[str, Any
             f"d_model={d_model}; transformers' Sam2VisionNeck always uses d_model."
         )
     if "backbone_channel_list" not in neck:
-        raise Sam2ConversionError(f"Official SAM2 config ({where}) lacks `model.image_encoder.neck.backbone_channel_list`.")
+        raise Sam2ConversionError(
+            f"Official SAM2 config ({where}) lacks `model.image_encoder.neck.backbone_channel_list`."
+        )
     return Sam2OfficialArchitecture(
         **hiera,
         d_model=d_model,
@@ -353,7 +370,12 @@ def validate_sam2_architecture(arch: Sam2OfficialArchitecture, video: bool = Fal
         "q_stride": (2, 2),
     }
     if video:
-        required |= {"use_obj_ptrs_in_encoder": True, "use_mlp_for_obj_ptr_proj": True}
+        required |= {
+            "use_obj_ptrs_in_encoder": True,
+            "use_mlp_for_obj_ptr_proj": True,
+            "use_multimask_token_for_obj_ptr": True,
+            "fixed_no_obj_ptr": True,
+        }
     problems = [
         f"{name}={getattr(arch, name)!r} (transformers supports only {value!r})"
         for name, value in required.items()
@@ -376,6 +398,11 @@ def validate_sam2_architecture(arch: Sam2OfficialArchitecture, video: bool = Fal
         problems.append(
             f"add_tpos_enc_to_obj_ptrs={arch.add_tpos_enc_to_obj_ptrs} with proj_tpos_enc_in_obj_ptrs="
             f"{arch.proj_tpos_enc_in_obj_ptrs} (transformers has one switch for both)"
+        )
+    if video and arch.add_tpos_enc_to_obj_ptrs and not arch.use_signed_tpos_enc_to_obj_ptrs:
+        problems.append(
+            "use_signed_tpos_enc_to_obj_ptrs=False with temporal encoding of object pointers (transformers uses "
+            "signed temporal offsets)"
         )
     if problems:
         raise Sam2ConversionError(
@@ -514,10 +541,20 @@ def load_sam2_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"SAM2 checkpoint {path} does not exist; pass the official .pt file (e.g. sam2.1_hiera_tiny.pt).")
+        raise FileNotFoundError(
+            f"SAM2 checkpoint {path} does not exist; pass the official .pt file (e.g. sam2.1_hiera_tiny.pt)."
+        )
+    with path.open("rb") as handle:
+        head = handle.read(2)
+    # torch.save writes a zip archive; the legacy format is a pickle (protocol 2+: first byte 0x80)
+    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":
+        raise Sam2ConversionError(
+            f"{path} is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle); pass an official "
+            "SAM2 .pt file such as sam2.1_hiera_tiny.pt."
+        )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, UnicodeDecodeError) as error:
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, IndexError, ValueError) as error:
         raise Sam2ConversionError(
             f"{path} is not a PyTorch checkpoint that torch.load can read safely ({type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else 'no detail'}); pass an official SAM2 .pt file."
@@ -562,7 +599,9 @@ def inspect_sam2_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Sam2Check
         )
     block_ids = {int(match.group(1)) for key in state_dict if (match := _BLOCK_KEY.match(key))}
     if not block_ids:
-        raise Sam2ConversionError("Cannot infer the SAM2 size: the checkpoint has no image_encoder.trunk.blocks.* keys.")
+        raise Sam2ConversionError(
+            "Cannot infer the SAM2 size: the checkpoint has no image_encoder.trunk.blocks.* keys."
+        )
     depth = max(block_ids) + 1
     stage_starts = sorted(int(match.group(1)) for key in state_dict if (match := _BLOCK_PROJ_KEY.match(key)))
     bounds = [0, *stage_starts, depth]
@@ -724,7 +763,8 @@ class Sam2KeyRule:
 
 
 def _mlp3(source_prefix: str, target_prefix: str) -> list[Sam2KeyRule]:
-    """Official `MLP(num_layers=3).layers.{0,1,2}` ↔ transformers `Sam2FeedForward` `proj_in`, `layers.0`, `proj_out`."""
+    """Official `MLP(num_layers=3).layers.{0,1,2}` ↔ transformers `Sam2FeedForward` (`proj_in`, `layers.0`,
+    `proj_out`)."""
     return [
         Sam2KeyRule(f"{source_prefix}.layers.0.{{p}}", (f"{target_prefix}.proj_in.{{p}}",)),
         Sam2KeyRule(f"{source_prefix}.layers.1.{{p}}", (f"{target_prefix}.layers.0.{{p}}",)),
@@ -742,6 +782,7 @@ def _attention(source_prefix: str, target_prefix: str) -> list[Sam2KeyRule]:
 
 _TRUNK, _HF_TRUNK = "image_encoder.trunk", "vision_encoder.backbone"
 _DEC, _HF_DEC = "sam_mask_decoder", "mask_decoder"
+_HF_DEC_LAYER = "mask_decoder.transformer.layers.{i}"
 _IMAGE_RULES: list[Sam2KeyRule] = [
     # Hiera trunk
     Sam2KeyRule(f"{_TRUNK}.pos_embed", (f"{_HF_TRUNK}.pos_embed",)),
@@ -760,7 +801,9 @@ _IMAGE_RULES: list[Sam2KeyRule] = [
         "sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix",
         ("prompt_encoder.shared_embedding.positional_embedding", "shared_image_embedding.positional_embedding"),
     ),
-    Sam2KeyRule("sam_prompt_encoder.point_embeddings.{i}.weight", ("prompt_encoder.point_embed.weight",), stack_rows=True),
+    Sam2KeyRule(
+        "sam_prompt_encoder.point_embeddings.{i}.weight", ("prompt_encoder.point_embed.weight",), stack_rows=True
+    ),
     Sam2KeyRule("sam_prompt_encoder.not_a_point_embed.weight", ("prompt_encoder.not_a_point_embed.weight",)),
     Sam2KeyRule("sam_prompt_encoder.no_mask_embed.weight", ("prompt_encoder.no_mask_embed.weight",)),
     # official mask_downscaling = Sequential(conv, LayerNorm2d, GELU, conv, LayerNorm2d, GELU, conv)
@@ -771,15 +814,9 @@ _IMAGE_RULES: list[Sam2KeyRule] = [
     Sam2KeyRule("sam_prompt_encoder.mask_downscaling.6.{p}", ("prompt_encoder.mask_embed.conv3.{p}",)),
     # mask decoder: two-way transformer
     *_attention(f"{_DEC}.transformer.layers.{{i}}.{{attn}}", f"{_HF_DEC}.transformer.layers.{{i}}.{{attn}}"),
-    Sam2KeyRule(
-        f"{_DEC}.transformer.layers.{{i}}.norm{{k}}.{{p}}", (f"{_HF_DEC}.transformer.layers.{{i}}.layer_norm{{k}}.{{p}}",)
-    ),
-    Sam2KeyRule(
-        f"{_DEC}.transformer.layers.{{i}}.mlp.layers.0.{{p}}", (f"{_HF_DEC}.transformer.layers.{{i}}.mlp.proj_in.{{p}}",)
-    ),
-    Sam2KeyRule(
-        f"{_DEC}.transformer.layers.{{i}}.mlp.layers.1.{{p}}", (f"{_HF_DEC}.transformer.layers.{{i}}.mlp.proj_out.{{p}}",)
-    ),
+    Sam2KeyRule(f"{_DEC}.transformer.layers.{{i}}.norm{{k}}.{{p}}", (f"{_HF_DEC_LAYER}.layer_norm{{k}}.{{p}}",)),
+    Sam2KeyRule(f"{_DEC}.transformer.layers.{{i}}.mlp.layers.0.{{p}}", (f"{_HF_DEC_LAYER}.mlp.proj_in.{{p}}",)),
+    Sam2KeyRule(f"{_DEC}.transformer.layers.{{i}}.mlp.layers.1.{{p}}", (f"{_HF_DEC_LAYER}.mlp.proj_out.{{p}}",)),
     *_attention(f"{_DEC}.transformer.final_attn_token_to_image", f"{_HF_DEC}.transformer.final_attn_token_to_image"),
     Sam2KeyRule(f"{_DEC}.transformer.norm_final_attn.{{p}}", (f"{_HF_DEC}.transformer.layer_norm_final_attn.{{p}}",)),
     # mask decoder: tokens, upscaling (Sequential(convT, LayerNorm2d, GELU, convT, GELU)), heads
@@ -814,7 +851,10 @@ def _mask_downsampler_rules(num_layers: int) -> list[Sam2KeyRule]:
 
 
 def _video_rules(arch: Sam2OfficialArchitecture) -> list[Sam2KeyRule]:
-    num_downsampler_layers = round(math.log2(arch.mask_downsampler_total_stride) / math.log2(arch.mask_downsampler_stride))
+    # official MaskDownSampler: log(total_stride) / log(stride) stages of (conv, LayerNorm2d, GELU)
+    num_downsampler_layers = round(
+        math.log2(arch.mask_downsampler_total_stride) / math.log2(arch.mask_downsampler_stride)
+    )
     fuser, hf_fuser = "memory_encoder.fuser.layers.{i}", "memory_encoder.memory_fuser.layers.{i}"
     return [
         Sam2KeyRule("no_mem_pos_enc", ("no_memory_positional_encoding",)),
@@ -849,7 +889,8 @@ def sam2_key_rules(arch: Sam2OfficialArchitecture, video: bool) -> list[Sam2KeyR
 IMAGE_MODEL_DROPPED_PREFIXES: dict[str, str] = {
     "memory_attention.": "memory attention: conditions a frame's features on the memory bank of earlier frames "
     "(video tracking only)",
-    "memory_encoder.": "memory encoder: turns a frame's features and predicted mask into a memory (video tracking only)",
+    "memory_encoder.": "memory encoder: turns a frame's features and predicted mask into a memory (video tracking "
+    "only)",
     "maskmem_tpos_enc": "temporal position encoding of the memory slots (video tracking only)",
     "no_mem_pos_enc": "position encoding of the no-memory token inside memory attention (video tracking only; a still "
     "image only adds no_mem_embed, which is kept)",
@@ -1005,7 +1046,7 @@ def build_sam2_model(
         "target": model_class.__name__,
         "architecture_source": source,
         "generation": "SAM2.1" if arch.is_sam2_1 else "SAM2",
-        "architecture": {name: value for name, value in asdict(arch).items()},
+        "architecture": asdict(arch),
         "num_source_keys": len(state_dict),
         "num_mapped_keys": len(result.mapped),
         "dropped_keys": result.dropped,
@@ -1046,7 +1087,7 @@ def convert_sam2_checkpoint(
     output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output_dir)
     report["checkpoint"] = str(Path(checkpoint).resolve())
-    (output_dir / CONVERSION_REPORT_NAME).write_text(json.dumps(report, indent=2, default=list) + "\n")
+    (output_dir / CONVERSION_REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
     return output_dir
 
 
