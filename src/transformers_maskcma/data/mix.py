@@ -225,6 +225,12 @@ def load_mix_sources(
     return loaded
 
 
+def repeated_length(num_rows: int, repeat: float) -> int:
+    """How many rows a source of ``num_rows`` rows contributes with repeat factor ``repeat`` (`repeat_indices`)."""
+    whole = int(math.floor(repeat))
+    return whole * num_rows + int(round((repeat - whole) * num_rows))
+
+
 def repeat_indices(num_rows: int, repeat: float, rng: np.random.Generator) -> np.ndarray:
     """Row indices of one source repeated ``repeat`` times: ``floor(repeat)`` full copies plus, for a fractional
     part ``f``, ``round(f * num_rows)`` distinct rows drawn with ``rng``. Shape ``(≈ repeat * num_rows,)``."""

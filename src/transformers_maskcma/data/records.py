@@ -221,25 +221,15 @@ def mask_to_rle(mask: np.ndarray) -> dict:
     return encode_rle(np.asarray(mask, dtype=bool))
 
 
-def masks_are_columnar() -> bool:
-    """Whether ``RECORD_FEATURES["masks"]`` stores an object as ``{"size": [per frame], "counts": [per frame]}``
-    (what ``Sequence(Sequence({...}))`` means in `datasets`) instead of a list of RLE dicts per object."""
-    feature = RECORD_FEATURES["masks"]
-    inner = getattr(feature, "feature", feature)
-    return isinstance(inner, dict)
-
-
-def pack_masks(masks: Sequence[Sequence[dict]]) -> list:
-    """Convert ``masks[object][frame]`` (RLE dicts) to the value the ``masks`` column of `RECORD_FEATURES` stores."""
-    plain = [[_rle_with_str(rle) for rle in frames] for frames in masks]
-    if masks_are_columnar():
-        return [{"size": [rle["size"] for rle in frames], "counts": [rle["counts"] for rle in frames]} for frames in plain]
-    return plain
+def pack_masks(masks: Sequence[Sequence[dict]]) -> list[list[dict]]:
+    """``masks[object][frame]`` as the ``masks`` column stores them: RLE dicts with ``counts`` as ``str``."""
+    return [[_rle_with_str(rle) for rle in frames] for frames in masks]
 
 
 def unpack_masks(value: Sequence) -> list[list[dict]]:
-    """Inverse of `pack_masks` for a row read back from a dataset: ``masks[object][frame]`` as RLE dicts, whichever
-    of the two storage layouts the column uses."""
+    """``masks[object][frame]`` of a row read back from a dataset, as plain RLE dicts. Also accepts the
+    dict-of-lists layout (``{"size": [per frame], "counts": [per frame]}`` per object) that a
+    ``Sequence(Sequence({...}))`` feature would produce, so rows of older cached tables still read correctly."""
     objects = []
     for item in value:
         if isinstance(item, dict):
@@ -309,7 +299,9 @@ def build_dataset(
     options, a `file_signature`): they form the cache key. Errors raised inside the generator are re-raised as
     themselves instead of `datasets`' generic ``DatasetGenerationError``; a source without records raises
     `EmptyDatasetError` naming ``description``."""
-    gen_kwargs = {**gen_kwargs, "loader_format_version": LOADER_FORMAT_VERSION}
+    # `datasets` treats every list in gen_kwargs as shards and calls the generator once per element: pass tuples
+    gen_kwargs = {key: tuple(v) if isinstance(v, list) else v for key, v in gen_kwargs.items()}
+    gen_kwargs["loader_format_version"] = LOADER_FORMAT_VERSION
     try:
         return datasets.Dataset.from_generator(
             generator,

@@ -1,0 +1,226 @@
+"""Train/evaluation leakage check: which images or videos of the evaluation splits also occur in training data.
+
+Two records show the same media when
+
+- **by id**: they have the same ``media_type`` and ``media_id`` (COCO file name, video name, ...), or
+- **by content**: the bytes of their frame files hash alike (BLAKE2b of the raw file bytes, never decoded
+  pixels; an image hashes its one file, a video all its frames in order, or only the first with
+  ``video_frames="first"``). This finds renamed copies, e.g. Ref-DAVIS17 videos inside another training set.
+
+Each shared medium is reported once per (training source, evaluation split) as an `Overlap` whose ``match`` is
+``"id+content"``, ``"id"`` (same name, different or unhashed bytes: a re-encoded copy or a name clash) or
+``"content"`` (a renamed copy).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import datasets
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+VIDEO_FRAME_MODES = ("all", "first")
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class MediaEntry:
+    """One distinct image or video of a dataset: its id, type, frame files and content digest (or None)."""
+
+    media_id: str
+    media_type: str
+    frames: tuple[str, ...]
+    digest: str | None
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """A medium found in both a training source and an evaluation split."""
+
+    train_source: str
+    eval_source: str
+    media_type: str
+    train_media_id: str
+    eval_media_id: str
+    match: str
+
+
+def _hash_frames(frames: Sequence[dict], video_frames: str, cache: dict) -> str:
+    """BLAKE2b (128-bit) of the raw bytes of ``frames`` (``{"path", "bytes"}`` dicts of undecoded images).
+    Results for frames stored as paths are cached in ``cache`` by path tuple."""
+    selected = frames[:1] if video_frames == "first" else frames
+    by_path = all(frame.get("bytes") is None and frame.get("path") for frame in selected)
+    key = tuple(frame["path"] for frame in selected) if by_path else None
+    if key is not None and key in cache:
+        return cache[key]
+    digest = hashlib.blake2b(digest_size=16)
+    for frame in selected:
+        frame_digest = hashlib.blake2b(digest_size=16)
+        data = frame.get("bytes")
+        if data is not None:
+            frame_digest.update(data)
+        else:
+            path = frame.get("path")
+            if not path:
+                raise ValueError("a frame has neither bytes nor a path; cannot hash its content")
+            try:
+                with open(path, "rb") as handle:
+                    while chunk := handle.read(_CHUNK):
+                        frame_digest.update(chunk)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"frame file not found while hashing for the leakage check: {path}") from None
+        digest.update(frame_digest.digest())
+    result = digest.hexdigest()
+    if key is not None:
+        cache[key] = result
+    return result
+
+
+def collect_media(
+    dataset: datasets.Dataset,
+    *,
+    content_hash: bool = True,
+    video_frames: str = "all",
+    hash_cache: dict | None = None,
+    description: str = "media",
+) -> list[MediaEntry]:
+    """The distinct media of a dataset of records (repeated rows and several expressions of one video count
+    once). Frames are read as raw bytes only when ``content_hash``; nothing is decoded."""
+    if video_frames not in VIDEO_FRAME_MODES:
+        raise ValueError(f"video_frames must be one of {VIDEO_FRAME_MODES}, got {video_frames!r}")
+    hash_cache = {} if hash_cache is None else hash_cache
+    view = dataset.select_columns(["media_type", "media_id", "frames"])
+    view = view.cast_column("frames", datasets.List(datasets.Image(decode=False)))
+    seen: dict[tuple, MediaEntry] = {}
+    progress = tqdm(total=len(view), desc=f"leakage check: {description}", unit="rec", leave=False)
+    for batch in view.iter(batch_size=512):
+        for media_type, media_id, frames in zip(batch["media_type"], batch["media_id"], batch["frames"]):
+            paths = tuple(frame.get("path") or "" for frame in frames)
+            stored_as_paths = all(paths) and all(frame.get("bytes") is None for frame in frames)
+            key = (media_type, media_id, paths) if stored_as_paths else None
+            if key is not None and key in seen:
+                continue
+            digest = None
+            if content_hash:
+                digest = _hash_frames(frames, "first" if media_type == "image" else video_frames, hash_cache)
+            if key is None:
+                key = (media_type, media_id, digest)
+                if key in seen:
+                    continue
+            seen[key] = MediaEntry(media_id=media_id, media_type=media_type, frames=paths, digest=digest)
+        progress.update(len(batch["media_id"]))
+    progress.close()
+    return list(seen.values())
+
+
+def _labelled(collection) -> list[tuple[str, datasets.Dataset]]:
+    if isinstance(collection, datasets.Dataset):
+        collection = [collection]
+    if isinstance(collection, Mapping):
+        return [(str(label), dataset) for label, dataset in collection.items()]
+    labelled = []
+    for index, item in enumerate(collection):
+        if isinstance(item, tuple):
+            labelled.append((str(item[0]), item[1]))
+        else:
+            source = item[0]["source"] if len(item) else "empty"
+            labelled.append((f"{source}#{index}", item))
+    return labelled
+
+
+def check_leakage(
+    train_datasets: Mapping[str, datasets.Dataset] | Sequence,
+    eval_datasets: Mapping[str, datasets.Dataset] | Sequence,
+    *,
+    content_hash: bool = True,
+    video_frames: str = "all",
+) -> list[Overlap]:
+    """Every medium shared by a training source and an evaluation split (see the module docstring).
+
+    Both arguments are a mapping ``{label: dataset}``, a list of ``(label, dataset)`` pairs or a list of datasets
+    (labelled by their ``source`` column). Returns the overlaps sorted by evaluation split, training source and id.
+    """
+    cache: dict = {}
+    by_id: dict[tuple[str, str], list[tuple[str, MediaEntry]]] = {}
+    by_digest: dict[str, list[tuple[str, MediaEntry]]] = {}
+    for label, dataset in _labelled(train_datasets):
+        for entry in collect_media(dataset, content_hash=content_hash, video_frames=video_frames, hash_cache=cache, description=label):
+            by_id.setdefault((entry.media_type, entry.media_id), []).append((label, entry))
+            if entry.digest is not None:
+                by_digest.setdefault(entry.digest, []).append((label, entry))
+    found: dict[tuple, Overlap] = {}
+    for eval_label, dataset in _labelled(eval_datasets):
+        for entry in collect_media(dataset, content_hash=content_hash, video_frames=video_frames, hash_cache=cache, description=eval_label):
+            candidates = by_id.get((entry.media_type, entry.media_id), [])
+            if entry.digest is not None:
+                candidates = candidates + by_digest.get(entry.digest, [])
+            for train_label, train_entry in candidates:
+                key = (eval_label, train_label, entry.media_id, train_entry.media_id)
+                if key in found:
+                    continue
+                same_id = (train_entry.media_type, train_entry.media_id) == (entry.media_type, entry.media_id)
+                same_content = entry.digest is not None and entry.digest == train_entry.digest
+                match = "id+content" if same_id and same_content else "id" if same_id else "content"
+                found[key] = Overlap(
+                    train_source=train_label,
+                    eval_source=eval_label,
+                    media_type=entry.media_type,
+                    train_media_id=train_entry.media_id,
+                    eval_media_id=entry.media_id,
+                    match=match,
+                )
+    return sorted(found.values(), key=lambda o: (o.eval_source, o.train_source, o.eval_media_id, o.train_media_id))
+
+
+def format_overlaps(overlaps: Sequence[Overlap], limit: int | None = None) -> str:
+    """A plain-text table of ``overlaps`` (at most ``limit`` rows, then a count of the rest)."""
+    if not overlaps:
+        return "no overlap between the training data and the evaluation splits"
+    header = ("eval split", "train source", "type", "match", "eval media id", "train media id")
+    shown = list(overlaps if limit is None else overlaps[:limit])
+    rows = [(o.eval_source, o.train_source, o.media_type, o.match, o.eval_media_id, o.train_media_id) for o in shown]
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(value).ljust(width) for value, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    if limit is not None and len(overlaps) > limit:
+        lines.append(f"... and {len(overlaps) - limit} more")
+    return "\n".join(lines)
+
+
+def summarize_overlaps(overlaps: Sequence[Overlap]) -> str:
+    """One line: how many media are shared, and per evaluation split."""
+    per_eval: dict[str, set] = {}
+    for overlap in overlaps:
+        per_eval.setdefault(overlap.eval_source, set()).add(overlap.eval_media_id)
+    parts = ", ".join(f"{label}: {len(ids)}" for label, ids in sorted(per_eval.items()))
+    total = sum(len(ids) for ids in per_eval.values())
+    return f"{total} evaluation image(s)/video(s) also appear in the training data ({parts})"
+
+
+def warn_if_leaking(
+    train_datasets: Mapping[str, datasets.Dataset] | Sequence,
+    eval_datasets: Mapping[str, datasets.Dataset] | Sequence,
+    *,
+    content_hash: bool = True,
+    video_frames: str = "all",
+    log: logging.Logger | None = None,
+) -> list[Overlap]:
+    """Run `check_leakage` and log a loud WARNING with the table when anything is shared; returns the overlaps.
+    Meant for the trainer, which knows its training mix and the evaluation sets it reports on."""
+    overlaps = check_leakage(train_datasets, eval_datasets, content_hash=content_hash, video_frames=video_frames)
+    if overlaps:
+        banner = "!" * 100
+        (log or logger).warning(
+            "\n%s\nDATA LEAKAGE: %s.\nScores on these evaluation splits are not comparable to published numbers. "
+            "Remove the shared media from the training mix.\n%s\n%s",
+            banner,
+            summarize_overlaps(overlaps),
+            format_overlaps(overlaps, limit=30),
+            banner,
+        )
+    return overlaps
