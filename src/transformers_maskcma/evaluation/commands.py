@@ -44,7 +44,9 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--dataset", required=True, help="refcoco, refcoco+, refcocog, mevis, revos, ref_ytvos, ref_davis, ...")
     parser.add_argument("--split", required=True, help="e.g. val, testA, valid_u, valid")
-    parser.add_argument("--data-root", required=True, help="the dataset folder on disk")
+    parser.add_argument(
+        "--data-root", default=None, help="the dataset folder (or annotation file) on disk; not needed for synthetic"
+    )
     parser.add_argument(
         "--skip-missing",
         action="store_true",

@@ -16,24 +16,25 @@ __all__ = ["model_predict_fn", "segment_output_masks"]
 
 
 def segment_output_masks(output) -> list[np.ndarray]:
-    """The predicted masks of one sample from what ``model.segment`` returns.
+    """The predicted masks of the single sample of a ``model.segment`` call.
 
-    Accepted: an object or dict with a ``masks`` entry (or the masks themselves) that is a tensor/array of shape
-    ``(N, H, W)`` (image) or ``(N, T, H, W)`` (video), with ``N`` the answer's ``[SEG]`` count, or a list of ``N``
-    such per-object masks; a leading batch dimension of size 1 (a list of one entry) is removed.
+    ``output.masks`` (a ``MaskCMASegmentationOutput``, or a dict with ``"masks"``) is a list with one entry per
+    sample of the batch: a tensor of shape ``(num_objects, height, width)`` for an image or
+    ``(num_objects, num_frames, height, width)`` for a video, ``num_objects`` being the answer's ``[SEG]`` count
+    (``0`` when the answer has no mask).
 
     Returns:
-        a list of ``N`` boolean numpy arrays, one per object (``(H, W)`` or ``(T, H, W)``).
+        a list of ``num_objects`` boolean numpy arrays, one per object (``(H, W)`` or ``(T, H, W)``).
     """
-    masks = output.get("masks") if isinstance(output, dict) else getattr(output, "masks", output)
+    masks = output["masks"] if isinstance(output, dict) else getattr(output, "masks", None)
     if masks is None:
-        return []
-    if isinstance(masks, (list, tuple)) and len(masks) == 1 and isinstance(masks[0], (list, tuple)):
-        masks = masks[0]  # a batch of one sample
-    if isinstance(masks, (list, tuple)):
-        return [_to_numpy(mask) for mask in masks]
-    array = _to_numpy(masks)
-    return list(array)
+        raise ValueError("model.segment returned no `masks`; expected MaskCMASegmentationOutput.masks")
+    if not isinstance(masks, (list, tuple)) or len(masks) != 1:
+        raise ValueError(
+            f"expected `masks` as a list with one entry for the one sample given, got {type(masks).__name__}"
+            + (f" of length {len(masks)}" if isinstance(masks, (list, tuple)) else "")
+        )
+    return list(_to_numpy(masks[0]))
 
 
 def _to_numpy(value) -> np.ndarray:

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from ..data.errors import DataFormatError, MalformedJSONError, MaskSizeError
 from ..data.schema import decode_rle, encode_rle
-from .records import frame_names, frame_size, parse_meta, undecoded_view
+from .records import frame_names, frame_size, iter_undecoded, parse_meta
 
 logger = logging.getLogger(__name__)
 
@@ -353,9 +353,8 @@ def write_submission_zip(
             raising ``KeyError``.
         show_progress: show a tqdm bar.
     """
-    view = undecoded_view(dataset)
     if layout is None:
-        sources = sorted(set(view["source"]))
+        sources = sorted(set(dataset["source"]))
         if len(sources) != 1:
             raise ValueError(f"the records come from several datasets {sources}; pass layout= explicitly")
         layout = submission_layout_for(sources[0])
@@ -363,7 +362,7 @@ def write_submission_zip(
         raise ValueError(f"unknown submission layout {layout!r}; use one of {list(SUBMISSION_LAYOUTS)}")
     prefix = SUBMISSION_LAYOUTS[layout]
     store = PredictionStore(predictions_dir)
-    missing_ids = [sample_id for sample_id in view["sample_id"] if sample_id not in store]
+    missing_ids = [sample_id for sample_id in dataset["sample_id"] if sample_id not in store]
     if missing_ids and not skip_missing:
         raise KeyError(
             f"no prediction for sample {missing_ids[0]!r} (and {len(missing_ids) - 1} more) in {store.path}; "
@@ -377,7 +376,7 @@ def write_submission_zip(
     zip_path.parent.mkdir(parents=True, exist_ok=True)
     partial = zip_path.with_name(zip_path.name + ".partial")
     try:
-        n_frames = _write_zip_entries(partial, view, store, prefix, layout, show_progress)
+        n_frames = _write_zip_entries(partial, dataset, store, prefix, layout, show_progress)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
@@ -385,7 +384,7 @@ def write_submission_zip(
     return SubmissionSummary(
         path=zip_path,
         layout=layout,
-        n_expressions=len(view),
+        n_expressions=len(dataset),
         n_frames=n_frames,
         n_missing=len(missing_ids),
         missing_sample_ids=missing_ids,
@@ -393,12 +392,13 @@ def write_submission_zip(
 
 
 def _write_zip_entries(
-    partial: Path, view: datasets.Dataset, store: PredictionStore, prefix: str, layout: str, show_progress: bool
+    partial: Path, dataset: datasets.Dataset, store: PredictionStore, prefix: str, layout: str, show_progress: bool
 ) -> int:
     written: set[str] = set()
     n_frames = 0
     with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_STORED) as archive:
-        for record in tqdm(view, total=len(view), desc=f"Writing {layout} submission", disable=not show_progress):
+        records = iter_undecoded(dataset)
+        for record in tqdm(records, total=len(dataset), desc=f"Writing {layout} submission", disable=not show_progress):
             sample_id = record["sample_id"]
             if record["media_type"] != "video":
                 raise ValueError(f"sample {sample_id!r} is an image; submission zips are for video benchmarks")

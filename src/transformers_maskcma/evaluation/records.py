@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
@@ -25,21 +26,25 @@ __all__ = [
     "frame_size",
     "ground_truth_frames",
     "has_ground_truth",
+    "iter_undecoded",
     "parse_meta",
-    "undecoded_view",
-]
+    ]
 
 #: Extensions stripped from frame names when naming the PNG of a frame.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
-def undecoded_view(dataset: datasets.Dataset) -> datasets.Dataset:
-    """The same rows with ``frames`` left as ``{"path", "bytes"}`` instead of decoded images (scoring never needs
-    pixels, and decoding every frame of a video benchmark would dominate the time)."""
+def iter_undecoded(dataset: datasets.Dataset, batch_size: int = 16) -> Iterator[dict]:
+    """Iterate over the records with ``frames`` left as ``{"path", "bytes"}`` instead of decoded images (scoring
+    never needs pixels, and decoding every frame of a video benchmark would dominate the time). Rows come in the
+    dataset's order (``select``/``shuffle`` indices included)."""
     if "frames" not in dataset.column_names:
-        raise ValueError(f"the dataset has no 'frames' column (columns: {dataset.column_names}); expected records "
-                         "in the format of transformers_maskcma.data.schema.RECORD_FEATURES")
-    return dataset.cast_column("frames", datasets.List(datasets.Image(decode=False)))
+        raise ValueError(
+            f"the dataset has no 'frames' column (columns: {dataset.column_names}); expected records in the format "
+            "of transformers_maskcma.data.schema.RECORD_FEATURES"
+        )
+    for batch in dataset.with_format("arrow").iter(batch_size=batch_size):
+        yield from batch.to_pylist()
 
 
 def parse_meta(record: dict) -> dict:

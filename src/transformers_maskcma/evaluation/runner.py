@@ -39,7 +39,14 @@ from .metrics import (
     video_expression_scores,
 )
 from .predictions import PredictionStore, prediction_to_frames
-from .records import foreground_frames, frame_size, ground_truth_frames, has_ground_truth, parse_meta, undecoded_view
+from .records import (
+    foreground_frames,
+    frame_size,
+    ground_truth_frames,
+    has_ground_truth,
+    iter_undecoded,
+    parse_meta,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -158,8 +165,9 @@ def evaluate_dataset(
             "note": "this split has no ground-truth masks (meta has_masks=false): submit the predictions to the "
             "evaluation server (maskcma evaluate --submission-zip)",
             "predictions": str(output_dir / "predictions.jsonl"),
+            "metrics_file": str(Path(metrics_path) if metrics_path else output_dir / METRICS_FILENAME),
         }
-        _write_json(Path(metrics_path) if metrics_path else output_dir / METRICS_FILENAME, result)
+        _write_json(Path(result["metrics_file"]), result)
         return result
     result = score_predictions(
         dataset,
@@ -204,11 +212,10 @@ def score_predictions(
     """
     predictions_dir = Path(predictions_dir)
     store = PredictionStore(predictions_dir)
-    view = undecoded_view(dataset)
-    kind = kind or detect_kind(view)
+    kind = kind or detect_kind(dataset)
     if kind not in DATASET_KINDS:
         raise ValueError(f"unknown dataset kind {kind!r}; use one of {DATASET_KINDS}")
-    sample_ids = _sample_ids(view)
+    sample_ids = _sample_ids(dataset)
     missing = [sample_id for sample_id in sample_ids if sample_id not in store]
     if missing and not skip_missing:
         raise KeyError(
@@ -230,7 +237,8 @@ def score_predictions(
     counts: list[tuple[int, int]] = []
     expression_scores = []
     type_ids: list[int] = []
-    for record in tqdm(view, total=len(view), desc=f"Scoring ({kind})", disable=not show_progress):
+    records = iter_undecoded(dataset)
+    for record in tqdm(records, total=len(dataset), desc=f"Scoring ({kind})", disable=not show_progress):
         sample_id = record["sample_id"]
         meta = parse_meta(record)
         if not has_ground_truth(meta):
@@ -285,7 +293,7 @@ def score_predictions(
     metrics_file = Path(metrics_path) if metrics_path else predictions_dir / METRICS_FILENAME
     result = {
         "kind": kind,
-        "sources": sorted(set(view["source"])),
+        "sources": sorted(set(dataset["source"])),
         "n_samples": len(sample_ids),
         "n_missing": len(missing),
         "missing_sample_ids": missing,
