@@ -195,11 +195,13 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
         )
 
     def sam2_frozen_modules(self) -> list[nn.Module]:
-        """SAM2 parts that stay frozen: everything except the prompt encoder and the mask decoder. The decoder's
-        `conv_s0`/`conv_s1` (projections of the high-resolution features) belong to the decoder and are trained."""
-        return [
-            module for name, module in self.sam2.named_children() if name not in ("prompt_encoder", "mask_decoder")
-        ]
+        """SAM2 parts that stay frozen: everything except the mask decoder (image encoder, prompt encoder, memory).
+        Inside the decoder, the IoU and object-score heads stay frozen too: no loss reaches them (their outputs only
+        rank the multimask candidates), and frozen they keep DDP free of unused trainable parameters. The
+        decoder's `conv_s0`/`conv_s1` (projections of the high-resolution features) are trained."""
+        decoder = self.sam2.mask_decoder
+        frozen = [module for name, module in self.sam2.named_children() if name != "mask_decoder"]
+        return frozen + [decoder.iou_prediction_head, decoder.pred_obj_score_head]
 
     def apply_default_freezing(self) -> None:
         """Freeze SAM2's image encoder and memory modules and the VLM's vision tower, as configured."""

@@ -1,0 +1,181 @@
+"""The CMA module against independent computations (hand-written formulas and torch's own multi-head attention)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from transformers_maskcma.modeling.cma import ConvMaskPriorHead, MaskGuidedCrossModalAttention
+
+EMBED, HEADS, SIDE = 32, 4, 5
+
+
+def make_cma(**kwargs) -> MaskGuidedCrossModalAttention:
+    torch.manual_seed(0)
+    cma = MaskGuidedCrossModalAttention(embed_dim=EMBED, num_heads=HEADS, **kwargs)
+    for parameter in cma.parameters():
+        nn.init.normal_(parameter, std=0.3)
+    with torch.no_grad():
+        cma.gamma.fill_(0.7)
+    return cma
+
+
+def make_inputs(num_objects=2, num_text=6, padding=(0, 2), seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    image = torch.randn(num_objects, EMBED, SIDE, SIDE, generator=generator)
+    text = torch.randn(num_objects, num_text, EMBED, generator=generator)
+    mask = torch.ones(num_objects, num_text, dtype=torch.bool)
+    for row, pad in enumerate(padding):
+        if pad:
+            mask[row, -pad:] = False
+    seg = torch.randn(num_objects, EMBED, generator=generator)
+    prior = torch.randn(num_objects, 1, SIDE, SIDE, generator=generator)
+    return image, text, mask, seg, prior
+
+
+def router_scores_by_hand(cma, tokens, seg):
+    query = seg @ cma.router.query_proj.weight.T + cma.router.query_proj.bias
+    keys = tokens @ cma.router.key_proj.weight.T + cma.router.key_proj.bias
+    return (keys @ query.unsqueeze(-1)).squeeze(-1) / math.sqrt(EMBED)
+
+
+def test_top1_equals_attention_over_the_best_token():
+    cma = make_cma(top_k=1)
+    image, text, mask, seg, prior = make_inputs()
+    output = cma(image, text, mask, seg, prior)
+    for row in range(image.shape[0]):
+        tokens = torch.cat([text[row][mask[row]], seg[row : row + 1]])
+        best = tokens[router_scores_by_hand(cma, tokens, seg[row]).argmax()]
+        # a single key gets probability 1 at every position: the update is out_proj(v_proj(best)), gated
+        value = cma.v_proj(best)
+        update = cma.out_proj(value)  # (D,)
+        gate = torch.sigmoid(prior[row, 0]).reshape(-1, 1)  # (hw, 1)
+        visual = image[row].flatten(1).T
+        expected = visual + 0.7 * gate * update
+        got = output.image_embeddings[row].flatten(1).T
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_topk_none_equals_full_multi_head_attention():
+    cma = make_cma(top_k=None)
+    image, text, mask, seg, prior = make_inputs()
+    output = cma(image, text, mask, seg, prior)
+
+    reference = nn.MultiheadAttention(EMBED, HEADS, batch_first=True)
+    with torch.no_grad():
+        reference.in_proj_weight.copy_(torch.cat([cma.q_proj.weight, cma.k_proj.weight, cma.v_proj.weight]))
+        reference.in_proj_bias.copy_(torch.cat([cma.q_proj.bias, cma.k_proj.bias, cma.v_proj.bias]))
+        reference.out_proj.weight.copy_(cma.out_proj.weight)
+        reference.out_proj.bias.copy_(cma.out_proj.bias)
+    visual = image.flatten(2).transpose(1, 2)
+    tokens = torch.cat([text, seg.unsqueeze(1)], dim=1)
+    padding = ~torch.cat([mask, torch.ones(2, 1, dtype=torch.bool)], dim=1)
+    attended, _ = reference(cma.query_norm(visual), tokens, tokens, key_padding_mask=padding)
+    gate = torch.sigmoid(prior.flatten(2).transpose(1, 2))
+    expected = visual + 0.7 * gate * attended
+    got = output.image_embeddings.flatten(2).transpose(1, 2)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("direction", ["visual_to_text", "text_to_visual"])
+@pytest.mark.parametrize("top_k", [None, 2, 10])
+def test_padding_never_gets_weight(direction, top_k):
+    cma = make_cma(top_k=top_k, direction=direction)
+    image, text, mask, seg, prior = make_inputs(padding=(3, 1))
+    output = cma(image, text, mask, seg, prior)
+    # changing what sits in the padding slots changes nothing
+    scrambled = text.clone()
+    scrambled[~mask] = torch.randn(int((~mask).sum()), EMBED) * 100
+    again = cma(image, scrambled, mask, seg, prior)
+    torch.testing.assert_close(again.image_embeddings, output.image_embeddings, atol=0, rtol=0)
+    # padding is never selected as a valid token, and selected padding slots get no probability
+    full_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.bool)], dim=1)
+    picked_valid = full_mask.gather(1, output.selected_token_indices)
+    assert torch.equal(picked_valid, output.selected_token_mask)
+    assert torch.isinf(output.router_scores[~full_mask]).all()
+    token_axis = -1 if direction == "visual_to_text" else -2
+    probs = output.attention_probs.movedim(token_axis, -1)
+    assert (probs[..., ~output.selected_token_mask[0]][0] == 0).all()
+
+
+@pytest.mark.parametrize("top_k", [1, 2, None])
+def test_router_scores_receive_gradient(top_k):
+    cma = make_cma(top_k=top_k)
+    image, text, mask, seg, prior = make_inputs()
+    cma(image, text, mask, seg, prior).image_embeddings.square().sum().backward()
+    for parameter in (cma.router.query_proj.weight, cma.router.key_proj.weight):
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0
+
+
+def test_gate_positions_differ_as_the_formulas_say():
+    """Output gate: F + γ σ(G) (W a + b). Attention gate (queries visual): F + γ (W (σ(G) a) + b).
+    Their difference is exactly γ (σ(G) − 1) b."""
+    output_gate = make_cma(top_k=None, gate="output")
+    attention_gate = make_cma(top_k=None, gate="attention")
+    attention_gate.load_state_dict(output_gate.state_dict())
+    image, text, mask, seg, prior = make_inputs()
+    by_output = output_gate(image, text, mask, seg, prior).image_embeddings
+    by_attention = attention_gate(image, text, mask, seg, prior).image_embeddings
+    gate = torch.sigmoid(prior)  # (N, 1, h, w)
+    bias = output_gate.out_proj.bias.view(1, EMBED, 1, 1)
+    torch.testing.assert_close(by_output - by_attention, 0.7 * (gate - 1.0) * bias, atol=1e-5, rtol=1e-4)
+
+
+def test_warmup_targets_follow_their_formulas():
+    residual = make_cma(top_k=None, warmup_target="residual")
+    mask_target = make_cma(top_k=None, warmup_target="mask")
+    mask_target.load_state_dict(residual.state_dict())
+    image, text, mask, seg, prior = make_inputs()
+
+    residual.warmup_factor = 1.0
+    full = residual(image, text, mask, seg, prior).image_embeddings
+    update = (full - image) / 0.7  # σ(G) ⊙ u, the gated update
+    gate = torch.sigmoid(prior)
+    ungated = update / gate
+
+    for factor in (0.0, 0.25, 1.0):
+        residual.warmup_factor = factor
+        mask_target.warmup_factor = factor
+        got_residual = residual(image, text, mask, seg, prior).image_embeddings
+        got_mask = mask_target(image, text, mask, seg, prior).image_embeddings
+        torch.testing.assert_close(got_residual, image + factor * 0.7 * gate * ungated, atol=1e-5, rtol=1e-4)
+        warmed_gate = 1.0 + factor * (gate - 1.0)
+        torch.testing.assert_close(got_mask, image + 0.7 * warmed_gate * ungated, atol=1e-5, rtol=1e-4)
+    residual.warmup_factor = 0.0
+    assert torch.equal(residual(image, text, mask, seg, prior).image_embeddings, image)
+
+
+def test_text_to_visual_attention_gate_renormalises_over_image_positions():
+    cma = make_cma(top_k=None, direction="text_to_visual", gate="attention")
+    image, text, mask, seg, prior = make_inputs()
+    output = cma(image, text, mask, seg, prior)
+    probs = output.attention_probs  # (N, heads, tokens, hw)
+    valid = output.selected_token_mask[:, None, :].expand(-1, HEADS, -1)
+    torch.testing.assert_close(probs.sum(-1)[valid], torch.ones(int(valid.sum())), atol=1e-5, rtol=0)
+    # a position with a much lower prior receives relatively less attention than without the gate
+    ungated = make_cma(top_k=None, direction="text_to_visual", gate="output")
+    ungated.load_state_dict(cma.state_dict())
+    plain = ungated(image, text, mask, seg, prior).attention_probs
+    ratio = (probs / plain)[0, 0, 0]
+    expected = torch.sigmoid(prior[0, 0]).flatten()
+    torch.testing.assert_close(ratio / ratio.sum(), expected / expected.sum(), atol=1e-5, rtol=1e-4)
+
+
+def test_zero_gamma_is_identity_for_every_switch():
+    image, text, mask, seg, prior = make_inputs()
+    for direction in ("visual_to_text", "text_to_visual"):
+        for gate in ("output", "attention"):
+            cma = make_cma(direction=direction, gate=gate)
+            with torch.no_grad():
+                cma.gamma.zero_()
+            assert torch.equal(cma(image, text, mask, seg, prior).image_embeddings, image)
+
+
+def test_conv_prior_head_shape_and_conditioning():
+    torch.manual_seed(0)
+    head = ConvMaskPriorHead(EMBED)
+    image, _, _, seg, _ = make_inputs()
+    logits = head(image, seg)
+    assert logits.shape == (2, 1, SIDE, SIDE)
+    assert not torch.allclose(head(image, seg + 1.0), logits)
