@@ -381,6 +381,56 @@ def test_segment_output_masks_reads_one_sample():
         segment_output_masks({"masks": [torch.zeros(1, 4, 5), torch.zeros(1, 4, 5)]})
 
 
+def test_model_predict_fn_plumbing(monkeypatch, image_case, video_case, tmp_path):
+    """model_predict_fn with stand-ins for the Auto classes: routing of images and videos, device and dtype, and
+    the conversion of MaskCMASegmentationOutput-style masks (the real processor is tested in its own area)."""
+    import transformers
+
+    from transformers_maskcma.evaluation.model_predict import model_predict_fn
+
+    calls = []
+
+    class Inputs(dict):
+        def to(self, device=None, dtype=None):
+            calls.append(("to", device, dtype))
+            return self
+
+    class Processor:
+        def __call__(self, images=None, videos=None, text=None, return_tensors=None):
+            media = [images] if images is not None else videos
+            assert all(frame.mode == "RGB" for frame in media) and return_tensors == "pt"
+            calls.append(("image" if images is not None else "video", len(media), text))
+            return Inputs(num_frames=len(media), height=media[0].height, width=media[0].width)
+
+    class Model:
+        dtype = torch.bfloat16
+
+        def to(self, device):
+            calls.append(("model.to", device))
+            return self
+
+        def eval(self):
+            return self
+
+        def segment(self, num_frames, height, width):
+            mask = torch.zeros(num_frames, height, width, dtype=torch.bool)
+            mask[:, :2, :3] = True
+            return {"masks": [mask[None] if num_frames > 1 else mask[0][None]]}  # one object
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", lambda path, **kwargs: Model())
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", lambda path, **kwargs: Processor())
+    predict = model_predict_fn("some/model", device="cpu")
+    for dataset, kind in ((image_case[0], "image"), (video_case[0], "video")):
+        result = evaluate_dataset(dataset, predict, tmp_path / kind, show_progress=False)
+        store = PredictionStore(tmp_path / kind)
+        for sample_id in dataset["sample_id"]:
+            masks = store.masks(sample_id)
+            assert masks[:, :2, :3].all() and masks.sum() == 6 * masks.shape[0]
+        assert result["n_samples"] == 4
+    assert ("model.to", "cpu") in calls and ("to", "cpu", torch.bfloat16) in calls
+    assert ("image", 1, "object 0") in calls and ("video", 3, "expression 0") in calls
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # splits without ground truth and submission zips
 

@@ -15,12 +15,8 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import sys
 from pathlib import Path
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["register", "run_evaluate"]
 
@@ -95,7 +91,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     """Handler of ``maskcma evaluate``; returns the exit code."""
     from ..data.errors import DataFormatError
     from .predictions import write_submission_zip
-    from .records import has_ground_truth
+    from .records import dataset_has_ground_truth
     from .runner import evaluate_dataset, score_predictions
 
     if args.model is None and args.predictions is None:
@@ -119,7 +115,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                 metrics_path=args.output,
                 show_progress=show_progress,
             )
-        elif any(has_ground_truth(json.loads(meta or "{}")) for meta in dataset["meta"]):
+        elif dataset_has_ground_truth(dataset):
             result = score_predictions(
                 dataset,
                 predictions_dir,

@@ -74,7 +74,7 @@ def model_predict_fn(
             inputs = processor(images=frames[0], text=record["prompt"], return_tensors="pt")
         else:
             inputs = processor(videos=frames, text=record["prompt"], return_tensors="pt")
-        inputs = inputs.to(device)
+        inputs = inputs.to(device=device, dtype=model.dtype)  # floating tensors take the weights' dtype
         with torch.inference_mode():
             output = model.segment(**inputs)
         return segment_output_masks(output)

@@ -21,6 +21,7 @@ from ..data.schema import decode_rle
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "dataset_has_ground_truth",
     "foreground_frames",
     "frame_names",
     "frame_size",
@@ -62,6 +63,14 @@ def parse_meta(record: dict) -> dict:
 def has_ground_truth(meta: dict) -> bool:
     """``False`` for records of splits whose masks are withheld (``meta["has_masks"] = false``)."""
     return bool(meta.get("has_masks", True))
+
+
+def dataset_has_ground_truth(dataset: datasets.Dataset) -> bool:
+    """Whether any record of ``dataset`` has ground-truth masks (``False`` for a split scored by a server)."""
+    return any(
+        has_ground_truth(parse_meta({"sample_id": sample_id, "meta": meta}))
+        for sample_id, meta in zip(dataset["sample_id"], dataset["meta"])
+    )
 
 
 def _header_size(frame) -> tuple[int, int]:

@@ -40,6 +40,7 @@ from .metrics import (
 )
 from .predictions import PredictionStore, prediction_to_frames
 from .records import (
+    dataset_has_ground_truth,
     foreground_frames,
     frame_size,
     ground_truth_frames,
@@ -154,7 +155,7 @@ def evaluate_dataset(
             )
             store.add(sample_id, masks)
 
-    if not any(has_ground_truth(json.loads(meta or "{}")) for meta in dataset["meta"]):
+    if not dataset_has_ground_truth(dataset):
         result = {
             "kind": kind or detect_kind(dataset),
             "n_samples": len(sample_ids),
