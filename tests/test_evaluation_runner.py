@@ -218,7 +218,7 @@ def test_revos_evaluation_equals_numpy_metrics(tmp_path):
 def test_interrupted_evaluation_resumes(video_case, tmp_path):
     dataset, truths, predictions = video_case
     crashing = FakeModel(predictions, fail_after=2)
-    with pytest.raises(RuntimeError, match=r"predict_fn failed on sample 'mevis/valid/vidB/0'.*re-run resumes"):
+    with pytest.raises(RuntimeError, match=r"predicting sample 'mevis/valid/vidB/0' failed \(RuntimeError: simulated crash\).*re-run resumes"):
         evaluate_dataset(dataset, crashing, tmp_path / "run", show_progress=False)
     assert len(PredictionStore(tmp_path / "run")) == 2
 
@@ -556,3 +556,45 @@ def test_cli_needs_predictions_or_model(capsys):
 
     assert main(["evaluate", "--dataset", "mevis", "--split", "valid_u", "--data-root", "x"]) == 2
     assert "give --predictions DIR" in capsys.readouterr().err
+
+
+def test_revos_folder_through_the_real_loader(tmp_path):
+    """ReVOS layout on disk -> load_dataset_by_name -> score: type_id and the foreground of
+    mask_dict_foreground.json reach the metrics."""
+    from pycocotools import mask as coco_mask
+
+    from transformers_maskcma.data import load_dataset_by_name
+
+    def rle(mask):
+        encoded = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
+        return {"size": encoded["size"], "counts": encoded["counts"].decode("ascii")}
+
+    root = tmp_path / "revos"
+    frames = ["00000", "00001"]
+    for t, name in enumerate(frames):
+        write_frame(root / "JPEGImages" / "v1" / f"{name}.jpg", seed=t)
+    referred = [rect(1, 1, 5, 5), rect(2, 2, 6, 6)]
+    other = [rect(8, 8, 12, 16), rect(8, 8, 12, 16)]  # annotated but never referred: only in the foreground
+    foreground = [referred[t] | other[t] for t in range(2)]
+    meta = {"videos": {"v1": {"frames": frames, "expressions": {
+        "0": {"exp": "the box", "obj_id": [0], "anno_id": [7], "type_id": 0},
+        "1": {"exp": "what moves?", "obj_id": [0], "anno_id": [7], "type_id": 1},
+    }}}}
+    (root / "meta_expressions_valid_.json").write_text(json.dumps(meta))
+    (root / "mask_dict.json").write_text(json.dumps({"7": [rle(m) for m in referred]}))
+    (root / "mask_dict_foreground.json").write_text(json.dumps({"v1": {"masks_rle": [rle(m) for m in foreground]}}))
+    dataset = load_dataset_by_name("revos", root, "valid")
+
+    truth = np.stack(referred)
+    predictions = {
+        "revos/valid/v1/0": truth,
+        "revos/valid/v1/1": truth | np.stack([rect(0, 10, 4, 16)] * 2),  # 24 false-positive pixels per frame
+    }
+    result = evaluate_dataset(dataset, FakeModel(predictions), tmp_path / "run", show_progress=False)
+    metrics = result["metrics"]
+    assert metrics["referring"]["J"] == 1.0 and metrics["referring"]["R"] == 1.0
+    # R of the reasoning expression: |fg| = 16 + 32 = 48 pixels, 24 false positives in each frame
+    assert metrics["reasoning"]["R"] == pytest.approx(1 - 24 / (48 + 1e-6))
+    assert metrics["reasoning"]["A"] == pytest.approx(1 - 24 / (H * W))
+    assert metrics["reasoning"]["J"] == pytest.approx(16 / 40)
+    assert metrics["overall"]["R"] == pytest.approx((1 + 1 - 24 / (48 + 1e-6)) / 2)

@@ -135,19 +135,21 @@ def evaluate_dataset(
                 store.path, len(sample_ids) - len(todo), len(sample_ids), len(todo),
             )
         for index in tqdm(todo, desc="Predicting", disable=not show_progress):
-            record = dataset[index]
-            sample_id = record["sample_id"]
+            sample_id = sample_ids[index]
             try:
+                record = dataset[index]  # decodes the frames: a corrupted image fails here
                 raw = predict_fn(record)
             except Exception as error:
                 if not skip_missing:
                     raise RuntimeError(
-                        f"predict_fn failed on sample {sample_id!r} ({type(error).__name__}: {error}); the "
+                        f"predicting sample {sample_id!r} failed ({type(error).__name__}: {error}); the "
                         f"{len(store)} predictions done so far are saved in {store.path} and a re-run resumes from "
                         "there (or pass skip_missing=True to score failed samples as empty masks)"
                     ) from error
-                logger.warning("predict_fn failed on sample %r (%s: %s); it is scored as an empty mask",
-                               sample_id, type(error).__name__, error)
+                logger.warning(
+                    "predicting sample %r failed (%s: %s); it is scored as an empty mask",
+                    sample_id, type(error).__name__, error,
+                )
                 failures[sample_id] = f"{type(error).__name__}: {error}"
                 continue
             masks = prediction_to_frames(
