@@ -91,7 +91,12 @@ def write_refcoco(root: Path, dataset: str = "refcoco") -> dict[str, np.ndarray]
     mask3 = rect(18, 18, 0, 0, 4, 18)
     mask4 = rect(20, 30, 10, 0, 20, 5)
     annotations = [
-        {"id": 101, "image_id": 1, "category_id": 1, "segmentation": [rect_polygon(2, 3, 8, 10), rect_polygon(12, 20, 18, 28)]},
+        {
+            "id": 101,
+            "image_id": 1,
+            "category_id": 1,
+            "segmentation": [rect_polygon(2, 3, 8, 10), rect_polygon(12, 20, 18, 28)],
+        },
         {"id": 102, "image_id": 2, "category_id": 2, "segmentation": uncompressed_rle(mask2)},
         {"id": 103, "image_id": 3, "category_id": 3, "segmentation": compressed_rle(mask3)},
         {"id": 104, "image_id": 1, "category_id": 1, "segmentation": compressed_rle(mask4)},
@@ -124,7 +129,9 @@ def _ref(ref_id: int, ann_id: int, image_id: int, split: str, sentences: list[tu
         "split": split,
         "file_name": f"COCO_train2014_{image_id:012d}_{ann_id}.jpg",
         "sent_ids": [s for s, _ in sentences],
-        "sentences": [{"sent_id": s, "sent": text, "raw": text.upper(), "tokens": text.split()} for s, text in sentences],
+        "sentences": [
+            {"sent_id": s, "sent": text, "raw": text.upper(), "tokens": text.split()} for s, text in sentences
+        ],
     }
 
 
@@ -249,13 +256,26 @@ def write_gcg(root: Path) -> dict:
             "caption": f'"{caption}"',
             "groundings": {
                 # listed out of caption order on purpose; the loader sorts by position
-                "two balls": {"token_positives": [caption.index("two balls"), caption.index("two balls") + 9], "rle_masks": [compressed_rle(ball_a), compressed_rle(ball_b)]},
+                "two balls": {
+                    "token_positives": [caption.index("two balls"), caption.index("two balls") + 9],
+                    "rle_masks": [compressed_rle(ball_a), compressed_rle(ball_b)],
+                },
                 "A dog": {"token_positives": [0, 5], "rle_masks": [compressed_rle(dog)]},
-                "the grass": {"token_positives": [caption.index("the grass"), caption.index("the grass") + 9], "rle_masks": []},
+                "the grass": {
+                    "token_positives": [caption.index("the grass"), caption.index("the grass") + 9],
+                    "rle_masks": [],
+                },
                 "nothing": None,
             },
         },
-        {"file_name": "g2.jpg", "height": 10, "width": 10, "image_id": 2, "caption": "An empty room.", "groundings": {}},
+        {
+            "file_name": "g2.jpg",
+            "height": 10,
+            "width": 10,
+            "image_id": 2,
+            "caption": "An empty room.",
+            "groundings": {},
+        },
     ]
     (annotations / "GranDf_HA_GCG_train.json").write_text(json.dumps(grandf))
 
@@ -279,11 +299,39 @@ def write_gcg(root: Path) -> dict:
     flickr = {
         "images": [{"id": 7, "file_name": "f1.jpg", "height": 14, "width": 18, "caption": "Two men and a hat."}],
         "annotations": [
-            {"id": 1, "image_id": 7, "bbox": [0, 0, 5, 7], "area": 35, "tokens_positive": [[0, 7]], "sam_mask": compressed_rle(man1)},
-            {"id": 2, "image_id": 7, "bbox": [10, 0, 5, 7], "area": 35, "tokens_positive": [[0, 7]], "sam_mask": compressed_rle(man2)},
-            {"id": 3, "image_id": 7, "bbox": [0, 10, 4, 4], "area": 16, "tokens_positive": [[12, 17]], "sam_mask": compressed_rle(hat)},
-            {"id": 4, "image_id": 7, "bbox": [0, 0, 1, 1], "area": 1, "tokens_positive": [[12, 17]], "ignore": True,
-             "sam_mask": compressed_rle(rect(14, 18, 0, 0, 1, 1))},
+            {
+                "id": 1,
+                "image_id": 7,
+                "bbox": [0, 0, 5, 7],
+                "area": 35,
+                "tokens_positive": [[0, 7]],
+                "sam_mask": compressed_rle(man1),
+            },
+            {
+                "id": 2,
+                "image_id": 7,
+                "bbox": [10, 0, 5, 7],
+                "area": 35,
+                "tokens_positive": [[0, 7]],
+                "sam_mask": compressed_rle(man2),
+            },
+            {
+                "id": 3,
+                "image_id": 7,
+                "bbox": [0, 10, 4, 4],
+                "area": 16,
+                "tokens_positive": [[12, 17]],
+                "sam_mask": compressed_rle(hat),
+            },
+            {
+                "id": 4,
+                "image_id": 7,
+                "bbox": [0, 0, 1, 1],
+                "area": 1,
+                "tokens_positive": [[12, 17]],
+                "ignore": True,
+                "sam_mask": compressed_rle(rect(14, 18, 0, 0, 1, 1)),
+            },
         ],
     }
     (annotations / "flickr_mergedGT_GCG_train.json").write_text(json.dumps(flickr))

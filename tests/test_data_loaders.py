@@ -52,7 +52,7 @@ def by_id(dataset):
 def assert_masks_equal(record, expected: list[np.ndarray]):
     decoded = decode_record_masks(record)
     assert len(decoded) == len(expected)
-    for got, want in zip(decoded, expected):
+    for got, want in zip(decoded, expected, strict=True):
         want = want if want.ndim == 3 else want[None]
         assert got.shape == want.shape
         np.testing.assert_array_equal(got, want)
@@ -136,7 +136,9 @@ def test_refcoco_rle_of_wrong_size(tmp_path, cache):
     instances = json.loads((tmp_path / "instances.json").read_text())
     instances["annotations"][2]["segmentation"] = compressed_rle(rect(10, 10, 0, 0, 2, 2))  # image 3 is 18 x 18
     (tmp_path / "instances.json").write_text(json.dumps(instances))
-    with pytest.raises(MaskSizeError, match=r"instances\.json annotation 103: mask RLE has size \(10, 10\).*\(18, 18\)"):
+    with pytest.raises(
+        MaskSizeError, match=r"instances\.json annotation 103: mask RLE has size \(10, 10\).*\(18, 18\)"
+    ):
         load_refcoco(tmp_path, split="testA", cache_dir=cache)
 
 
@@ -275,7 +277,7 @@ def test_gcg_round_trip(tmp_path, cache, stem):
     expected = write_gcg(tmp_path)[stem]
     loaded = load_gcg(tmp_path / "annotations" / f"{stem}.json", tmp_path / "images", cache_dir=cache)
     assert len(loaded) == len(expected)
-    for record, (answer, masks) in zip(loaded, expected):
+    for record, (answer, masks) in zip(loaded, expected, strict=True):
         assert record["answer"] == answer
         assert record["answer"].count("[SEG]") == len(masks)
         assert_masks_equal(record, masks)
@@ -359,7 +361,9 @@ def test_custom_round_trip(tmp_path, cache):
 
 
 def _custom_lines(tmp_path, lines):
-    (tmp_path / "bad.jsonl").write_text("\n".join(json.dumps(line) if isinstance(line, dict) else line for line in lines))
+    (tmp_path / "bad.jsonl").write_text(
+        "\n".join(json.dumps(line) if isinstance(line, dict) else line for line in lines)
+    )
     return tmp_path / "bad.jsonl"
 
 
@@ -367,12 +371,20 @@ def test_custom_bad_inputs(tmp_path, cache):
     write_custom(tmp_path)
     cat = {"image": "images/cat.jpg", "prompt": "a cat"}
     cases = [
-        ([cat, "{\"image\": \"images/cat.jpg\", \"prompt\": }"], MalformedJSONError, r"bad\.jsonl: malformed JSON on line 2"),
+        ([cat, '{"image": "images/cat.jpg", "prompt": }'], MalformedJSONError, r"bad\.jsonl: malformed JSON on line 2"),
         ([{**cat, "image": "images/none.jpg"}], FileNotFoundError, r"line 1: image not found: .*none\.jpg"),
         ([{"frames": [], "prompt": "x"}], EmptyMediaError, r"line 1: 'frames' is empty"),
-        ([{**cat, "answer": "[SEG] and [SEG]", "masks": [None]}], DataFormatError, r"2 \[SEG\] token\(s\) but 'masks' has 1"),
+        (
+            [{**cat, "answer": "[SEG] and [SEG]", "masks": [None]}],
+            DataFormatError,
+            r"2 \[SEG\] token\(s\) but 'masks' has 1",
+        ),
         ([{**cat, "masks": [compressed_rle(rect(5, 5, 0, 0, 1, 1))]}], MaskSizeError, r"line 1 masks\[0\]: .*\(5, 5\)"),
-        ([{"video_dir": "videos/vidA", "prompt": "x", "masks": [[None, None]]}], DataFormatError, r"one mask \(or null\) per frame \(4 frames\)"),
+        (
+            [{"video_dir": "videos/vidA", "prompt": "x", "masks": [[None, None]]}],
+            DataFormatError,
+            r"one mask \(or null\) per frame \(4 frames\)",
+        ),
         ([{**cat, "colour": "red"}], DataFormatError, r"unknown field\(s\) \['colour'\]"),
         ([{"image": "images/cat.jpg"}], DataFormatError, r"'prompt' \(a non-empty string\) is required"),
     ]

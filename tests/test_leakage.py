@@ -11,7 +11,14 @@ import yaml
 from fixtures_data import write_image, write_refcoco, write_video_dataset, write_video_frames
 
 from transformers_maskcma.cli import main
-from transformers_maskcma.data import check_leakage, load_custom, load_mevis, load_refcoco, warn_if_leaking
+from transformers_maskcma.data import (
+    check_leakage,
+    interleave_with_repeats,
+    load_custom,
+    load_mevis,
+    load_refcoco,
+    warn_if_leaking,
+)
 from transformers_maskcma.data.commands import parse_eval_spec
 
 
@@ -37,7 +44,11 @@ def planted(tmp_path):
         {"video_dir": "other/vidA", "prompt": "x"},
         {"video_dir": "fresh/newclip", "prompt": "x"},
         {"image": "photo_0042.jpg", "prompt": "x"},
-        {"image": str(coco / "COCO_train2014_000000000001.jpg"), "prompt": "x", "media_id": "COCO_train2014_000000000001.jpg"},
+        {
+            "image": str(coco / "COCO_train2014_000000000001.jpg"),
+            "prompt": "x",
+            "media_id": "COCO_train2014_000000000001.jpg",
+        },
         {"image": "unrelated.jpg", "prompt": "x"},
     ]
     (evaluation / "eval.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
@@ -48,7 +59,11 @@ def planted(tmp_path):
         "refcoco:testA": load_refcoco(tmp_path / "refcoco", split="testA", cache_dir=cache),
         "mevis:train": load_mevis(tmp_path / "mevis", "train", cache_dir=cache),
     }
-    return {"root": tmp_path, "train": train, "eval": {"mine:eval": load_custom(evaluation / "eval.jsonl", cache_dir=cache)}}
+    return {
+        "root": tmp_path,
+        "train": train,
+        "eval": {"mine:eval": load_custom(evaluation / "eval.jsonl", cache_dir=cache)},
+    }
 
 
 def found(overlaps) -> set[tuple[str, str, str, str]]:
@@ -66,6 +81,17 @@ def test_planted_overlaps_by_id_and_by_content(planted):
     }
     assert {o.eval_source for o in overlaps} == {"mine:eval"}
     assert {o.media_type for o in overlaps if o.train_source == "mevis:train"} == {"video"}
+
+
+def test_a_mixed_dataset_with_repeats_is_checked_once_per_medium(planted):
+    sources = list(planted["train"].values())
+    mixed = interleave_with_repeats(sources, [3, 1, 1, 2], seed=0)
+    overlaps = check_leakage({"mix": mixed}, planted["eval"])
+    assert {(o.train_media_id, o.eval_media_id, o.match) for o in overlaps} == {
+        (train_id, eval_id, match)
+        for _, train_id, eval_id, match in found(check_leakage(planted["train"], planted["eval"]))
+    }
+    assert len(overlaps) == 5
 
 
 def test_ids_only_without_content_hash(planted):
@@ -108,7 +134,10 @@ def test_warn_if_leaking_logs_a_loud_warning(planted, caplog):
     assert "renamed_clip" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="transformers_maskcma.data.leakage"):
-        assert warn_if_leaking({"mevis": planted["train"]["mevis:train"]}, {"refcoco": planted["train"]["refcoco:val"]}) == []
+        assert (
+            warn_if_leaking({"mevis": planted["train"]["mevis:train"]}, {"refcoco": planted["train"]["refcoco:val"]})
+            == []
+        )
     assert caplog.text == ""
 
 
@@ -117,13 +146,28 @@ def test_cli_data_check_exit_codes(planted, capsys):
     mix = root / "mix.yaml"
     mix.write_text(
         yaml.safe_dump(
-            {"sources": [{"dataset": "refcoco", "path": "refcoco", "split": "train"},
-                         {"dataset": "mevis", "path": "mevis", "split": "train", "repeat": 4}]}
+            {
+                "sources": [
+                    {"dataset": "refcoco", "path": "refcoco", "split": "train"},
+                    {"dataset": "mevis", "path": "mevis", "split": "train", "repeat": 4},
+                ]
+            }
         )
     )
     cache = str(root / "cache")
-    code = main(["data", "check", str(mix), "--eval", f"custom:eval:{root / 'eval' / 'eval.jsonl'}", "--cache-dir", cache,
-                 "--json", str(root / "overlaps.json")])
+    code = main(
+        [
+            "data",
+            "check",
+            str(mix),
+            "--eval",
+            f"custom:eval:{root / 'eval' / 'eval.jsonl'}",
+            "--cache-dir",
+            cache,
+            "--json",
+            str(root / "overlaps.json"),
+        ]
+    )
     output = capsys.readouterr()
     assert code == 1
     assert "renamed_clip" in output.out and "mevis:train (mevis)" in output.out
@@ -138,7 +182,9 @@ def test_cli_data_check_exit_codes(planted, capsys):
 def test_cli_data_summary(planted, capsys):
     root = planted["root"]
     mix = root / "mix.yaml"
-    mix.write_text(yaml.safe_dump({"sources": [{"dataset": "mevis", "path": "mevis", "split": "train", "repeat": 2.5}]}))
+    mix.write_text(
+        yaml.safe_dump({"sources": [{"dataset": "mevis", "path": "mevis", "split": "train", "repeat": 2.5}]})
+    )
     assert main(["data", "summary", str(mix), "--cache-dir", str(root / "cache")]) == 0
     out = capsys.readouterr().out
     assert "mevis:train (mevis)  3" in out and "x2.5" in out

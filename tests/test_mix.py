@@ -123,17 +123,31 @@ def test_load_dataset_by_name_dispatches_every_name(tmp_path):
     write_video_dataset(tmp_path / "revos", "train", layout="revos")
     write_video_dataset(tmp_path / "ytvos", "train", layout="ytvos")
     write_video_dataset(tmp_path / "davis", "valid", layout="ytvos")
-    for name, folder, split in (("mevis", "mevis", "train"), ("revos", "revos", "train"),
-                                ("ref_ytvos", "ytvos", "train"), ("ref_davis", "davis", "valid")):
+    for name, folder, split in (
+        ("mevis", "mevis", "train"),
+        ("revos", "revos", "train"),
+        ("ref_ytvos", "ytvos", "train"),
+        ("ref_davis", "davis", "valid"),
+    ):
         loaded = load_dataset_by_name(name, tmp_path / folder, split, **cache)
         assert len(loaded) == 3 and set(loaded["source"]) == {name}
     write_gcg(tmp_path / "gcg")
-    gcg = load_dataset_by_name("gcg", tmp_path / "gcg" / "annotations" / "GranDf_HA_GCG_train.json", "train",
-                               image_dir=str(tmp_path / "gcg" / "images"), **cache)
+    gcg = load_dataset_by_name(
+        "gcg",
+        tmp_path / "gcg" / "annotations" / "GranDf_HA_GCG_train.json",
+        "train",
+        image_dir=str(tmp_path / "gcg" / "images"),
+        **cache,
+    )
     assert set(gcg["source"]) == {"gcg"} and len(gcg) == 2
     write_osprey(tmp_path / "osprey")
-    osprey = load_dataset_by_name("osprey", tmp_path / "osprey" / "osprey_detail_description.json", "train",
-                                  image_dirs=[str(tmp_path / "osprey" / "train2017")], **cache)
+    osprey = load_dataset_by_name(
+        "osprey",
+        tmp_path / "osprey" / "osprey_detail_description.json",
+        "train",
+        image_dirs=[str(tmp_path / "osprey" / "train2017")],
+        **cache,
+    )
     assert set(osprey["source"]) == {"osprey"} and len(osprey) == 2
     write_custom(tmp_path / "custom")
     custom = load_dataset_by_name("custom", tmp_path / "custom", "train", **cache)  # folder → <split>.jsonl
@@ -148,18 +162,35 @@ def test_load_dataset_by_name_dispatches_every_name(tmp_path):
 def test_gcg_default_image_folder_is_next_to_the_json(tmp_path):
     write_gcg(tmp_path / "gcg")
     (tmp_path / "gcg" / "images").rename(tmp_path / "gcg" / "annotations" / "images")
-    loaded = load_dataset_by_name("gcg", tmp_path / "gcg" / "annotations" / "RefCOCOg_GCG_train.json", "train",
-                                  cache_dir=tmp_path / "cache")
+    loaded = load_dataset_by_name(
+        "gcg", tmp_path / "gcg" / "annotations" / "RefCOCOg_GCG_train.json", "train", cache_dir=tmp_path / "cache"
+    )
     assert len(loaded) == 1
 
 
 def test_mix_errors_name_the_file_and_entry(tmp_path):
     mix_file = tmp_path / "mix.yaml"
     cases = [
-        ({"sources": [{"dataset": "cocoo", "path": "x"}]}, UnknownDatasetError, r"mix\.yaml sources\[0\]: unknown dataset 'cocoo'"),
-        ({"sources": [{"dataset": "refcoco", "path": "x", "repeat": -1}]}, DataFormatError, r"sources\[0\]: 'repeat' must be a positive"),
-        ({"sources": [{"dataset": "refcoco", "split": "train"}]}, DataFormatError, r"sources\[0\]: dataset 'refcoco' needs a 'path'"),
-        ({"sources": [{"dataset": "refcoco", "path": "x", "weight": 2}]}, DataFormatError, r"unknown key\(s\) \['weight'\]"),
+        (
+            {"sources": [{"dataset": "cocoo", "path": "x"}]},
+            UnknownDatasetError,
+            r"mix\.yaml sources\[0\]: unknown dataset 'cocoo'",
+        ),
+        (
+            {"sources": [{"dataset": "refcoco", "path": "x", "repeat": -1}]},
+            DataFormatError,
+            r"sources\[0\]: 'repeat' must be a positive",
+        ),
+        (
+            {"sources": [{"dataset": "refcoco", "split": "train"}]},
+            DataFormatError,
+            r"sources\[0\]: dataset 'refcoco' needs a 'path'",
+        ),
+        (
+            {"sources": [{"dataset": "refcoco", "path": "x", "weight": 2}]},
+            DataFormatError,
+            r"unknown key\(s\) \['weight'\]",
+        ),
         ({"sources": []}, DataFormatError, r"non-empty 'sources' list"),
         ({"seed": "zero", "sources": [{"dataset": "synthetic"}]}, DataFormatError, r"'seed' must be an integer"),
     ]

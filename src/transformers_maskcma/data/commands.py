@@ -27,7 +27,9 @@ def parse_eval_spec(spec: str) -> tuple[str, str, str]:
         )
     name, split, root = parts
     if name not in DATASET_NAMES:
-        raise argparse.ArgumentTypeError(f"--eval {spec!r}: unknown dataset {name!r}; known: {', '.join(DATASET_NAMES)}")
+        raise argparse.ArgumentTypeError(
+            f"--eval {spec!r}: unknown dataset {name!r}; known: {', '.join(DATASET_NAMES)}"
+        )
     return name, split, root
 
 
@@ -39,9 +41,7 @@ def _check(args: argparse.Namespace) -> int:
     for name, split, root in args.eval:
         dataset = load_dataset_by_name(name, root, split, **({} if name == "synthetic" else options))
         evaluation.append((f"{name}:{split}", dataset))
-    overlaps = check_leakage(
-        train, evaluation, content_hash=not args.no_content_hash, video_frames=args.video_frames
-    )
+    overlaps = check_leakage(train, evaluation, content_hash=not args.no_content_hash, video_frames=args.video_frames)
     print(format_overlaps(overlaps))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
@@ -63,7 +63,7 @@ def _summary(args: argparse.Namespace) -> int:
     header = ("source", "records", "repeat", "in mix")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, tuple("-" * w for w in widths), *rows]:
-        print("  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip())
+        print("  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)).rstrip())
     print(f"total records in the mix: {total} (seed {config.seed})")
     return 0
 

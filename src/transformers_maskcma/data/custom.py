@@ -26,7 +26,7 @@ a video it is a list with one mask per frame. Every mask must have the size of i
 All paths are relative to the JSONL file's folder (absolute paths work too). Example ``data/train.jsonl``::
 
     {"image": "images/cat.jpg", "prompt": "the cat on the sofa", "masks": ["masks/cat.png"]}
-    {"image": "images/cats.jpg", "prompt": "Segment both cats.", "answer": "The left cat [SEG] and the right cat [SEG].",
+    {"image": "images/cats.jpg", "prompt": "Both cats.", "answer": "The left cat [SEG] and the right cat [SEG].",
      "masks": [{"size": [480, 640], "counts": "Xk`05l>..."}, "masks/right_cat.png"]}
     {"video_dir": "videos/dog_run", "prompt": "the dog running to the left",
      "masks": [["masks/dog_run/00000.png", "masks/dog_run/00001.png", null]]}
@@ -226,4 +226,3 @@ def load_custom(jsonl_file: PathLike, *, source: str = "custom", cache_dir: Path
         description=f"custom file {path}",
         cache_dir=cache_dir,
     )
-

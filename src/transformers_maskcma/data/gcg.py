@@ -148,7 +148,7 @@ def _refcocog_items(data, path, image_dir: Path, verify: bool):
         where = f"{path} entry #{index}"
         if not isinstance(wrapper, dict) or len(wrapper) != 1:
             raise DataFormatError(f"{where}: RefCOCOg-GCG entries are one-key dicts {{id: {{...}}}}")
-        (entry_id, entry), = wrapper.items()
+        ((entry_id, entry),) = wrapper.items()
         where = f"{path} entry {entry_id!r}"
         image_path = image_dir / entry["img_file_name"]
         height, width = _check_image(image_path, None, verify, where)
@@ -162,7 +162,15 @@ def _refcocog_items(data, path, image_dir: Path, verify: bool):
                 continue
             rle = segmentation_to_rle(ref["segmentation"], height, width, f"{where} ref {sentence!r}")
             phrases.append((start, start + len(sentence), rle))
-        yield entry["img_file_name"], image_path, caption, phrases, (height, width), {"ungrounded_phrases": ungrounded}, where
+        yield (
+            entry["img_file_name"],
+            image_path,
+            caption,
+            phrases,
+            (height, width),
+            {"ungrounded_phrases": ungrounded},
+            where,
+        )
 
 
 def _flickr_items(data, path, image_dir: Path, verify: bool):
@@ -181,18 +189,24 @@ def _flickr_items(data, path, image_dir: Path, verify: bool):
                 ignored += 1
                 continue
             start, end = annotation["tokens_positive"][0]
-            rle = segmentation_to_rle(annotation["sam_mask"], height, width, f"{where} annotation {annotation.get('id')}")
+            rle = segmentation_to_rle(
+                annotation["sam_mask"], height, width, f"{where} annotation {annotation.get('id')}"
+            )
             spans.setdefault((int(start), int(end)), []).append(rle)
         phrases = [(s, e, union_rles(rles, height, width)) for (s, e), rles in spans.items()]
         extra = {"ungrounded_phrases": [], "ignored_annotations": ignored}
         yield image["file_name"], image_path, caption, phrases, (height, width), extra, where
 
 
-def _generate_gcg(annotation_file: str, image_dir: str, variant: str, verify_image_sizes: bool, signature: list, **cache_key):
+def _generate_gcg(
+    annotation_file: str, image_dir: str, variant: str, verify_image_sizes: bool, signature: list, **cache_key
+):
     data = read_json(annotation_file, "GCG annotation file")
     detected = detect_gcg_variant(data, annotation_file)
     if variant != "auto" and variant != detected:
-        raise DataFormatError(f"{annotation_file}: looks like a {detected!r} GCG file, but variant={variant!r} was asked")
+        raise DataFormatError(
+            f"{annotation_file}: looks like a {detected!r} GCG file, but variant={variant!r} was asked"
+        )
     items = {"grandf": _grandf_items, "refcocog": _refcocog_items, "flickr": _flickr_items}[detected]
     stem = Path(annotation_file).stem
     ungrounded_total = 0
@@ -217,7 +231,9 @@ def _generate_gcg(annotation_file: str, image_dir: str, variant: str, verify_ima
             where=where,
         )
     if ungrounded_total:
-        logger.warning("%s: %d phrase(s) not found in their caption were left ungrounded", annotation_file, ungrounded_total)
+        logger.warning(
+            "%s: %d phrase(s) not found in their caption were left ungrounded", annotation_file, ungrounded_total
+        )
 
 
 def load_gcg(

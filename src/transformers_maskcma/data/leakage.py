@@ -94,12 +94,13 @@ def collect_media(
     if video_frames not in VIDEO_FRAME_MODES:
         raise ValueError(f"video_frames must be one of {VIDEO_FRAME_MODES}, got {video_frames!r}")
     hash_cache = {} if hash_cache is None else hash_cache
-    view = dataset.select_columns(["media_type", "media_id", "frames"])
-    view = view.cast_column("frames", datasets.List(datasets.Image(decode=False)))
+    # Arrow batches: frames come back as raw {"bytes", "path"} structs, undecoded, without rewriting the table
+    view = dataset.select_columns(["media_type", "media_id", "frames"]).with_format("arrow")
     seen: dict[tuple, MediaEntry] = {}
     progress = tqdm(total=len(view), desc=f"leakage check: {description}", unit="rec", leave=False)
-    for batch in view.iter(batch_size=512):
-        for media_type, media_id, frames in zip(batch["media_type"], batch["media_id"], batch["frames"]):
+    for table in view.iter(batch_size=512):
+        batch = table.to_pydict()
+        for media_type, media_id, frames in zip(batch["media_type"], batch["media_id"], batch["frames"], strict=True):
             paths = tuple(frame.get("path") or "" for frame in frames)
             stored_as_paths = all(paths) and all(frame.get("bytes") is None for frame in frames)
             key = (media_type, media_id, paths) if stored_as_paths else None
@@ -128,7 +129,7 @@ def _labelled(collection) -> list[tuple[str, datasets.Dataset]]:
         if isinstance(item, tuple):
             labelled.append((str(item[0]), item[1]))
         else:
-            source = item[0]["source"] if len(item) else "empty"
+            source = item.select_columns(["source"])[0]["source"] if len(item) else "empty"
             labelled.append((f"{source}#{index}", item))
     return labelled
 
@@ -149,13 +150,17 @@ def check_leakage(
     by_id: dict[tuple[str, str], list[tuple[str, MediaEntry]]] = {}
     by_digest: dict[str, list[tuple[str, MediaEntry]]] = {}
     for label, dataset in _labelled(train_datasets):
-        for entry in collect_media(dataset, content_hash=content_hash, video_frames=video_frames, hash_cache=cache, description=label):
+        for entry in collect_media(
+            dataset, content_hash=content_hash, video_frames=video_frames, hash_cache=cache, description=label
+        ):
             by_id.setdefault((entry.media_type, entry.media_id), []).append((label, entry))
             if entry.digest is not None:
                 by_digest.setdefault(entry.digest, []).append((label, entry))
     found: dict[tuple, Overlap] = {}
     for eval_label, dataset in _labelled(eval_datasets):
-        for entry in collect_media(dataset, content_hash=content_hash, video_frames=video_frames, hash_cache=cache, description=eval_label):
+        for entry in collect_media(
+            dataset, content_hash=content_hash, video_frames=video_frames, hash_cache=cache, description=eval_label
+        ):
             candidates = by_id.get((entry.media_type, entry.media_id), [])
             if entry.digest is not None:
                 candidates = candidates + by_digest.get(entry.digest, [])
@@ -185,7 +190,10 @@ def format_overlaps(overlaps: Sequence[Overlap], limit: int | None = None) -> st
     shown = list(overlaps if limit is None else overlaps[:limit])
     rows = [(o.eval_source, o.train_source, o.media_type, o.match, o.eval_media_id, o.train_media_id) for o in shown]
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(value).ljust(width) for value, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+    lines = [
+        "  ".join(str(value).ljust(width) for value, width in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
     lines.insert(1, "  ".join("-" * width for width in widths))
     if limit is not None and len(overlaps) > limit:
         lines.append(f"... and {len(overlaps) - limit} more")

@@ -93,11 +93,18 @@ def parse_mix(content: Any, where: str = "mix", base_dir: PathLike | None = None
             raise DataFormatError(f"{entry_where}: unknown key(s) {unknown}; allowed: {sorted(_SOURCE_KEYS)}")
         name = entry.get("dataset")
         if name not in DATASET_NAMES:
-            raise UnknownDatasetError(f"{entry_where}: unknown dataset {name!r}; known datasets: {', '.join(DATASET_NAMES)}")
+            raise UnknownDatasetError(
+                f"{entry_where}: unknown dataset {name!r}; known datasets: {', '.join(DATASET_NAMES)}"
+            )
         if name != "synthetic" and not entry.get("path"):
             raise DataFormatError(f"{entry_where}: dataset {name!r} needs a 'path'")
         repeat = entry.get("repeat", 1)
-        if isinstance(repeat, bool) or not isinstance(repeat, (int, float)) or not repeat > 0 or not math.isfinite(repeat):
+        if (
+            isinstance(repeat, bool)
+            or not isinstance(repeat, (int, float))
+            or not repeat > 0
+            or not math.isfinite(repeat)
+        ):
             raise DataFormatError(f"{entry_where}: 'repeat' must be a positive number, got {repeat!r}")
         options = entry.get("options") or {}
         if not isinstance(options, dict):
@@ -193,7 +200,9 @@ def load_dataset_by_name(name: str, data_root: PathLike | None, split: str, **op
         annotation = _annotation_file(root, split, (".json",), "Osprey annotation file")
         if "image_dirs" not in options:
             options["image_dirs"] = [
-                first_existing([annotation.parent / "images"], "Osprey image folder", "Set the 'image_dirs' option.", "dir")
+                first_existing(
+                    [annotation.parent / "images"], "Osprey image folder", "Set the 'image_dirs' option.", "dir"
+                )
             ]
         return load_osprey(annotation, **options)
     annotation = _annotation_file(root, split, (".jsonl", ".json"), "custom JSONL file")
@@ -255,7 +264,7 @@ def interleave_with_repeats(
     rng = np.random.default_rng(seed)
     offsets = np.cumsum([0] + [len(d) for d in sources[:-1]])
     indices = np.concatenate(
-        [repeat_indices(len(d), r, rng) + offset for d, r, offset in zip(sources, repeats, offsets)]
+        [repeat_indices(len(d), r, rng) + offset for d, r, offset in zip(sources, repeats, offsets, strict=True)]
     )
     if shuffle:
         indices = indices[rng.permutation(len(indices))]

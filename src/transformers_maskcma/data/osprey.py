@@ -69,7 +69,9 @@ def _find_image(file_name: str, image_dirs: Sequence[Path], cache: dict, where: 
     raise FileNotFoundError(f"{where}: image {file_name!r} not found; tried {tried} (check image_dirs)")
 
 
-def _generate_osprey(annotation_file: str, image_dirs: list, task: str, verify_image_sizes: bool, signature: list, **cache_key):
+def _generate_osprey(
+    annotation_file: str, image_dirs: list, task: str, verify_image_sizes: bool, signature: list, **cache_key
+):
     data = read_json(annotation_file, "Osprey annotation file")
     if not isinstance(data, list):
         raise DataFormatError(f"{annotation_file}: an Osprey file is a JSON list of entries, got {type(data).__name__}")
@@ -87,7 +89,9 @@ def _generate_osprey(annotation_file: str, image_dirs: list, task: str, verify_i
         if verify_image_sizes and image_path not in verified:
             actual = image_size(image_path)
             if actual != (height, width):
-                raise MaskSizeError(f"{where}: image {image_path} is {actual} (height, width), the entry says {(height, width)}")
+                raise MaskSizeError(
+                    f"{where}: image {image_path} is {actual} (height, width), the entry says {(height, width)}"
+                )
             verified.add(image_path)
         regions = [
             segmentation_to_rle(region["segmentation"], height, width, f"{where} region {k + 1}")

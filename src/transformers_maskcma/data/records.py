@@ -164,7 +164,9 @@ def check_rle_size(rle: dict, size: tuple[int, int], where: str) -> None:
     try:
         rle_size = (int(rle["size"][0]), int(rle["size"][1]))
     except (KeyError, TypeError, IndexError, ValueError):
-        raise DataFormatError(f"{where}: an RLE needs 'size' = [height, width] and 'counts', got {rle!r:.200}") from None
+        raise DataFormatError(
+            f"{where}: an RLE needs 'size' = [height, width] and 'counts', got {rle!r:.200}"
+        ) from None
     if rle_size != tuple(size):
         raise MaskSizeError(
             f"{where}: mask RLE has size {rle_size} (height, width) but its image/frame is {tuple(size)}; the "
@@ -181,7 +183,9 @@ def segmentation_to_rle(segmentation: Any, height: int, width: int, where: str) 
     """
     if isinstance(segmentation, dict):
         if "counts" not in segmentation or "size" not in segmentation:
-            raise DataFormatError(f"{where}: an RLE segmentation needs 'size' and 'counts', got keys {sorted(segmentation)}")
+            raise DataFormatError(
+                f"{where}: an RLE segmentation needs 'size' and 'counts', got keys {sorted(segmentation)}"
+            )
         check_rle_size(segmentation, (height, width), where)
         if isinstance(segmentation["counts"], list):
             rle = coco_mask.frPyObjects({"size": [height, width], "counts": segmentation["counts"]}, height, width)
@@ -233,7 +237,12 @@ def unpack_masks(value: Sequence) -> list[list[dict]]:
     objects = []
     for item in value:
         if isinstance(item, dict):
-            objects.append([{"size": list(size), "counts": counts} for size, counts in zip(item["size"], item["counts"])])
+            objects.append(
+                [
+                    {"size": list(size), "counts": counts}
+                    for size, counts in zip(item["size"], item["counts"], strict=True)
+                ]
+            )
         else:
             objects.append([{"size": list(rle["size"]), "counts": rle["counts"]} for rle in item])
     return objects

@@ -63,12 +63,18 @@ def resolve_refcoco_layout(
     hint = f"Pass refs_file=/instances_file=/image_dir= explicitly if your {dataset} layout differs."
     if refs_file is None:
         refs_file = first_existing(
-            [root / f"refs({split_by}).p", root / dataset / f"refs({split_by}).p"], f"{dataset} refs pickle", hint, "file"
+            [root / f"refs({split_by}).p", root / dataset / f"refs({split_by}).p"],
+            f"{dataset} refs pickle",
+            hint,
+            "file",
         )
     refs_file = Path(refs_file)
     if instances_file is None:
         instances_file = first_existing(
-            [refs_file.parent / "instances.json", root / "instances.json"], f"{dataset} COCO instances.json", hint, "file"
+            [refs_file.parent / "instances.json", root / "instances.json"],
+            f"{dataset} COCO instances.json",
+            hint,
+            "file",
         )
     if image_dir is None:
         base = refs_file.parent

@@ -5,7 +5,7 @@ Files (``<root>`` is the dataset folder; the loader tries these places in order)
     frames        <root>/<split>/JPEGImages/<video>/<frame>.jpg      or <root>/JPEGImages/<video>/<frame>.jpg
     expressions   <root>/<split>/meta_expressions.json               (MeViS, Ref-DAVIS17 from VISA)
                   <root>/meta_expressions/<split>/meta_expressions.json   (Ref-YouTube-VOS, Ref-DAVIS17 from Sa2VA)
-                  <root>/meta_expressions_<split>_.json                (ReVOS: meta_expressions_train_.json, ..._valid_.json)
+                  <root>/meta_expressions_<split>_.json                (ReVOS: meta_expressions_{train,valid}_.json)
                   <root>/meta_expressions.json                         (``root`` is the split folder itself)
     masks         <root>/<split>/mask_dict.json|.pkl  or  <root>/mask_dict.json|.pkl
     foreground    mask_dict_foreground.json next to the mask dict (ReVOS; used by the R metric)
@@ -107,7 +107,9 @@ def resolve_video_layout(
 def _read_mask_dict(path: str) -> dict:
     mask_dict = read_pickle(path, "mask dict") if path.endswith(".pkl") else read_json(path, "mask dict")
     if not isinstance(mask_dict, dict):
-        raise DataFormatError(f"{path}: a mask dict maps str(anno_id) to a list of RLEs, got {type(mask_dict).__name__}")
+        raise DataFormatError(
+            f"{path}: a mask dict maps str(anno_id) to a list of RLEs, got {type(mask_dict).__name__}"
+        )
     return mask_dict
 
 
@@ -167,7 +169,9 @@ def _generate_video(
 ):
     meta = read_json(meta_file, "meta_expressions file")
     if not isinstance(meta, dict) or not isinstance(meta.get("videos"), dict):
-        raise DataFormatError(f"{meta_file}: expected {{'videos': {{video: {{'frames': [...], 'expressions': {{...}}}}}}}}")
+        raise DataFormatError(
+            f"{meta_file}: expected {{'videos': {{video: {{'frames': [...], 'expressions': {{...}}}}}}}}"
+        )
     mask_dict = _read_mask_dict(mask_file) if mask_file is not None else None
     foreground = None
     if include_foreground and foreground_file is not None:
@@ -188,7 +192,9 @@ def _generate_video(
         size = image_size(frame_paths[0])
         video_foreground = None
         if include_foreground and mask_dict is not None:
-            video_foreground = _video_foreground(video, info, foreground, foreground_file, mask_dict, mask_file, size, where)
+            video_foreground = _video_foreground(
+                video, info, foreground, foreground_file, mask_dict, mask_file, size, where
+            )
         for exp_id in sorted(expressions, key=_exp_sort_key):
             expression = expressions[exp_id]
             exp_where = f"{where} expression {exp_id!r}"
@@ -246,7 +252,9 @@ def _video_foreground(video, info, foreground, foreground_file, mask_dict, mask_
             raise DataFormatError(f"{foreground_file}: no 'masks_rle' for video {video!r}")
         rles = entry["masks_rle"]
         if len(rles) != num_frames:
-            raise DataFormatError(f"{foreground_file}: video {video!r} has {len(rles)} foreground masks, {num_frames} frames")
+            raise DataFormatError(
+                f"{foreground_file}: video {video!r} has {len(rles)} foreground masks, {num_frames} frames"
+            )
         result = []
         for index, rle in enumerate(rles):
             frame_where = f"{foreground_file} video {video!r} frame {index}"
