@@ -1,0 +1,177 @@
+"""The symmetric text–mask contrastive (TMC) loss of DESIGN.md §3.
+
+For every ``[SEG]`` token of a batch whose object is visible in at least one of its targets:
+
+- the text side is ``t = normalize(s)``, with ``s`` the projected ``[SEG]`` embedding (`seg_proj` output);
+- the visual side is ``v = normalize(mean_f pooled_f)``: SAM2's image embedding averaged over the object's
+  ground-truth mask (resized to the embedding grid) on each frame ``f`` the ``[SEG]`` is decoded on, then averaged
+  over those frames. An image target has one frame; a video ``[SEG]`` averages its frames, so a video object is one
+  row, not one row per frame (frames where the object is absent — an empty mask — are left out of the average).
+
+With ``logits[i, j] = <v_i, t_j> / τ`` the loss is the symmetric InfoNCE
+``0.5 · (CE(logits, i) + CE(logitsᵀ, i))`` averaged over the rows. Rows are grouped by (sample, object id): two
+``[SEG]`` tokens of the same object in the same sample (a repeated object) are both positives of their own row and
+are never used as negatives of each other — their entries are removed from both softmaxes, the diagonal stays.
+
+The loss needs at least two distinct (sample, object) groups; with fewer it is 0 (the output says it was skipped,
+and `MaskCMATrainer` logs how often that happened).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class TMCOutput:
+    """
+    Args:
+        loss (`torch.FloatTensor` of shape `()`): the symmetric InfoNCE loss (0 when skipped).
+        num_rows (`int`): ``[SEG]`` tokens that took part (rows of the logits matrix).
+        num_objects (`int`): distinct (sample, object) groups among the rows.
+        skipped (`bool`): `True` when fewer than two distinct objects were present, so the loss is 0.
+        logits (`torch.FloatTensor` of shape `(num_rows, num_rows)` or `None`): ``v·tᵀ/τ`` before masking.
+        group_index (`torch.LongTensor` of shape `(num_rows,)` or `None`): group of each row.
+    """
+
+    loss: torch.Tensor
+    num_rows: int
+    num_objects: int
+    skipped: bool
+    logits: torch.Tensor | None = None
+    group_index: torch.Tensor | None = None
+
+
+def _zero_loss(*tensors: torch.Tensor | None) -> torch.Tensor:
+    """A 0 that stays attached to the graph of the inputs (so every rank of a distributed run has the same graph)."""
+    total = None
+    for tensor in tensors:
+        if tensor is not None and tensor.is_floating_point():
+            part = tensor.sum() * 0.0
+            total = part if total is None else total + part
+    if total is None:
+        raise ValueError("text_mask_contrastive_loss needs seg_embeds and mask_pooled_embeds tensors")
+    return total
+
+
+def seg_visual_embeddings(
+    mask_pooled_embeds: torch.Tensor,
+    target_seg_index: torch.LongTensor,
+    target_has_mask: torch.BoolTensor,
+    num_seg: int,
+) -> tuple[torch.Tensor, torch.BoolTensor]:
+    """Average the mask-pooled embeddings of each ``[SEG]``'s targets that have a non-empty mask.
+
+    Args:
+        mask_pooled_embeds: `(num_targets, D)`; target_seg_index: `(num_targets,)`; target_has_mask: `(num_targets,)`.
+        num_seg: number of ``[SEG]`` tokens of the batch.
+
+    Returns:
+        `(visual (num_seg, D), has_visual (num_seg,))`; rows without a visible target are 0 and `has_visual` False.
+    """
+    weights = target_has_mask.to(mask_pooled_embeds.dtype)
+    sums = mask_pooled_embeds.new_zeros(num_seg, mask_pooled_embeds.shape[-1])
+    sums = sums.index_add(0, target_seg_index, mask_pooled_embeds * weights[:, None])
+    counts = mask_pooled_embeds.new_zeros(num_seg).index_add(0, target_seg_index, weights)
+    return sums / counts.clamp_min(1.0)[:, None], counts > 0
+
+
+def text_mask_contrastive_loss(
+    seg_embeds: torch.Tensor,
+    mask_pooled_embeds: torch.Tensor,
+    target_seg_index: torch.LongTensor,
+    target_has_mask: torch.BoolTensor,
+    seg_sample_index: torch.LongTensor,
+    seg_object_ids: torch.LongTensor | None = None,
+    temperature: float = 0.15,
+) -> TMCOutput:
+    """Symmetric TMC loss over the objects of a batch (module docstring).
+
+    Args:
+        seg_embeds (`torch.FloatTensor` of shape `(num_seg, D)`): projected ``[SEG]`` embeddings, reading order.
+        mask_pooled_embeds (`torch.FloatTensor` of shape `(num_targets, D)`): SAM2 embedding pooled over each
+            target's ground-truth mask.
+        target_seg_index (`torch.LongTensor` of shape `(num_targets,)`): the ``[SEG]`` of each target.
+        target_has_mask (`torch.BoolTensor` of shape `(num_targets,)`): whether each target's mask is non-empty.
+        seg_sample_index (`torch.LongTensor` of shape `(num_seg,)`): the batch sample of each ``[SEG]``.
+        seg_object_ids (`torch.LongTensor` of shape `(num_seg,)`, *optional*): object id of each ``[SEG]`` within
+            its sample; ``[SEG]`` tokens sharing an id in one sample are the same object. Default: every ``[SEG]``
+            is its own object.
+        temperature (`float`): τ > 0.
+
+    Returns:
+        [`TMCOutput`].
+    """
+    if temperature <= 0:
+        raise ValueError(f"the TMC temperature must be > 0, got {temperature}")
+    num_seg = seg_embeds.shape[0]
+    if seg_sample_index.shape[0] != num_seg:
+        raise ValueError(
+            f"seg_sample_index has {seg_sample_index.shape[0]} entries but there are {num_seg} [SEG] embeddings"
+        )
+    if seg_object_ids is not None and seg_object_ids.shape[0] != num_seg:
+        raise ValueError(
+            f"seg_object_ids has {seg_object_ids.shape[0]} entries but there are {num_seg} [SEG] embeddings; "
+            "give one object id per [SEG] token"
+        )
+    if not (mask_pooled_embeds.shape[0] == target_seg_index.shape[0] == target_has_mask.shape[0]):
+        raise ValueError(
+            f"mask_pooled_embeds ({mask_pooled_embeds.shape[0]}), target_seg_index ({target_seg_index.shape[0]}) "
+            f"and target_has_mask ({target_has_mask.shape[0]}) must have one row per target"
+        )
+    if num_seg == 0:
+        return TMCOutput(loss=_zero_loss(seg_embeds, mask_pooled_embeds), num_rows=0, num_objects=0, skipped=True)
+
+    visual, has_visual = seg_visual_embeddings(mask_pooled_embeds, target_seg_index, target_has_mask.bool(), num_seg)
+    rows = has_visual.nonzero(as_tuple=True)[0]
+    if seg_object_ids is None:
+        object_ids = torch.arange(num_seg, device=seg_embeds.device)
+    else:
+        object_ids = seg_object_ids.to(seg_embeds.device).long()
+    keys = torch.stack([seg_sample_index[rows].long(), object_ids[rows]], dim=1)  # (R, 2)
+    group_index = torch.unique(keys, dim=0, return_inverse=True)[1] if rows.numel() else rows
+    num_objects = int(group_index.max().item()) + 1 if rows.numel() else 0
+    if num_objects < 2:
+        return TMCOutput(
+            loss=_zero_loss(seg_embeds, mask_pooled_embeds),
+            num_rows=int(rows.numel()),
+            num_objects=num_objects,
+            skipped=True,
+        )
+
+    text = F.normalize(seg_embeds[rows].float(), dim=-1)
+    image = F.normalize(visual[rows].float(), dim=-1)
+    logits = image @ text.T / temperature  # (R, R): row i = visual of [SEG] i, column j = text of [SEG] j
+    same_object = group_index[:, None] == group_index[None, :]
+    diagonal = torch.eye(rows.numel(), dtype=torch.bool, device=logits.device)
+    masked = logits.masked_fill(same_object & ~diagonal, float("-inf"))
+    targets = torch.arange(rows.numel(), device=logits.device)
+    loss = 0.5 * (F.cross_entropy(masked, targets) + F.cross_entropy(masked.T, targets))
+    return TMCOutput(
+        loss=loss, num_rows=int(rows.numel()), num_objects=num_objects, skipped=False, logits=logits,
+        group_index=group_index,
+    )
+
+
+def tmc_loss_from_output(outputs, temperature: float) -> TMCOutput:
+    """`text_mask_contrastive_loss` on a `MaskCMAOutput` (needs the forward to have received `gt_masks`)."""
+    if outputs.mask_pooled_embeds is None or outputs.target_has_mask is None:
+        raise ValueError(
+            "the TMC loss needs mask_pooled_embeds and target_has_mask in the model output: pass gt_masks and "
+            "sam_pixel_values to the forward (or set tmc_weight=0)"
+        )
+    return text_mask_contrastive_loss(
+        seg_embeds=outputs.seg_embeds,
+        mask_pooled_embeds=outputs.mask_pooled_embeds,
+        target_seg_index=outputs.target_seg_index,
+        target_has_mask=outputs.target_has_mask,
+        seg_sample_index=outputs.seg_sample_index,
+        seg_object_ids=outputs.seg_object_ids,
+        temperature=temperature,
+    )
+
+
+__all__ = ["TMCOutput", "seg_visual_embeddings", "text_mask_contrastive_loss", "tmc_loss_from_output"]
