@@ -1,0 +1,205 @@
+"""The `referring-segmentation` pipeline: an image or a video and a referring prompt in; the answer, one mask per
+``[SEG]`` of the answer (every frame for a video) and the masks' scores out.
+
+This file is copied flat into Hub repositories as remote code (declared in the config's `custom_pipelines`, see
+`transformers_maskcma.processing.registration`): it imports only transformers, torch, numpy, PIL and the modules
+beside it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import Pipeline
+from transformers.utils import logging
+
+from .image_io import IMAGE_FILE_EXTENSIONS, describe_input
+from .video_io import FrameSource, is_video_file
+
+logger = logging.get_logger(__name__)
+
+PIPELINE_TASK = "referring-segmentation"
+MEDIA_TYPES = ("image", "video")
+
+
+def infer_media_type(media) -> str:
+    """`"image"` or `"video"` for one input: a folder, a video file (by extension), a `(T, H, W, C)` array or a
+    frame source is a video; a PIL image, an `(H, W[, C])` array or an image file is an image."""
+    if isinstance(media, FrameSource):
+        return "video"
+    if isinstance(media, Image.Image):
+        return "image"
+    if isinstance(media, torch.Tensor):
+        media = media.detach().cpu().numpy()
+    if isinstance(media, np.ndarray):
+        return "video" if media.ndim == 4 else "image"
+    if isinstance(media, (str, os.PathLike)):
+        path = Path(media)
+        if path.is_dir() or is_video_file(path):
+            return "video"
+        if path.suffix.lower() in IMAGE_FILE_EXTENSIONS or path.is_file():
+            return "image"
+        raise FileNotFoundError(f"input {str(path)!r} does not exist (pass an image, a video file or a frame folder)")
+    if isinstance(media, (list, tuple)):
+        return "video"
+    raise TypeError(f"unsupported input {describe_input(media)}; pass an image, a video file or a folder of frames")
+
+
+class ReferringSegmentationPipeline(Pipeline):
+    """Referring segmentation of images and videos with a MaskCMA model.
+
+    Example:
+
+    ```python
+    >>> from transformers import pipeline
+    >>> segmenter = pipeline("referring-segmentation", model="path/to/maskcma", trust_remote_code=True)
+    >>> result = segmenter("image.png", text="Please segment the red circle.")
+    >>> result["answer"], [mask.shape for mask in result["masks"]], result["scores"]
+    >>> results = segmenter(["a.png", "clip.mp4"], text=["the dog", "the car that moves left"])
+    >>> segmenter({"video": list_of_frames, "text": "the ball"})
+    ```
+
+    Inputs: an image (PIL image, array `(H, W, 3)`, image path), a video (video file, folder of frames, array
+    `(T, H, W, 3)`), or a dict `{"image"|"video": ..., "text": ...}` (a list of frames must be given this way, as
+    `{"video": frames}`); a list of inputs is a batch, with a list of as many prompts.
+
+    Output per input: `{"answer": str, "masks": [bool array (H, W) for an image, (T, H, W) for a video, one per
+    [SEG]], "scores": [float, one per mask]}`. An answer without ``[SEG]`` gives no mask (and a warning).
+
+    Parameters (at construction or call): `max_new_tokens` (default 32), `mask_threshold` (logit threshold,
+    default the model's), `num_key_frames`, `key_frame_sampling` (`"first"`/`"uniform"`), `media_type` (force
+    `"image"`/`"video"`), `generate_kwargs` (dict passed to generation).
+    """
+
+    _load_processor = True
+    _load_tokenizer = False
+    _load_image_processor = False
+    _load_video_processor = False
+    _load_feature_extractor = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.processor is None:
+            raise ValueError(
+                "the referring-segmentation pipeline needs the model's processor (MaskCMAProcessor); pass "
+                "processor=... or save the processor beside the model"
+            )
+
+    def __call__(self, inputs, text: str | list[str] | None = None, **kwargs):
+        """Segment what the prompt refers to. See the class docstring for inputs and outputs."""
+        return super().__call__(self._pair_inputs(inputs, text), **kwargs)
+
+    @staticmethod
+    def _pair_inputs(inputs, text):
+        def as_item(media, prompt, index):
+            if isinstance(media, dict):
+                keys = [k for k in MEDIA_TYPES if k in media]
+                if len(keys) != 1:
+                    raise ValueError(f"input {index}: a dict input needs exactly one of the keys 'image' or 'video'")
+                prompt = media.get("text", prompt)
+                return {"media": media[keys[0]], "media_type": keys[0], "text": prompt, "index": index}
+            return {"media": media, "media_type": None, "text": prompt, "index": index}
+
+        if isinstance(inputs, list):
+            if len(inputs) == 0:
+                raise ValueError("the input list is empty; pass at least one image or video")
+            if text is None:
+                prompts = [None] * len(inputs)
+            elif isinstance(text, str) or len(text) != len(inputs):
+                count = 1 if isinstance(text, str) else len(text)
+                raise ValueError(
+                    f"got {len(inputs)} inputs but {count} prompt(s); pass a list of exactly one prompt per input"
+                )
+            else:
+                prompts = list(text)
+            return [as_item(media, prompt, index) for index, (media, prompt) in enumerate(zip(inputs, prompts))]
+        if isinstance(text, (list, tuple)):
+            if len(text) != 1:
+                raise ValueError(f"got 1 input but {len(text)} prompts; pass exactly one prompt per input")
+            text = text[0]
+        return as_item(inputs, text, 0)
+
+    def _sanitize_parameters(
+        self,
+        max_new_tokens: int | None = None,
+        mask_threshold: float | None = None,
+        num_key_frames: int | None = None,
+        key_frame_sampling: str | None = None,
+        media_type: str | None = None,
+        generate_kwargs: dict | None = None,
+        **kwargs,
+    ):
+        if kwargs:
+            raise TypeError(f"the referring-segmentation pipeline got unexpected parameters {sorted(kwargs)}")
+        preprocess, forward = {}, {}
+        if num_key_frames is not None:
+            preprocess["num_key_frames"] = num_key_frames
+        if key_frame_sampling is not None:
+            preprocess["key_frame_sampling"] = key_frame_sampling
+        if media_type is not None:
+            if media_type not in MEDIA_TYPES:
+                raise ValueError(f"media_type={media_type!r} is not valid; use 'image' or 'video'")
+            preprocess["media_type"] = media_type
+        if max_new_tokens is not None:
+            forward["max_new_tokens"] = max_new_tokens
+        if mask_threshold is not None:
+            forward["mask_threshold"] = mask_threshold
+        if generate_kwargs is not None:
+            forward["generate_kwargs"] = generate_kwargs
+        return preprocess, forward, {}
+
+    def preprocess(self, item, num_key_frames=None, key_frame_sampling=None, media_type=None):
+        index = item["index"]
+        prompt = item["text"]
+        if prompt is None:
+            raise ValueError(f"input {index}: no prompt; pass text=... (one prompt per input)")
+        kind = item["media_type"] or media_type or infer_media_type(item["media"])
+        if kind == "video":
+            inputs = self.processor(
+                videos=item["media"],
+                text=prompt,
+                num_key_frames=num_key_frames,
+                key_frame_sampling=key_frame_sampling,
+                return_tensors="pt",
+            )
+        else:
+            inputs = self.processor(images=item["media"], text=prompt, return_tensors="pt")
+        return {"model_inputs": dict(inputs), "media_type": kind}
+
+    def _forward(self, model_inputs, max_new_tokens: int = 32, mask_threshold=None, generate_kwargs=None):
+        inputs = dict(model_inputs["model_inputs"])
+        dtype = self.model.dtype
+        for key, value in inputs.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                inputs[key] = value.to(device=self.device, dtype=dtype)
+        if "video_frames" in inputs:
+            inputs["video_frames"] = inputs["video_frames"].to(device=self.device, dtype=dtype)
+        output = self.model.segment(
+            **inputs, max_new_tokens=max_new_tokens, mask_threshold=mask_threshold, **(generate_kwargs or {})
+        )
+        answer = output.answers[0] if output.answers is not None else None
+        if answer is None:
+            answer = self.processor.decode(output.answer_ids[0], skip_special_tokens=False)
+            for token in (self.processor.end_of_turn_token, self.processor.tokenizer.pad_token):
+                if token:
+                    answer = answer.replace(token, "")
+            answer = answer.strip()
+        return {"answer": answer, "masks": output.masks[0], "scores": output.scores[0]}
+
+    def postprocess(self, model_outputs):
+        masks = model_outputs["masks"]
+        scores = model_outputs["scores"]
+        if masks.shape[0] == 0:
+            logger.warning(f"the answer {model_outputs['answer']!r} has no [SEG] token: no mask is returned")
+        return {
+            "answer": model_outputs["answer"],
+            "masks": [mask.cpu().numpy().astype(bool) for mask in masks],
+            "scores": [float(score) for score in scores.float().cpu()],
+        }
+
+
+__all__ = ["PIPELINE_TASK", "ReferringSegmentationPipeline", "infer_media_type"]
