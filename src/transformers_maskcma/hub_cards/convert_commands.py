@@ -22,8 +22,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersActi
     )
     convert_subparsers = convert.add_subparsers(dest="convert_format", required=True, metavar="FORMAT")
     register_convert(convert_subparsers)
-    # `maskcma convert sa2va SRC_DIR --output DIR` is added here, next to `sam2`, by the Sa2VA converter's
-    # registration function (called with `convert_subparsers`).
+    # `maskcma convert sa2va SRC_DIR --output DIR`, next to `sam2`
+    from .convert_sa2va import add_sa2va_parser
+
+    add_sa2va_parser(convert_subparsers)
     return convert_subparsers
 
 
