@@ -93,7 +93,10 @@ def sam2_to_official(model: MaskCMAModel) -> dict[str, torch.Tensor]:
         else:  # rows of one transformers tensor are separate official embeddings
             for row, source in enumerate(sources):
                 out[source] = tensor[row : row + 1].clone()
-    return {f"grounding_encoder.sam2_model.{key}": value for key, value in out.items()}
+    # Sa2VA's HF export renames every `.gamma` (here the memory fuser's layer scale) to `.g_weight`
+    renamed = {re.sub(r"\.gamma$", ".g_weight", key): value for key, value in out.items()}
+    assert len(renamed) == len(out) and any(key.endswith(".g_weight") for key in renamed)
+    return {f"grounding_encoder.sam2_model.{key}": value for key, value in renamed.items()}
 
 
 def sa2va_config(model: MaskCMAModel) -> dict:

@@ -18,7 +18,7 @@ Sa2VA key prefix                 module (original remote-code layout)           
 ===============================  ===============================================  ==================================
 
 The SAM2 keys are renamed with the rules of `convert_sam2` (official SAM2 → transformers, memory modules
-included). The CMA, `text_proj` (and the conv prior head when configured) do not exist in Sa2VA: they are freshly
+included), after undoing the `.gamma` → `.g_weight` rename of Sa2VA's own HF export. The CMA, `text_proj` (and the conv prior head when configured) do not exist in Sa2VA: they are freshly
 initialised with γ = 0, so `F' = F + 0·CMA(...)` and the second decoder pass equals the first one — the converted
 model gives exactly the masks of the plain Sa2VA path (`use_cma=False`) until it is fine-tuned.
 
@@ -75,6 +75,8 @@ SA2VA_MODEL_TYPE = "sa2va_chat"
 SA2VA_ARCHITECTURE = "Sa2VAChatModel"
 CONVERSION_REPORT_NAME = "sa2va_conversion.json"
 SAM2_PREFIX = "grounding_encoder.sam2_model."
+# Sa2VA's Hugging Face export renames `.gamma` parameters to `.g_weight` (see `official_sam2_state_dict`)
+SAM2_RENAMED_GAMMA = ".g_weight"
 SA2VA_PREFIXES = ("vision_model.", "mlp1.", "language_model.", SAM2_PREFIX, "text_hidden_fcs.")
 # LLM classes of Sa2VA's llm_config that transformers' native InternVL can hold (text_config model types)
 SUPPORTED_LLMS = {
@@ -269,6 +271,31 @@ def _sam2_rules_for_config(sam2_config: Sam2VideoConfig):
         mask_downsampler_total_stride=int(sam2_config.mask_downsampler_total_stride),
     )
     return sam2_key_rules(arch, video=True)
+
+
+def official_sam2_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The `grounding_encoder.sam2_model.*` weights under the official SAM2 names.
+
+    Sa2VA's export to the Hugging Face format renamed every `.gamma` parameter to `.g_weight` (old transformers
+    versions rewrote `gamma` to `weight` when loading); in SAM2 that is the layer scale of the memory fuser's
+    `CXBlock`s (`memory_encoder.fuser.layers.{i}.gamma`), which gets its official name back here.
+
+    Returns:
+        `(official state dict, official key → Sa2VA key)`.
+    """
+    official: dict[str, torch.Tensor] = {}
+    source_names: dict[str, str] = {}
+    for key, value in state_dict.items():
+        if not key.startswith(SAM2_PREFIX):
+            continue
+        name = key[len(SAM2_PREFIX) :]
+        if name.endswith(SAM2_RENAMED_GAMMA):
+            name = name[: -len(SAM2_RENAMED_GAMMA)] + ".gamma"
+        official[name] = value
+        source_names[name] = key
+    return official, source_names
 
 
 def _resolve_sam2(sam2_state: Mapping[str, torch.Tensor], sam2_config: Sam2VideoConfig | None):
@@ -477,7 +504,7 @@ def build_sa2va_model(
     tie = head is None or (configured_tie and torch.equal(head, embedding))
     vlm_config = sa2va_vlm_config(sa2va_config, image_token_id, embedding.shape[0], tie)
 
-    sam2_state = {key[len(SAM2_PREFIX) :]: value for key, value in state_dict.items() if key.startswith(SAM2_PREFIX)}
+    sam2_state, sam2_source_names = official_sam2_state_dict(state_dict)
     try:
         sam2_config, sam2_rules, sam2_source = _resolve_sam2(sam2_state, sam2_config)
     except Sam2ConversionError as error:
@@ -501,7 +528,7 @@ def build_sa2va_model(
             f"{SAM2_PREFIX!r}): {error}"
         ) from error
     for key, targets in sam2_result.mapped.items():
-        mapped[SAM2_PREFIX + key] = [f"sam2.{target}" for target in targets]
+        mapped[sam2_source_names[key]] = [f"sam2.{target}" for target in targets]
     converted.update({f"sam2.{key}": value for key, value in sam2_result.state_dict.items()})
 
     dropped: dict[str, str] = {}
