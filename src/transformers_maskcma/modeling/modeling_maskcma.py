@@ -580,9 +580,8 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
         Returns:
             [`MaskCMASegmentationOutput`]. An answer without ``[SEG]`` gives `(0, H, W)` masks.
         """
-        if sam_pixel_values is None:
-            raise ValueError("segment() needs sam_pixel_values (the processor's SAM2 input) to decode masks")
-        if sam_pixel_values.ndim == 5:
+        video_frames = kwargs.pop("video_frames", None)
+        if video_frames is not None or (sam_pixel_values is not None and sam_pixel_values.ndim == 5):
             from .video_segmentation import segment_video
 
             return segment_video(
@@ -591,12 +590,15 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
                 attention_mask=attention_mask,
                 pixel_values=pixel_values,
                 sam_pixel_values=sam_pixel_values,
+                video_frames=video_frames,
                 original_sizes=original_sizes,
                 text_token_mask=text_token_mask,
                 max_new_tokens=max_new_tokens,
                 mask_threshold=mask_threshold,
                 **kwargs,
             )
+        if sam_pixel_values is None:
+            raise ValueError("segment() needs sam_pixel_values (the processor's SAM2 input) to decode masks")
         answer = self.generate_answer(input_ids, attention_mask, pixel_values, text_token_mask, max_new_tokens, **kwargs)
         threshold = self.config.mask_threshold if mask_threshold is None else mask_threshold
         batch_size = input_ids.shape[0]
