@@ -1,0 +1,292 @@
+"""Result tables of docs/benchmarks.md, rendered from the JSON files: `python -m benchmarks.report`.
+
+docs/benchmarks.md holds hand-written text around generated blocks delimited by
+`<!-- BEGIN GENERATED: <block> -->` … `<!-- END GENERATED: <block> -->`. This module re-renders every block from
+`docs/benchmarks/*.json` (CPU) and `docs/benchmarks/gpu/*.json` (GPU column) and leaves the text outside alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .common import DEFAULT_OUTPUT_DIR, GPU_OUTPUT_DIR, REPO_ROOT
+
+DOC_PATH = REPO_ROOT / "docs" / "benchmarks.md"
+BENCHMARK_ORDER = ("cma_overhead", "topk_scaling", "video_scaling", "training_step", "research_path")
+SIZE_LABELS = {"tiny": "tiny (128 px)", "hiera_tiny": "Hiera-T (1024 px)", "hiera_large": "Hiera-L (1024 px)"}
+_BLOCK = re.compile(
+    r"(<!-- BEGIN GENERATED: (?P<name>[\w:]+) -->\n)(?P<body>.*?)(<!-- END GENERATED: (?P=name) -->)", re.DOTALL
+)
+
+
+def load_results(directory: Path) -> dict[str, dict[str, Any]]:
+    """name → payload for every `<name>.json` of the known benchmarks in `directory`."""
+    payloads = {}
+    for name in BENCHMARK_ORDER:
+        path = directory / f"{name}.json"
+        if path.is_file():
+            payloads[name] = json.loads(path.read_text())
+    return payloads
+
+
+# ------------------------------------------------------------------------------------------------------------
+# formatting helpers
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _seconds(value: float) -> str:
+    if value >= 1.0:
+        return f"{value:.2f} s"
+    return f"{value * 1e3:.2f} ms" if value >= 1e-3 else f"{value * 1e6:.0f} µs"
+
+
+def _mib(value: float) -> str:
+    return f"{value / 2**20:,.1f} MiB"
+
+
+def _ratio(ratio: Mapping[str, float]) -> str:
+    """Ratio of medians with the range of the paired round-by-round ratios."""
+    return f"{ratio['ratio_of_medians']:.3f}× ({ratio['paired_min']:.2f}–{ratio['paired_max']:.2f})"
+
+
+def _spread(summary: Mapping[str, float]) -> str:
+    return f"{_seconds(summary['median'])} (IQR {100 * summary['relative_iqr']:.0f} %)"
+
+
+def machine_line(payload: Mapping[str, Any]) -> str:
+    machine = payload["machine"]
+    device = machine.get("gpu") or f"{machine['cpu']}, {machine['usable_cores']} cores"
+    load = machine.get("load_average_1_5_15min")
+    load_text = f", load average at start {load[0]}" if load else ""
+    mode = " — **quick mode: numbers are not meaningful**" if payload["settings"].get("quick") else ""
+    return (
+        f"*Machine: {device}, {machine['torch_threads']} torch threads, {machine['dtype']}, torch {machine['torch']}, "
+        f"transformers {machine['transformers']}{load_text}; run {payload['created']}, "
+        f"{payload.get('wall_seconds', 0):.0f} s, commit {str(machine.get('git_commit'))[:10]}.*{mode}"
+    )
+
+
+def targets_table(payload: Mapping[str, Any]) -> str:
+    if not payload["targets"]:
+        return "*No target at the sizes of this run.*"
+    rows = [
+        [row["name"], row["target"], f"{row['value']:.3f}{row['unit']}", "**met**" if row["met"] else "**missed**"]
+        for row in payload["targets"]
+    ]
+    return _table(["measure", "target", "result", "verdict"], rows)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# one table per benchmark
+# ------------------------------------------------------------------------------------------------------------
+
+
+def cma_overhead_table(payload: Mapping[str, Any]) -> str:
+    rows = []
+    for size, result in payload["results"].items():
+        summary, memory = result["summary_s"], result["memory"]
+        rows.append([
+            SIZE_LABELS.get(size, size),
+            _spread(summary["image_forward_no_cma"]),
+            _spread(summary["image_forward_cma"]),
+            _ratio(result["latency_ratio_image_forward"]),
+            f"{result['flop_ratio_image_forward']:.4f}×",
+            f"{_mib(memory['image_forward_no_cma']['peak_bytes'])} → {_mib(memory['image_forward_cma']['peak_bytes'])}",
+            f"{result['memory_ratio_image_forward_peak']:.3f}×",
+            f"{_mib(memory['image_forward_no_cma']['delta_bytes'])} → {_mib(memory['image_forward_cma']['delta_bytes'])}",
+            _ratio(result["latency_ratio_decoder"]),
+        ])
+    header = ["SAM2 size", "image forward, no CMA", "image forward, CMA", "latency ratio (paired range)",
+              "FLOP ratio", "peak memory no CMA → CMA", "peak ratio", "activation increment no CMA → CMA",
+              "decoder alone: latency ratio"]
+    return _table(header, rows)
+
+
+def topk_scaling_table(payload: Mapping[str, Any]) -> str:
+    results = payload["results"]
+    rows = []
+    for count in payload["settings"]["token_counts"]:
+        key = str(count)
+        top2, everything = results["summary_s"][f"top2@{count}"], results["summary_s"][f"all@{count}"]
+        flops_top2, flops_all = results["flops"]["top2"][key], results["flops"]["all"][key]
+        rows.append([
+            key,
+            _spread(top2),
+            _ratio(results["ratio_top2_vs_smallest"][key]),
+            f"{flops_top2 / results['flops']['top2'][str(payload['settings']['token_counts'][0])]:.3f}×",
+            _spread(everything),
+            f"{results['ratio_all_vs_top2'][key]['ratio_of_medians']:.2f}×",
+            f"{flops_all / flops_top2:.2f}×",
+        ])
+    first = payload["settings"]["token_counts"][0]
+    header = ["text tokens T", "CMA, K = 2", f"time(T)/time({first}) (paired range)", f"FLOPs(T)/FLOPs({first})",
+              "CMA, K = all", "time all / K=2", "FLOPs all / K=2"]
+    return _table(header, rows)
+
+
+def video_scaling_table(payload: Mapping[str, Any]) -> str:
+    results = payload["results"]
+    rows = []
+    for count in payload["settings"]["frame_counts"]:
+        key = str(count)
+        summary = results["time_per_frame_summary_s"][key]
+        memory = results["memory"][key]
+        rows.append([
+            key,
+            f"{_seconds(summary['median'])} ({_seconds(summary['min'])}–{_seconds(summary['max'])})",
+            _seconds(results["single_frame_step_summary_s"][key]["median"]),
+            _seconds(results["answer_seconds"][key]["median"]),
+            _mib(memory["delta_bytes"]),
+            _mib(memory["peak_bytes"]),
+        ])
+    header = ["frames", "time per frame (min–max over rounds)", "median single frame step", "VLM answer (apart)",
+              "memory added by the run", "peak memory (incl. model, runtime)"]
+    return _table(header, rows)
+
+
+def training_step_table(payload: Mapping[str, Any]) -> str:
+    results = payload["results"]
+    rows = []
+    for variant in payload["settings"]["variants"]:
+        parameters = results["parameters"][variant]
+        memory = results["memory"][variant]
+        rows.append([
+            variant,
+            f"{parameters['trainable']:,} / {parameters['total']:,}",
+            _spread(results["summary_s"][variant]),
+            f"{results['tokens_per_second'][variant]:,.0f}",
+            _ratio(results["time_ratio_vs_full"][variant]),
+            _mib(memory["peak_bytes"]),
+            _mib(memory["delta_bytes"]),
+            f"{results['memory_ratio_vs_full_increment'][variant]:.2f}×",
+        ])
+    header = ["variant", "trainable / total parameters", "step time", "tokens/s", "step time vs full",
+              "peak memory", "step increment", "increment vs full"]
+    return _table(header, rows)
+
+
+def research_path_table(payload: Mapping[str, Any]) -> str:
+    rows = []
+    for size, result in payload["results"].items():
+        summary = result["summary_s"]
+        rows.append([
+            SIZE_LABELS.get(size, size),
+            _spread(summary["image_forward_no_cma"]),
+            _spread(summary["image_forward_cma"]),
+            _spread(summary["reencoding_cma"]),
+            _ratio(result["latency_ratio_ours_vs_original"]),
+            _seconds(result["seconds_saved_per_image"]["median"]),
+            f"{result['flop_ratio_ours_vs_original']:.3f}×",
+            f"{result['memory_ratio_ours_vs_original_peak']:.3f}×",
+        ])
+    header = ["SAM2 size", "CMA-free (1 pass)", "ours (encode once)", "original flow (re-encode)",
+              "latency ours / original (paired range)", "saved per image", "FLOPs ours / original",
+              "peak memory ours / original"]
+    return _table(header, rows)
+
+
+TABLES: dict[str, Callable[[Mapping[str, Any]], str]] = {
+    "cma_overhead": cma_overhead_table,
+    "topk_scaling": topk_scaling_table,
+    "video_scaling": video_scaling_table,
+    "training_step": training_step_table,
+    "research_path": research_path_table,
+}
+
+
+def benchmark_block(payload: Mapping[str, Any]) -> str:
+    """Result table, target table and machine line of one benchmark run."""
+    name = payload["benchmark"]
+    return "\n\n".join([TABLES[name](payload), targets_table(payload), machine_line(payload)])
+
+
+def summary_block(payloads: Mapping[str, Mapping[str, Any]]) -> str:
+    rows = []
+    for name in BENCHMARK_ORDER:
+        payload = payloads.get(name)
+        if payload is None:
+            rows.append([name, "—", "—", "not run"])
+            continue
+        if not payload["targets"]:
+            rows.append([name, "none at the sizes of this run", "see its table", "—"])
+        for row in payload["targets"]:
+            rows.append([f"{name}: {row['name']}", row["target"], f"{row['value']:.3f}{row['unit']}",
+                         "**met**" if row["met"] else "**missed**"])
+    return _table(["benchmark: measure", "target", "result", "verdict"], rows)
+
+
+def render_blocks(cpu_dir: Path = DEFAULT_OUTPUT_DIR, gpu_dir: Path = GPU_OUTPUT_DIR) -> dict[str, str]:
+    """Block name → generated Markdown: `summary`, `<benchmark>` for each CPU result, `gpu` for the GPU column."""
+    cpu = load_results(cpu_dir)
+    blocks = {"summary": summary_block(cpu)}
+    for name in BENCHMARK_ORDER:
+        blocks[name] = benchmark_block(cpu[name]) if name in cpu else "*Not run yet: `python -m benchmarks.run_all`.*"
+    gpu = load_results(gpu_dir)
+    if gpu:
+        parts = ["Summary:\n\n" + summary_block(gpu)]
+        for name in BENCHMARK_ORDER:
+            if name in gpu:
+                parts.append(f"#### {name} (GPU)\n\n" + benchmark_block(gpu[name]))
+        blocks["gpu"] = "\n\n".join(parts)
+    else:
+        blocks["gpu"] = (
+            "*Not run yet.* On a machine with a CUDA GPU: "
+            "`python -m benchmarks.run_all --device cuda --dtype bfloat16` writes `docs/benchmarks/gpu/*.json` and "
+            "fills this section."
+        )
+    return blocks
+
+
+def update_benchmarks_doc(
+    doc_path: Path = DOC_PATH, cpu_dir: Path = DEFAULT_OUTPUT_DIR, gpu_dir: Path = GPU_OUTPUT_DIR
+) -> Path:
+    """Replace every generated block of `doc_path` with the tables rendered from the JSON files."""
+    if not doc_path.is_file():
+        raise FileNotFoundError(f"{doc_path} does not exist; it holds the text around the generated tables")
+    blocks = render_blocks(cpu_dir, gpu_dir)
+    text = doc_path.read_text()
+    found = set()
+
+    def substitute(match: re.Match) -> str:
+        name = match.group("name")
+        if name not in blocks:
+            raise ValueError(f"{doc_path}: unknown generated block {name!r}; known blocks are {sorted(blocks)}")
+        found.add(name)
+        return f"{match.group(1)}{blocks[name]}\n{match.group(4)}"
+
+    updated = _BLOCK.sub(substitute, text)
+    missing = sorted(set(blocks) - found)
+    if missing:
+        raise ValueError(
+            f"{doc_path} lacks the generated blocks {missing}; add `<!-- BEGIN GENERATED: name -->` / "
+            "`<!-- END GENERATED: name -->` pairs for them"
+        )
+    doc_path.write_text(updated)
+    return doc_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--doc", type=Path, default=DOC_PATH)
+    parser.add_argument("--cpu-dir", type=Path, default=DEFAULT_OUTPUT_DIR)
+    parser.add_argument("--gpu-dir", type=Path, default=GPU_OUTPUT_DIR)
+    args = parser.parse_args(argv)
+    path = update_benchmarks_doc(args.doc, args.cpu_dir, args.gpu_dir)
+    print(f"updated {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""Tests of the benchmarks package: every benchmark runs in `--quick` mode and writes valid results, and the pieces
+the numbers rest on (statistics, interleaving, the memory method, the SAM2 size configs, the re-encoding flow,
+FLOP counts, the report) behave as documented. No test looks at wall-clock times."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.common import BenchSettings, compare, summarize, time_interleaved  # noqa: E402
+from benchmarks.report import BENCHMARK_ORDER, update_benchmarks_doc  # noqa: E402
+from benchmarks.run_all import BENCHMARKS  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _strict_json(path: Path) -> dict:
+    def reject(constant):
+        raise ValueError(f"{path.name} contains the non-JSON constant {constant}")
+
+    return json.loads(path.read_text(), parse_constant=reject)
+
+
+def _assert_finite_numbers(value, where: str) -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _assert_finite_numbers(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _assert_finite_numbers(item, f"{where}[{index}]")
+    elif isinstance(value, float):
+        assert math.isfinite(value), f"{where} is {value}"
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory) -> Path:
+    """`python -m benchmarks.run_all --quick` into a temporary directory (one interpreter for all benchmarks)."""
+    output_dir = tmp_path_factory.mktemp("bench_quick")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run_all", "--quick", "--output-dir", str(output_dir)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    return output_dir
+
+
+def test_quick_run_writes_valid_results(quick_results):
+    assert list(BENCHMARKS) == list(BENCHMARK_ORDER)
+    for name in BENCHMARKS:
+        json_path, png_path = quick_results / f"{name}.json", quick_results / f"{name}.png"
+        assert json_path.is_file(), f"{name}: no JSON written"
+        payload = _strict_json(json_path)
+        _assert_finite_numbers(payload, name)
+        assert payload["benchmark"] == name
+        assert payload["schema_version"] == 1
+        machine = payload["machine"]
+        for key in ("cpu", "logical_cores", "torch", "transformers", "device", "dtype", "torch_threads"):
+            assert machine[key] not in (None, ""), f"{name}: machine.{key} missing"
+        assert machine["torch"] == torch.__version__
+        assert payload["settings"]["quick"] is True and payload["settings"]["device"] == "cpu"
+        assert payload["results"], f"{name}: empty results"
+        for row in payload["targets"]:
+            assert set(row) >= {"name", "target", "value", "limit", "met"}
+            assert row["met"] == (row["value"] < row["limit"] if row["target"].startswith("<") else row["value"] <= row["limit"])
+        assert png_path.read_bytes()[:8] == PNG_MAGIC, f"{name}: the plot is not a PNG"
+
+
+def test_quick_results_are_internally_consistent(quick_results):
+    overhead = _strict_json(quick_results / "cma_overhead.json")["results"]["tiny"]
+    timings = overhead["timings_s"]
+    assert len(timings["image_forward_cma"]) == len(timings["image_forward_no_cma"]) == overhead["repeats"]["forward"]
+    for variant, samples in timings.items():
+        assert overhead["summary_s"][variant]["median"] == pytest.approx(statistics.median(samples)), variant
+        assert overhead["summary_s"][variant]["min"] == min(samples)
+    ratio = overhead["latency_ratio_image_forward"]["ratio_of_medians"]
+    assert ratio == pytest.approx(
+        statistics.median(timings["image_forward_cma"]) / statistics.median(timings["image_forward_no_cma"])
+    )
+    for variant, memory in overhead["memory"].items():
+        assert memory["peak_bytes"] - memory["baseline_bytes"] == memory["delta_bytes"], variant
+        assert memory["delta_bytes"] >= 0 and memory["isolation"] == "inprocess"
+
+    training = _strict_json(quick_results / "training_step.json")["results"]
+    # same weights and batch: LoRA starts at B = 0 and checkpointing does not change the forward
+    losses = training["first_step_loss"]
+    assert losses["lora"] == pytest.approx(losses["full"], rel=1e-5)
+    assert losses["lora_gc"] == pytest.approx(losses["full"], rel=1e-5)
+    assert training["parameters"]["lora_gc"]["checkpointed_modules"] > 0
+    assert training["parameters"]["lora"]["checkpointed_modules"] == 0
+    assert training["tokens_per_second"]["full"] == pytest.approx(
+        training["tokens_per_step"] / training["summary_s"]["full"]["median"]
+    )
+
+    video = _strict_json(quick_results / "video_scaling.json")
+    counts = video["settings"]["frame_counts"]
+    for count in counts:
+        per_frame = video["results"]["time_per_frame_s"][str(count)]
+        totals = video["results"]["stream_seconds"][str(count)]
+        assert per_frame == pytest.approx([total / count for total in totals])
+
+
+def test_report_fills_every_block(quick_results, tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    shutil.copy(REPO_ROOT / "docs" / "benchmarks.md", doc)
+    original = doc.read_text()
+    update_benchmarks_doc(doc, cpu_dir=quick_results, gpu_dir=tmp_path / "no_gpu_results")
+    text = doc.read_text()
+    assert "| text tokens T |" in text and "| frames |" in text and "| variant |" in text
+    assert "quick mode: numbers are not meaningful" in text
+    assert "*Not run yet.* On a machine with a CUDA GPU" in text
+    # the hand-written text outside the generated blocks is kept
+    first_heading = original.splitlines()[0]
+    assert text.splitlines()[0] == first_heading
+    assert text.count("<!-- BEGIN GENERATED:") == original.count("<!-- BEGIN GENERATED:")
+
+    broken = tmp_path / "broken.md"
+    broken.write_text("# Benchmarks\n\n<!-- BEGIN GENERATED: summary -->\n<!-- END GENERATED: summary -->\n")
+    with pytest.raises(ValueError, match="lacks the generated blocks"):
+        update_benchmarks_doc(broken, cpu_dir=quick_results, gpu_dir=tmp_path / "no_gpu_results")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# statistics and timing loop
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_summarize_matches_hand_computed_values():
+    summary = summarize([10.0, 1.0, 3.0, 2.0, 4.0])
+    assert summary["n"] == 5
+    assert summary["median"] == 3.0 and summary["mean"] == 4.0
+    assert (summary["min"], summary["max"]) == (1.0, 10.0)
+    # linear-interpolation quartiles of 1, 2, 3, 4, 10: positions 1 and 3
+    assert (summary["q1"], summary["q3"]) == (2.0, 4.0)
+    assert summary["relative_iqr"] == pytest.approx(2.0 / 3.0)
+    assert summarize([1.0, 2.0])["q1"] == pytest.approx(1.25)
+    with pytest.raises(ValueError, match="empty sample"):
+        summarize([])
+
+
+def test_compare_pairs_rounds():
+    ratio = compare([2.0, 4.0, 6.0], [1.0, 2.0, 4.0])
+    assert ratio["ratio_of_medians"] == 2.0
+    assert ratio["paired_median"] == 2.0
+    assert (ratio["paired_min"], ratio["paired_max"]) == (1.5, 2.0)
+    with pytest.raises(ValueError, match="differ in length"):
+        compare([1.0], [1.0, 2.0])
+
+
+def test_time_interleaved_alternates_variants_and_drops_warmup():
+    calls = []
+    samples = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=2)
+    assert calls == ["a", "b"] * 5
+    assert [len(samples["a"]), len(samples["b"])] == [3, 3]
+    assert all(duration >= 0 for duration in samples["a"] + samples["b"])
+    with pytest.raises(ValueError, match="repeats"):
+        time_interleaved({"a": lambda: None}, repeats=0, warmup=0)
+
+
+def test_settings_reject_bad_values():
+    with pytest.raises(ValueError, match="device='tpu'"):
+        BenchSettings(device="tpu")
+    with pytest.raises(ValueError, match="memory_isolation"):
+        BenchSettings(memory_isolation="thread")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch.cuda.is_available"):
+            BenchSettings(device="cuda")
+    settings = BenchSettings(quick=True, threads=1)
+    assert BenchSettings.from_json(settings.to_json()).to_json() == settings.to_json()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# memory method
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_memory_probe_measures_a_known_allocation():
+    from benchmarks.memory import MemoryWorkload, measure_workload_memory
+
+    settings = BenchSettings(quick=True, threads=1, memory_isolation="subprocess")
+    result = measure_workload_memory(
+        MemoryWorkload("benchmarks.memory", "build_allocation_workload", {"mebibytes": 96}), settings
+    )
+    assert result["isolation"] == "subprocess" and result["method"] == "cpu_vmhwm"
+    # the call fills a fresh 96 MiB tensor: the peak rises by that much (within the kernel's per-CPU RSS counter slack), plus a little bookkeeping
+    assert 95 * 2**20 <= result["delta_bytes"] <= 112 * 2**20
+    # and it is freed again: a second probe starts from the same baseline (within a few MiB)
+    again = measure_workload_memory(
+        MemoryWorkload("benchmarks.memory", "build_allocation_workload", {"mebibytes": 32}), settings
+    )
+    assert 31 * 2**20 <= again["delta_bytes"] <= 48 * 2**20
+
+
+# ------------------------------------------------------------------------------------------------------------
+# what the image-side benchmarks run
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_official_hiera_configs_match_the_converter_presets():
+    from benchmarks.sam2_sizes import official_hiera_sam2_config
+    from transformers_maskcma.hub_cards.convert_sam2 import (
+        sam2_architecture_for_size,
+        sam2_video_config_from_architecture,
+    )
+
+    for ours_name, converter_name in (("hiera_tiny", "tiny"), ("hiera_large", "large")):
+        ours = official_hiera_sam2_config(ours_name)
+        reference = sam2_video_config_from_architecture(sam2_architecture_for_size(converter_name))
+        for field in ("hidden_size", "num_attention_heads", "blocks_per_stage", "embed_dim_per_stage",
+                      "num_attention_heads_per_stage", "window_size_per_stage", "global_attention_blocks",
+                      "window_positional_embedding_background_size", "image_size"):
+            ours_value = getattr(ours.vision_config.backbone_config, field)
+            reference_value = getattr(reference.vision_config.backbone_config, field)
+            assert list(ours_value) == list(reference_value) if isinstance(ours_value, list) else ours_value == reference_value, (
+                f"{ours_name}.{field}: {ours_value} != {reference_value}"
+            )
+        assert ours.vision_config.backbone_channel_list == reference.vision_config.backbone_channel_list
+        assert ours.vision_config.fpn_hidden_size == reference.vision_config.fpn_hidden_size == 256
+        for field in ("hidden_size", "mlp_dim", "num_hidden_layers", "num_attention_heads"):
+            assert getattr(ours.mask_decoder_config, field) == getattr(reference.mask_decoder_config, field)
+        assert ours.image_size == reference.image_size == 1024
+    large = official_hiera_sam2_config("hiera_large").vision_config.backbone_config
+    assert large.embed_dim_per_stage == [144, 288, 576, 1152] and sum(large.blocks_per_stage) == 48
+    with pytest.raises(ValueError, match="unknown Hiera size"):
+        official_hiera_sam2_config("hiera_huge")
+
+
+def test_reencoding_flow_gives_our_masks():
+    from benchmarks.image_workloads import make_image_inputs, variant_call
+    from benchmarks.sam2_sizes import build_sam2_bench_model
+
+    torch.manual_seed(0)
+    model = build_sam2_bench_model("tiny", seed=1)
+    inputs = make_image_inputs("tiny", num_objects=2, seed=3)
+    ours = variant_call("image_forward_cma", model, inputs)()
+    original = variant_call("reencoding_cma", model, inputs)()
+    plain = variant_call("image_forward_no_cma", model, inputs)()
+    torch.testing.assert_close(original["mask_logits"], ours["mask_logits"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(original["iou_scores"], ours["iou_scores"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(original["prior_logits"], ours["prior_logits"], rtol=0, atol=1e-6)
+    # γ ≠ 0: the CMA really changes the masks, so the comparison is not between two copies of pass 1
+    assert (ours["mask_logits"] - plain["mask_logits"]).abs().max() > 1e-5
+    assert ours["mask_logits"].shape == (2, 1, 32, 32)
+
+
+def test_flop_counts_add_up():
+    from benchmarks.image_workloads import IMAGE_VARIANTS, count_flops
+
+    flops = count_flops("tiny", IMAGE_VARIANTS)
+    encoder_with_cma = flops["image_forward_cma"] - flops["decoder_cma"]
+    encoder_without = flops["image_forward_no_cma"] - flops["decoder_no_cma"]
+    assert encoder_with_cma == encoder_without > 0
+    # the original flow is our flow plus one more run of the image encoder
+    assert flops["reencoding_cma"] - flops["image_forward_cma"] == encoder_with_cma
+    assert flops["decoder_cma"] > 2 * flops["decoder_no_cma"]  # two decoder passes and the CMA
+
+
+def test_router_flops_grow_by_the_key_projection_only():
+    from benchmarks.bench_topk_scaling import count_flops
+
+    flops = count_flops((16, 1024), BenchSettings(quick=True, threads=1))
+    # candidate tokens = T text tokens + [SEG]; the router projects each (2·256·256 FLOPs) and scores it (2·256)
+    extra_tokens = 1024 - 16
+    assert flops["top2"][1024] - flops["top2"][16] == extra_tokens * (2 * 256 * 256 + 2 * 256)
+    assert flops["all"][1024] > 4 * flops["top2"][1024]
+
+
+def test_synthetic_video_is_lazy_and_deterministic():
+    from benchmarks.bench_video_scaling import SyntheticVideo
+
+    video = SyntheticVideo(5, image_size=16, seed=2)
+    assert len(video) == 5
+    torch.testing.assert_close(video[3], SyntheticVideo(5, image_size=16, seed=2)[3])
+    assert not torch.equal(video[3], video[4])
+    assert video[0].shape == (3, 16, 16)
+    with pytest.raises(IndexError, match="outside the video"):
+        video[5]
