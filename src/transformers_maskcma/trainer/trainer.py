@@ -1,0 +1,318 @@
+"""`MaskCMATrainer`: the `transformers.Trainer` for MaskCMA.
+
+The training objective is the model's loss plus the weighted symmetric TMC loss of DESIGN.md §3::
+
+    loss = lm + w_bce·bce + w_dice·dice + w_prior·prior + tmc_weight · tmc
+
+Gradient accumulation and data parallelism are exact for the model's parts: the model averages the LM loss over
+the answer tokens and the mask losses over the targets *of the batch it sees*, so a plain average of micro-batch
+losses would weight a micro-batch with few targets as much as one with many. The trainer instead counts, for each
+optimizer step, the LM tokens and the mask targets of all its micro-batches on all processes
+(`get_batch_samples`), and rescales each micro-batch's parts by its share of them. Accumulating two micro-batches
+of one sample therefore gives the same gradient as one batch of two samples, and two DDP processes give the same
+gradient as one process accumulating their micro-batches.
+
+The TMC loss is a contrastive loss *within one micro-batch on one process* (its negatives are the other objects of
+that micro-batch, as in CLIP-style training without a feature queue); the objective uses the mean of the
+micro-batch TMC losses over the micro-batches of the step and the processes. It is therefore unchanged between
+"DDP with N processes" and "one process accumulating the same N micro-batches", but a batch of two samples has
+more negatives than two accumulated batches of one: there, only the model's parts are equal.
+
+Every component is logged through the usual Trainer logging (`lm_loss`, `mask_bce`, `mask_dice`, `prior_loss`,
+`tmc_loss`, `tmc_skipped_fraction`, `cma_gamma`, `cma_warmup_factor`): each is the value for the whole optimizer
+step (all micro-batches, all processes), averaged over the steps since the last log, exactly like `loss`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.utils import logging
+
+from ..modeling import MaskCMAModel
+
+from .callbacks import GammaWarmupCallback, active_cma, unwrap_maskcma
+from .tmc import TMCOutput, tmc_loss_from_output
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class AccumulationCounts:
+    """What one optimizer step holds, over all its micro-batches and all processes.
+
+    Args:
+        lm_tokens (`float`): answer tokens that carry an LM loss (labels after the causal shift that are not -100).
+        mask_targets (`float`): ground-truth masks (targets).
+        micro_batches (`int`): micro-batches of the step on each process.
+        world_size (`int`): number of processes (gradients are averaged over them by DDP / FSDP / DeepSpeed).
+    """
+
+    lm_tokens: float
+    mask_targets: float
+    micro_batches: int
+    world_size: int
+
+
+def count_lm_tokens(batch: dict) -> int:
+    """Label positions that carry an LM loss: `labels[..., 1:] != -100` (the causal LM loss shifts by one)."""
+    labels = batch.get("labels")
+    if labels is None:
+        return 0
+    return int((labels[..., 1:] != -100).sum().item())
+
+
+def count_mask_targets(batch: dict) -> int:
+    """Number of ground-truth masks (targets) of a batch."""
+    gt_masks = batch.get("gt_masks")
+    return 0 if gt_masks is None else int(gt_masks.shape[0])
+
+
+class MaskCMATrainer(Trainer):
+    """`Trainer` with the TMC loss, exact gradient accumulation and per-component logging (module docstring).
+
+    Args:
+        tmc_weight (`float`, *optional*): weight of the TMC loss; default the model's ``config.tmc_weight``.
+        tmc_temperature (`float`, *optional*): τ; default ``config.tmc_temperature``.
+        cma_warmup (`bool`, defaults to `True`): add a `GammaWarmupCallback` (unless one is already among the
+            callbacks) so the CMA warm-up factor follows the step.
+        cma_warmup_ratio (`float`, *optional*): its ramp length as a fraction of the steps; default
+            ``config.warmup_ratio``.
+        *args, **kwargs: the arguments of `transformers.Trainer`. The model may be a `MaskCMAModel` or a peft
+            model around one.
+    """
+
+    # compute_loss returns a loss already normalised over the whole accumulated batch
+    loss_is_scaled_for_ga = True
+
+    LOGGED_COMPONENTS = ("lm_loss", "mask_bce", "mask_dice", "prior_loss", "tmc_loss", "tmc_skipped_fraction")
+
+    def __init__(
+        self,
+        *args,
+        tmc_weight: float | None = None,
+        tmc_temperature: float | None = None,
+        cma_warmup: bool = True,
+        cma_warmup_ratio: float | None = None,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        config = unwrap_maskcma(self.model).config
+        self.tmc_weight = float(config.tmc_weight if tmc_weight is None else tmc_weight)
+        self.tmc_temperature = float(config.tmc_temperature if tmc_temperature is None else tmc_temperature)
+        if self.tmc_weight < 0:
+            raise ValueError(f"MaskCMATrainer: tmc_weight={self.tmc_weight} must be >= 0")
+        if self.tmc_temperature <= 0:
+            raise ValueError(f"MaskCMATrainer: tmc_temperature={self.tmc_temperature} must be > 0")
+        if self.args.n_gpu > 1:
+            raise ValueError(
+                "MaskCMATrainer does not support torch.nn.DataParallel (several GPUs in one process): the model's "
+                "outputs have one row per [SEG] and cannot be split by DataParallel. Launch one process per GPU with "
+                "`accelerate launch` or `torchrun` (DDP) instead."
+            )
+        if cma_warmup and not any(isinstance(cb, GammaWarmupCallback) for cb in self.callback_handler.callbacks):
+            self.add_callback(GammaWarmupCallback(cma_warmup_ratio))
+        self._logged_components = [
+            name for name in self.LOGGED_COMPONENTS if name != "prior_loss" or config.use_cma
+        ]
+        self._component_sums = torch.zeros(len(self._logged_components), dtype=torch.float64)
+        self._component_last_logged_step: int | None = None
+        self.tmc_skipped_micro_batches = 0
+
+    # -- counting the accumulated batch ---------------------------------------------------------------------------
+
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        """Fetch the micro-batches of one optimizer step and count their LM tokens and targets on all processes."""
+        batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        counts = torch.tensor(
+            [
+                float(sum(count_lm_tokens(batch) for batch in batch_samples)),
+                float(sum(count_mask_targets(batch) for batch in batch_samples)),
+            ],
+            dtype=torch.float64,
+            device=device,
+        )
+        world_size = self.accelerator.num_processes
+        if world_size > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        return batch_samples, AccumulationCounts(
+            lm_tokens=float(counts[0]),
+            mask_targets=float(counts[1]),
+            micro_batches=max(len(batch_samples), 1),
+            world_size=world_size,
+        )
+
+    # -- the loss -------------------------------------------------------------------------------------------------
+
+    def compute_tmc(self, outputs) -> TMCOutput:
+        """The TMC loss of one micro-batch (`trainer.tmc`)."""
+        return tmc_loss_from_output(outputs, self.tmc_temperature)
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict,
+        return_outputs: bool = False,
+        num_items_in_batch: AccumulationCounts | torch.Tensor | int | None = None,
+    ):
+        """Model loss + ``tmc_weight`` × TMC.
+
+        In training (with the `AccumulationCounts` of `get_batch_samples`), the model's parts are rescaled so that
+        the gradients summed over micro-batches and averaged over processes equal those of the whole step's batch
+        (module docstring). Otherwise (evaluation, or a direct call) it is the plain per-batch value.
+        """
+        outputs = model(**inputs)
+        if outputs.loss is None:
+            raise ValueError(
+                "the model returned no loss: a training batch needs `labels` (LM loss) and/or `gt_masks` with "
+                "`sam_pixel_values` (mask losses)"
+            )
+        config = unwrap_maskcma(model).config
+        lm = outputs.lm_loss
+        mask_total = self._weighted_mask_loss(outputs, config)
+        use_tmc = self.tmc_weight > 0 and outputs.mask_pooled_embeds is not None
+        tmc = self.compute_tmc(outputs) if use_tmc else None
+        tmc_loss = tmc.loss if tmc is not None else outputs.loss.new_zeros(())
+        if tmc is not None and tmc.skipped:
+            self.tmc_skipped_micro_batches += 1
+            logger.warning_once(
+                "TMC loss skipped: a micro-batch had fewer than two distinct objects with a visible mask (the loss is "
+                "0 for it; `tmc_skipped_fraction` in the logs says how often). Use larger micro-batches or samples "
+                "with several objects for the contrastive loss to act."
+            )
+
+        counts = num_items_in_batch if isinstance(num_items_in_batch, AccumulationCounts) else None
+        if counts is None or not model.training:
+            loss = outputs.loss + self.tmc_weight * tmc_loss
+            if model.training:  # a direct training call without counts: plain mean over accumulation steps
+                loss = loss / max(getattr(self, "current_gradient_accumulation_steps", 1), 1)
+        else:
+            lm_share = self._share(count_lm_tokens(inputs), counts.lm_tokens)
+            mask_share = self._share(count_mask_targets(inputs), counts.mask_targets)
+            tmc_share = 1.0 / (counts.micro_batches * counts.world_size)
+            global_part = outputs.loss.new_zeros(())
+            if lm is not None:
+                global_part = global_part + lm * lm_share
+            if mask_total is not None:
+                global_part = global_part + mask_total * mask_share
+            # DDP averages gradients over processes; the shares already sum to one over them, so undo the average
+            loss = counts.world_size * global_part + self.tmc_weight * tmc_loss * (tmc_share * counts.world_size)
+            self._record_components(outputs, tmc, lm_share, mask_share, tmc_share)
+        return (loss, outputs) if return_outputs else loss
+
+    @staticmethod
+    def _share(local: int, total: float) -> float:
+        return float(local) / total if total > 0 else 0.0
+
+    @staticmethod
+    def _weighted_mask_loss(outputs, config) -> torch.Tensor | None:
+        if outputs.mask_bce is None:
+            return None
+        total = config.bce_loss_weight * outputs.mask_bce + config.dice_loss_weight * outputs.mask_dice
+        if outputs.prior_loss is not None:
+            total = total + config.prior_loss_weight * outputs.prior_loss
+        return total
+
+    # -- logging --------------------------------------------------------------------------------------------------
+
+    def _record_components(self, outputs, tmc: TMCOutput | None, lm_share: float, mask_share: float, tmc_share: float):
+        values = {
+            "lm_loss": None if outputs.lm_loss is None else float(outputs.lm_loss.detach()) * lm_share,
+            "mask_bce": None if outputs.mask_bce is None else float(outputs.mask_bce.detach()) * mask_share,
+            "mask_dice": None if outputs.mask_dice is None else float(outputs.mask_dice.detach()) * mask_share,
+            "prior_loss": None if outputs.prior_loss is None else float(outputs.prior_loss.detach()) * mask_share,
+            "tmc_loss": None if tmc is None else float(tmc.loss.detach()) * tmc_share,
+            "tmc_skipped_fraction": None if tmc is None else float(tmc.skipped) * tmc_share,
+        }
+        if self._component_last_logged_step is None:
+            self._component_last_logged_step = self.state.global_step
+        for index, name in enumerate(self._logged_components):
+            if values[name] is not None:
+                self._component_sums[index] += values[name]
+
+    def component_logs(self) -> dict[str, float]:
+        """The mean per-step value of every loss component since the last log, over all processes, and the current
+        γ and warm-up factor. Resets the running sums. Collective: call it on every process."""
+        last = self._component_last_logged_step
+        steps = 0 if last is None else self.state.global_step - last
+        sums = self._component_sums.to(self.args.device)
+        if self.accelerator.num_processes > 1:
+            sums = self.accelerator.reduce(sums, reduction="sum")
+        logs: dict[str, float] = {}
+        if steps > 0:
+            logs = {name: float(value) / steps for name, value in zip(self._logged_components, sums.tolist())}
+        self._component_sums.zero_()
+        self._component_last_logged_step = self.state.global_step
+        cma = active_cma(self.model)
+        logs["cma_gamma"] = float(cma.gamma.detach().float().reshape(-1)[0])
+        logs["cma_warmup_factor"] = float(cma.warmup_factor)
+        return logs
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the loss components to the training logs (those with a ``loss`` entry)."""
+        if "loss" in logs:
+            logs = {**logs, **self.component_logs()}
+        super().log(logs, start_time)
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Save a plain `MaskCMAModel` with its in-memory parameter names (``save_original_format=False``).
+
+        `save_pretrained` by default renames the VLM's weights back to its original checkpoint layout, which
+        `Trainer` cannot load when resuming (it reads the state dict as is). `MaskCMAModel.from_pretrained` loads
+        both layouts. Peft models are saved by `Trainer` as usual (their adapters)."""
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if not isinstance(model, MaskCMAModel):
+            super()._save(output_dir, state_dict)
+            return
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        model.save_pretrained(output_dir, state_dict=state_dict, save_original_format=False)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """Resuming must restore every weight: raise (instead of warning) on missing or unexpected keys, except
+        parameters that are tied to a saved one (the LM head of a tied-embedding LLM)."""
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        tied = _tied_parameter_names(model)
+        missing = [key for key in load_result.missing_keys if key not in tied]
+        unexpected = list(load_result.unexpected_keys)
+        if missing or unexpected:
+            raise ValueError(
+                f"the checkpoint does not match the model: missing keys {missing}, unexpected keys {unexpected}. "
+                "Resume with the same model (and LoRA) settings the checkpoint was trained with."
+            )
+
+    # -- evaluation -----------------------------------------------------------------------------------------------
+
+    def prediction_step(self, model: nn.Module, inputs: dict, prediction_loss_only: bool, ignore_keys=None):
+        """Evaluation loss only (model loss + weighted TMC); the masks are scored by `maskcma evaluate`."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+
+def _tied_parameter_names(model: nn.Module) -> set[str]:
+    """Names of parameters that share their tensor with an earlier-named parameter."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if id(parameter) in seen:
+            tied.add(name)
+        else:
+            seen[id(parameter)] = name
+    return tied
+
+
+__all__ = ["AccumulationCounts", "MaskCMATrainer", "count_lm_tokens", "count_mask_targets"]
