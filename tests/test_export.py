@@ -107,8 +107,18 @@ def test_export_folder_layout(exported):
     for shard in shards:  # every listed tensor is in its shard
         with safe_open(exported / shard, "pt") as handle:
             assert {k for k, v in index["weight_map"].items() if v == shard} == set(handle.keys())
-    for name in ("modeling_maskcma.py", "configuration_maskcma.py", "cma.py", "processing_maskcma.py", "image_io.py",
-                 "pipeline.py", "tokenizer.json", "tokenizer_config.json", "processor_config.json", "README.md"):
+    for name in (
+        "modeling_maskcma.py",
+        "configuration_maskcma.py",
+        "cma.py",
+        "processing_maskcma.py",
+        "image_io.py",
+        "pipeline.py",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "processor_config.json",
+        "README.md",
+    ):
         assert (exported / name).is_file(), name  # fmt: skip
     processor_config = json.loads((exported / "processor_config.json").read_text())
     assert processor_config["auto_map"]["AutoProcessor"] == "processing_maskcma.MaskCMAProcessor"

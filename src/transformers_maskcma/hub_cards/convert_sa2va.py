@@ -18,9 +18,10 @@ Sa2VA key prefix                 module (original remote-code layout)           
 ===============================  ===============================================  ==================================
 
 The SAM2 keys are renamed with the rules of `convert_sam2` (official SAM2 → transformers, memory modules
-included), after undoing the `.gamma` → `.g_weight` rename of Sa2VA's own HF export. The CMA, `text_proj` (and the conv prior head when configured) do not exist in Sa2VA: they are freshly
-initialised with γ = 0, so `F' = F + 0·CMA(...)` and the second decoder pass equals the first one — the converted
-model gives exactly the masks of the plain Sa2VA path (`use_cma=False`) until it is fine-tuned.
+included), after undoing the `.gamma` → `.g_weight` rename of Sa2VA's own HF export. The CMA, `text_proj` (and
+the conv prior head when configured) do not exist in Sa2VA: they are freshly initialised with γ = 0, so
+`F' = F + 0·CMA(...)` and the second decoder pass equals the first one — the converted model gives exactly the
+masks of the plain Sa2VA path (`use_cma=False`) until it is fine-tuned.
 
 Every source key is either mapped (listed in `sa2va_conversion.json`) or reported: unmapped keys stop the
 conversion with an error naming them (or, with `skip_unmapped=True`, are listed as dropped in the report).
@@ -336,7 +337,7 @@ class KeyRule:
             raise Sa2VAConversionError(
                 f"{key} of shape {tuple(tensor.shape)} cannot be split into {len(names)} equal parts for {names}"
             )
-        return dict(zip(names, (chunk.clone() for chunk in tensor.chunk(len(names), dim=0))))
+        return dict(zip(names, (chunk.clone() for chunk in tensor.chunk(len(names), dim=0)), strict=True))
 
 
 VLM_KEY_RULES: tuple[KeyRule, ...] = (

@@ -239,7 +239,9 @@ def load_benchmark_results(
     try:
         payload = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); pass the metrics.json written by `maskcma evaluate`")
+        raise ValueError(
+            f"{path} is not valid JSON ({error}); pass the metrics.json written by `maskcma evaluate`"
+        ) from error
     if not isinstance(payload, Mapping) or "metrics" not in payload or "kind" not in payload:
         raise ValueError(
             f"{path} is not a metrics JSON of `maskcma evaluate`: expected an object with 'kind' and 'metrics' keys"
@@ -623,9 +625,7 @@ def validate_model_card(card: ModelCard | str) -> dict[str, Any]:
         raise ModelCardValidationError(f"huggingface_hub cannot read the card's metadata: {error}") from error
     round_trip = parsed.data.to_dict()
     if round_trip != metadata:
-        differing = sorted(
-            key for key in set(round_trip) | set(metadata) if round_trip.get(key) != metadata.get(key)
-        )
+        differing = sorted(key for key in set(round_trip) | set(metadata) if round_trip.get(key) != metadata.get(key))
         problems.append(f"ModelCardData does not reproduce the metadata for fields {differing}")
     _check_metadata_fields(metadata, problems)
     if "model-index" in metadata:
