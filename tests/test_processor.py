@@ -2,11 +2,6 @@
 records, post-processing and every bad input."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -268,33 +263,8 @@ def test_save_and_load_round_trip(processor, tmp_path, shapes):
         assert torch.equal(before[key], after[key]), key
 
 
-def test_remote_code_load_in_a_fresh_process_without_the_package(processor, tmp_path):
-    folder = tmp_path / "processor"
-    processor.save_pretrained(folder)
-    expected = processor(images=str(sample_image_path()), text=PROMPT)
-    script = textwrap.dedent(
-        f"""
-        import json, sys
-        sys.modules["transformers_maskcma"] = None  # the package must not be importable
-        from transformers import AutoProcessor
-        processor = AutoProcessor.from_pretrained({str(folder)!r}, trust_remote_code=True)
-        inputs = processor(images={str(sample_image_path())!r}, text={PROMPT!r})
-        print(json.dumps({{
-            "module": type(processor).__module__,
-            "input_ids": inputs["input_ids"].tolist(),
-            "text_token_mask": inputs["text_token_mask"].tolist(),
-            "sam_sum": float(inputs["sam_pixel_values"].double().sum()),
-        }}))
-        """
-    )
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH="")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    remote = json.loads(result.stdout.strip().splitlines()[-1])
-    assert remote["module"].startswith("transformers_modules.")
-    assert remote["input_ids"] == expected["input_ids"].tolist()
-    assert remote["text_token_mask"] == expected["text_token_mask"].tolist()
-    assert remote["sam_sum"] == pytest.approx(float(expected["sam_pixel_values"].double().sum()), rel=1e-9)
+# Loading as remote code in a fresh process without the package (AutoProcessor, AutoModel, pipeline) is checked in
+# one subprocess by tests/test_pipeline.py::test_remote_code_processor_model_and_pipeline_in_a_fresh_process.
 
 
 # -- bad input -------------------------------------------------------------------------------------------------------

@@ -181,24 +181,22 @@ class ReferringSegmentationPipeline(Pipeline):
         output = self.model.segment(
             **inputs, max_new_tokens=max_new_tokens, mask_threshold=mask_threshold, **(generate_kwargs or {})
         )
-        answer = output.answers[0] if output.answers is not None else None
-        if answer is None:
-            answer = self.processor.decode(output.answer_ids[0], skip_special_tokens=False)
-            for token in (self.processor.end_of_turn_token, self.processor.tokenizer.pad_token):
-                if token:
-                    answer = answer.replace(token, "")
-            answer = answer.strip()
-        return {"answer": answer, "masks": output.masks[0], "scores": output.scores[0]}
+        # every value keeps a leading batch dimension of 1, so transformers' batch unrolling leaves them unchanged
+        return {
+            "answer_ids": output.answer_ids[0][None],
+            "masks": output.masks[0][None],
+            "scores": output.scores[0][None],
+        }
 
     def postprocess(self, model_outputs):
-        masks = model_outputs["masks"]
-        scores = model_outputs["scores"]
-        if masks.shape[0] == 0:
-            logger.warning(f"the answer {model_outputs['answer']!r} has no [SEG] token: no mask is returned")
+        answer = self.processor.decode(model_outputs["answer_ids"][0], skip_special_tokens=False)
+        for token in (self.processor.end_of_turn_token, self.processor.tokenizer.pad_token):
+            if token:
+                answer = answer.replace(token, "")
         return {
-            "answer": model_outputs["answer"],
-            "masks": [mask.cpu().numpy().astype(bool) for mask in masks],
-            "scores": [float(score) for score in scores.float().cpu()],
+            "answer": answer.strip(),
+            "masks": [mask.cpu().numpy().astype(bool) for mask in model_outputs["masks"][0]],
+            "scores": [float(score) for score in model_outputs["scores"][0].float().cpu()],
         }
 
 

@@ -90,6 +90,12 @@ class MaskCMADataCollator:
         num_frames = feature["sam_pixel_values"].shape[0]
         num_seg = feature["seg_object_ids"].shape[0]
         num_targets = feature["gt_masks"].shape[0]
+        if self.seg_token_id is not None:
+            count = int((torch.as_tensor(feature["input_ids"]) == self.seg_token_id).sum())
+            if count != num_seg:
+                raise ValueError(
+                    f"sample {index}: input_ids hold {count} [SEG] tokens but seg_object_ids has {num_seg} entries"
+                )
         for key in ("target_seg_index", "target_frame_index"):
             if feature[key].shape[0] != num_targets:
                 raise ValueError(
@@ -99,12 +105,6 @@ class MaskCMADataCollator:
             raise ValueError(f"sample {index}: target_frame_index refers past its {num_frames} SAM2 frames")
         if num_targets and (int(feature["target_seg_index"].max()) >= num_seg):
             raise ValueError(f"sample {index}: target_seg_index refers past its {num_seg} [SEG] tokens")
-        if self.seg_token_id is not None:
-            count = int((torch.as_tensor(feature["input_ids"]) == self.seg_token_id).sum())
-            if count != num_seg:
-                raise ValueError(
-                    f"sample {index}: input_ids hold {count} [SEG] tokens but seg_object_ids has {num_seg} entries"
-                )
 
     def __call__(self, features: Sequence[Mapping]) -> dict[str, torch.Tensor]:
         if len(features) == 0:

@@ -1,0 +1,121 @@
+"""`maskcma predict` on an image, a frame folder and a video file: the files it writes, its JSON output and its
+errors."""
+
+import json
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from test_pipeline import ANSWER, IMAGE_PROMPT, NUM_VIDEO_FRAMES, VIDEO_PROMPT, build_answering_folder
+from transformers_maskcma.cli import main
+from transformers_maskcma.data.schema import decode_rle
+from transformers_maskcma.processing.samples import sample_image_path
+from transformers_maskcma.processing.visualize import PALETTE, mask_outline, overlay_masks
+
+
+@pytest.fixture(scope="module")
+def answering_folder(tmp_path_factory):
+    return build_answering_folder(tmp_path_factory.mktemp("cli"))
+
+
+def predict(*args):
+    return main(["predict", *[str(a) for a in args]])
+
+
+def test_overlay_blends_the_mask_colour_and_draws_the_outline():
+    image = Image.new("RGB", (20, 16), (100, 100, 100))
+    mask = np.zeros((16, 20), bool)
+    mask[3:13, 5:15] = True  # a 10x10 square: 36 boundary pixels, 64 interior
+    outline = mask_outline(mask)
+    assert outline.sum() == 36 and outline[3, 5:15].all() and not outline[4:12, 6:14].any()
+    overlay = np.asarray(overlay_masks(image, [mask], alpha=0.5)).astype(int)
+    colour = np.array(PALETTE[0])
+    assert (overlay[~mask] == 100).all()
+    assert (overlay[outline] == colour).all()
+    assert (overlay[mask & ~outline] == np.round(0.5 * 100 + 0.5 * colour)).all()
+    with pytest.raises(ValueError, match=r"mask 0 has shape \(4, 4\) but the image is \(16, 20\)"):
+        overlay_masks(image, [np.zeros((4, 4), bool)])
+
+
+def test_predict_on_an_image_writes_the_mask_and_the_overlay(answering_folder, tmp_path, capsys):
+    folder, _ = answering_folder
+    out = tmp_path / "out"
+    assert predict("--model", folder, "--text", IMAGE_PROMPT, sample_image_path(), "--output", out) == 0
+    printed = capsys.readouterr().out
+    assert f"answer: {ANSWER!r}" in printed and "1 object(s)" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["mask_0.png", "overlay.png"]
+    mask = np.asarray(Image.open(out / "mask_0.png")) > 0
+    assert mask.shape == (128, 192)
+    overlay = np.asarray(Image.open(out / "overlay.png").convert("RGB"))
+    expected = overlay_masks(Image.open(sample_image_path()), [mask])
+    assert np.array_equal(overlay, np.asarray(expected))
+
+    assert predict("--model", folder, "--text", IMAGE_PROMPT, sample_image_path(), "--json") == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["answer"] == ANSWER and summary["media_type"] == "image" and summary["files"] == []
+    assert summary["original_size"] == [128, 192]
+    assert len(summary["objects"]) == 1 and isinstance(summary["objects"][0]["score"], float)
+    assert np.array_equal(decode_rle(summary["objects"][0]["rle"]), mask)
+
+
+def test_predict_on_a_frame_folder_writes_every_frame_and_a_gif(answering_folder, tmp_path, capsys):
+    folder, frames_folder = answering_folder
+    out = tmp_path / "video"
+    code = predict(
+        "--model", folder, "--text", VIDEO_PROMPT, frames_folder, "--output", out, "--json",
+        "--key-frames", "5", "--key-frame-sampling", "first",
+    )
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "writing frames" in captured.err  # the progress bar over frames
+    summary = json.loads(captured.out)
+    assert summary["answer"] == ANSWER and summary["num_frames"] == NUM_VIDEO_FRAMES
+    mask_files = sorted((out / "masks" / "object_0").iterdir())
+    assert [p.name for p in mask_files] == [f"{t:05d}.png" for t in range(NUM_VIDEO_FRAMES)]
+    rles = summary["objects"][0]["rle"]
+    assert len(rles) == NUM_VIDEO_FRAMES
+    for path, rle in zip(mask_files, rles):
+        assert np.array_equal(np.asarray(Image.open(path)) > 0, decode_rle(rle))
+    with Image.open(out / "overlay.gif") as gif:
+        assert gif.n_frames == NUM_VIDEO_FRAMES and gif.size == (192, 128)
+    assert str(out / "overlay.gif") in summary["files"]
+
+
+def test_predict_on_a_video_file_writes_an_mp4_overlay(answering_folder, tmp_path, capsys):
+    folder, frames_folder = answering_folder
+    clip = tmp_path / "clip.mp4"
+    container = av.open(str(clip), mode="w")
+    stream = container.add_stream("mpeg4", rate=10)
+    stream.width, stream.height, stream.pix_fmt = 192, 128, "yuv420p"
+    for path in sorted(frames_folder.iterdir()):
+        for packet in stream.encode(av.VideoFrame.from_image(Image.open(path).convert("RGB"))):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+    out = tmp_path / "mp4"
+    assert predict("--model", folder, "--text", VIDEO_PROMPT, clip, "--output", out, "--overlay-format", "mp4") == 0
+    capsys.readouterr()
+    assert len(list((out / "masks" / "object_0").iterdir())) == NUM_VIDEO_FRAMES
+    with av.open(str(out / "overlay.mp4")) as written:
+        frames = list(written.decode(video=0))
+    assert len(frames) == NUM_VIDEO_FRAMES and (frames[0].height, frames[0].width) == (128, 192)
+
+
+def test_predict_reports_bad_inputs_by_name(answering_folder, tmp_path, capsys):
+    folder, _ = answering_folder
+    assert predict("--model", folder, "--text", IMAGE_PROMPT, tmp_path / "nowhere.png") == 2
+    assert "input" in (err := capsys.readouterr().err) and "nowhere.png" in err and "does not exist" in err
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image at all")
+    assert predict("--model", folder, "--text", IMAGE_PROMPT, broken, "--output", tmp_path / "o") == 2
+    err = capsys.readouterr().err
+    assert "maskcma predict: error: cannot read image file" in err and "broken.png" in err
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"\x00\x01" * 64)
+    assert predict("--model", folder, "--text", VIDEO_PROMPT, junk) == 2
+    assert "junk.mp4" in capsys.readouterr().err
+    assert predict("--model", tmp_path / "no_model", "--text", IMAGE_PROMPT, sample_image_path()) == 2
+    assert "model folder" in capsys.readouterr().err
