@@ -29,6 +29,7 @@ from transformers_maskcma.hub_cards.convert_sa2va import (
 )
 from transformers_maskcma.hub_cards.convert_sam2 import SAM2_SIZE_PRESETS, sam2_key_rules
 from transformers_maskcma.modeling import MaskCMAModel
+from transformers_maskcma.modeling.tiny_configs import tiny_vlm_config
 from transformers_maskcma.processing import build_tiny_processor
 from transformers_maskcma.tiny import build_tiny_model
 
@@ -59,8 +60,12 @@ def vlm_to_sa2va(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out[f"{dst}.attn.proj.{p}"] = state[f"{src}.attention.projection_layer.{p}"]
             out[f"{dst}.mlp.fc1.{p}"] = state[f"{src}.mlp.fc1.{p}"]
             out[f"{dst}.mlp.fc2.{p}"] = state[f"{src}.mlp.fc2.{p}"]
-            out[f"{dst}.norm1.{p}"] = state[f"{src}.layernorm_before.{p}"]
-            out[f"{dst}.norm2.{p}"] = state[f"{src}.layernorm_after.{p}"]
+            if f"{src}.layernorm_before.{p}" in state:  # RMS norms have no bias
+                out[f"{dst}.norm1.{p}"] = state[f"{src}.layernorm_before.{p}"]
+                out[f"{dst}.norm2.{p}"] = state[f"{src}.layernorm_after.{p}"]
+        for n in ("q", "k"):
+            if f"{src}.attention.{n}_norm.weight" in state:
+                out[f"{dst}.attn.{n}_norm.weight"] = state[f"{src}.attention.{n}_norm.weight"]
         out[f"{dst}.ls1"] = state[f"{src}.lambda_1"]
         out[f"{dst}.ls2"] = state[f"{src}.lambda_2"]
     for index, name in ((0, "layer_norm"), (1, "linear_1"), (3, "linear_2")):
@@ -264,17 +269,33 @@ def internvit_reference(weights: dict, config: dict, pixel_values: torch.Tensor)
     cls = weights[f"{v}embeddings.class_embedding"].expand(x.shape[0], 1, dim)
     x = torch.cat([cls, x], dim=1) + weights[f"{v}embeddings.position_embedding"]
     eps = vision["layer_norm_eps"]
+
+    def rms_norm(states, weight):
+        return weight * states * torch.rsqrt(states.pow(2).mean(-1, keepdim=True) + eps)
+
+    def norm(states, prefix):
+        if vision["norm_type"] == "rms_norm":
+            return rms_norm(states, weights[prefix + ".weight"])
+        return F.layer_norm(states, (dim,), weights[prefix + ".weight"], weights[prefix + ".bias"], eps)
+
     for i in range(vision["num_hidden_layers"]):
         p = f"{v}encoder.layers.{i}."
-        h = F.layer_norm(x, (dim,), weights[p + "norm1.weight"], weights[p + "norm1.bias"], eps)
+        h = norm(x, p + "norm1")
         qkv = h @ weights[p + "attn.qkv.weight"].T
+        if vision["qkv_bias"]:
+            qkv = qkv + weights[p + "attn.qkv.bias"]
         batch, length, _ = h.shape
         q, k, val = qkv.reshape(batch, length, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+        if vision["qk_normalization"]:  # RMS norm over all heads together, as InternViT-6B does
+            q = rms_norm(q.transpose(1, 2).flatten(-2), weights[p + "attn.q_norm.weight"])
+            k = rms_norm(k.transpose(1, 2).flatten(-2), weights[p + "attn.k_norm.weight"])
+            q = q.view(batch, length, heads, dim // heads).transpose(1, 2)
+            k = k.view(batch, length, heads, dim // heads).transpose(1, 2)
         attention = ((q * (dim // heads) ** -0.5) @ k.transpose(-2, -1)).softmax(-1)
         out = (attention @ val).transpose(1, 2).reshape(batch, length, dim)
         out = out @ weights[p + "attn.proj.weight"].T + weights[p + "attn.proj.bias"]
         x = x + out * weights[p + "ls1"]
-        h = F.layer_norm(x, (dim,), weights[p + "norm2.weight"], weights[p + "norm2.bias"], eps)
+        h = norm(x, p + "norm2")
         h = F.gelu(h @ weights[p + "mlp.fc1.weight"].T + weights[p + "mlp.fc1.bias"])
         h = h @ weights[p + "mlp.fc2.weight"].T + weights[p + "mlp.fc2.bias"]
         x = x + h * weights[p + "ls2"]
@@ -301,6 +322,33 @@ def test_vision_path_matches_an_independent_internvit_forward(converted, tiny_so
             pixel_values, vision_feature_layer=-1, vision_feature_select_strategy="default"
         ).pooler_output
     assert got.shape == expected.shape == (2, 16, 64)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_vision_variant_with_qkv_bias_qk_norm_and_rms_norm(tmp_path):
+    """The InternViT options of the larger releases: qkv bias (InternViT-300M), RMS norms and q/k normalisation
+    (InternViT-6B)."""
+    vlm_config = tiny_vlm_config()
+    vlm_config.vision_config.attention_bias = True
+    vlm_config.vision_config.use_qk_norm = True
+    vlm_config.vision_config.norm_type = "rms_norm"
+    model, tokenizer = build_tiny_model(seed=4, vlm_config=vlm_config)
+    generator = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for parameter in model.vlm.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    weights = {**vlm_to_sa2va(model.state_dict()), **sam2_to_official(model)}
+    assert "vision_model.encoder.layers.0.attn.q_norm.weight" in weights
+    folder = write_sa2va_folder(tmp_path / "Sa2VA-6B-like", model, tokenizer, weights)
+    config = json.loads((folder / "config.json").read_text())
+    conversion = build_sa2va_model(folder, sam2_config=model.config.sam2_config, show_progress=False)
+    assert set(conversion.mapped) == set(weights)
+    pixel_values = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = internvit_reference(weights, config, pixel_values)
+        got = conversion.model.vlm.model.get_image_features(
+            pixel_values, vision_feature_layer=-1, vision_feature_select_strategy="default"
+        ).pooler_output
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
