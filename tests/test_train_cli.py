@@ -1,0 +1,114 @@
+"""`maskcma train`: YAML validation errors name the field; a tiny run trains, resumes and saves a loadable model."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from transformers_maskcma.cli import main
+from transformers_maskcma.modeling import MaskCMAModel
+from transformers_maskcma.trainer.config import (
+    RECIPE_DEFAULTS,
+    TrainConfigError,
+    load_train_config,
+    parse_train_config,
+)
+
+BASE = {"data": {"sources": [{"dataset": "synthetic", "split": "train", "options": {"num_samples": 4}}]}}
+
+
+def _write(tmp_path, content, name="train.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(content) if not isinstance(content, str) else content)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"training": {"learnin_rate": 1e-4}}, r"training\.learnin_rate is not a known field; did you mean 'learning_rate'"),
+        ({"training": {"learning_rate": "fast"}}, r"training\.learning_rate must be a number, got 'fast'"),
+        ({"training": {"per_device_train_batch_size": 2.5}}, r"training\.per_device_train_batch_size must be an integer"),
+        ({"training": {"lr_scheduler_type": "cosin"}}, r"training\.lr_scheduler_type must be one of 'linear', 'cosine'"),
+        ({"training": {"bf16": "yes"}}, r"training\.bf16 must be true/false"),
+        ({"model": {"config": {"use_cma": "no"}}}, r"model\.config\.use_cma must be true/false"),
+        ({"model": {"config": {"tmc_wieght": 0.1}}}, r"model\.config\.tmc_wieght is not a known field; did you mean 'tmc_weight'"),
+        ({"model": {"tiny": {"seed": "zero"}}}, r"model\.tiny\.seed must be an integer"),
+        ({"model": {"tiny": True, "path": "x"}}, r"give exactly one of tiny, path or parts"),
+        ({"model": {"parts": {"vlm": "a"}}}, r"model\.parts\.sam2 is required"),
+        ({"model": {"processor": {"num_key_frame": 4}}}, r"model\.processor\.num_key_frame is not a known field"),
+        ({"lora": {"r": "big"}}, r"lora\.r must be an integer"),
+        ({"lora": {"dropout": 1.5}}, r"lora\.dropout must lie in \[0, 1\)"),
+        ({"data": {"sources": [], "mix": "m.yaml"}}, r"data: give either 'mix'"),
+        ({"data": {"sources": [{"dataset": "synthetic"}], "train_frames": "some"}}, r"data\.train_frames must be 'key' or 'all'"),
+        ({"data": {"sources": [{"dataset": "synthetic"}], "max_sample": 3}}, r"data\.max_sample is not a known field"),
+        ({"optimizer": {}}, r"optimizer is not a known field; known fields: data, lora, model, training"),
+    ],
+)
+def test_bad_configs_name_the_field(tmp_path, section, message):
+    content = {**BASE, **section}
+    with pytest.raises(TrainConfigError, match=message) as error:
+        load_train_config(_write(tmp_path, content))
+    assert "train.yaml" in str(error.value)  # the file is named too
+
+
+def test_bad_config_through_the_command(tmp_path, capsys):
+    path = _write(tmp_path, {**BASE, "training": {"output_dir": str(tmp_path), "max_step": 3}})
+    assert main(["train", str(path)]) == 2
+    assert "training.max_step is not a known field; did you mean 'max_steps'" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert "training configuration not found" in capsys.readouterr().err
+    malformed = _write(tmp_path, "model: [unclosed", name="bad.yaml")
+    assert main(["train", str(malformed)]) == 2
+    assert "malformed YAML" in capsys.readouterr().err
+
+
+def test_recipe_defaults_and_overrides(tmp_path):
+    config = parse_train_config({**BASE, "training": {"learning_rate": "1e-4", "save_steps": 7}})
+    args = config.training_arguments(output_dir=str(tmp_path))
+    assert args.learning_rate == 1e-4  # "1e-4" (a string for YAML 1.1) is read as a number
+    assert args.save_steps == 7
+    assert args.weight_decay == RECIPE_DEFAULTS["weight_decay"] == 0.05
+    assert args.max_grad_norm == 1.0 and args.num_train_epochs == 1.0 and args.warmup_steps == 0.05
+    assert args.lr_scheduler_type.value == "cosine" and args.optim.value == "adamw_torch"
+    assert args.bf16 is False  # no GPU here
+    with pytest.raises(TrainConfigError, match="training.output_dir is not set"):
+        config.training_arguments()
+    with pytest.raises(TrainConfigError, match="remove_unused_columns must be false"):
+        parse_train_config({**BASE, "training": {"remove_unused_columns": True}}).training_arguments("out")
+
+
+def test_train_resume_and_saved_model(tmp_path, capsys):
+    output = tmp_path / "run"
+    content = {
+        "model": {"tiny": {"seed": 0}, "config": {"tmc_weight": 0.1}},
+        "data": {"sources": [{"dataset": "synthetic", "split": "train", "options": {"num_samples": 6}}], "cache": True},
+        "lora": {"enabled": True, "r": 4, "alpha": 8},
+        "training": {
+            "per_device_train_batch_size": 2,
+            "max_steps": 2,
+            "learning_rate": 1e-3,
+            "logging_steps": 1,
+            "save_steps": 2,
+            "disable_tqdm": True,
+            "use_cpu": True,
+        },
+    }
+    path = _write(tmp_path, content)
+    assert main(["train", str(path), "--output-dir", str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert "MaskCMA training finished" in printed and "(LoRA)" in printed
+    assert (output / "checkpoint-2").is_dir()
+    model = MaskCMAModel.from_pretrained(output / "model")
+    assert model.tokenizer is not None and not any("lora" in name for name, _ in model.named_parameters())
+
+    content["training"]["max_steps"] = 3
+    path = _write(tmp_path, content)
+    assert main(["train", str(path), "--output-dir", str(output), "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "steps            3" in printed
+    assert (output / "checkpoint-3").is_dir()
+    with pytest.raises(FileNotFoundError, match="no checkpoint-"):
+        from transformers_maskcma.trainer.commands import resolve_resume
+
+        resolve_resume(True, str(tmp_path / "empty"))
