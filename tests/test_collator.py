@@ -25,7 +25,9 @@ def features(processor):
     object_a = [rng.random((40, 60)) > 0.5 for _ in range(5)]
     object_b = [rng.random((40, 60)) > 0.7 for _ in range(5)]
     return [
-        processor(images=image, text="the red circle and the blue square", masks=[masks["red circle"], masks["blue square"]]),
+        processor(
+            images=image, text="the red circle and the blue square", masks=[masks["red circle"], masks["blue square"]]
+        ),
         processor(videos=frames, text="the moving thing", masks=[object_a], num_key_frames=3),
         processor(images=image, text="the purple star", answer=""),
         processor(videos=frames, text="both things", masks=[object_a, object_b], key_frame_indices=[1, 4]),

@@ -7,8 +7,8 @@ import av
 import numpy as np
 import pytest
 from PIL import Image
-
 from test_pipeline import ANSWER, IMAGE_PROMPT, NUM_VIDEO_FRAMES, VIDEO_PROMPT, build_answering_folder
+
 from transformers_maskcma.cli import main
 from transformers_maskcma.data.schema import decode_rle
 from transformers_maskcma.processing.samples import sample_image_path
@@ -64,8 +64,18 @@ def test_predict_on_a_frame_folder_writes_every_frame_and_a_gif(answering_folder
     folder, frames_folder = answering_folder
     out = tmp_path / "video"
     code = predict(
-        "--model", folder, "--text", VIDEO_PROMPT, frames_folder, "--output", out, "--json",
-        "--key-frames", "5", "--key-frame-sampling", "first",
+        "--model",
+        folder,
+        "--text",
+        VIDEO_PROMPT,
+        frames_folder,
+        "--output",
+        out,
+        "--json",
+        "--key-frames",
+        "5",
+        "--key-frame-sampling",
+        "first",
     )
     assert code == 0
     captured = capsys.readouterr()

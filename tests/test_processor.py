@@ -15,7 +15,7 @@ from transformers_maskcma.modeling import MaskCMAConfig
 from transformers_maskcma.modeling.mask_decoding import upsample_mask_logits
 from transformers_maskcma.modeling.tiny_configs import TINY_IMAGE_SEQ_LENGTH, TINY_SEG_TOKEN_ID
 from transformers_maskcma.processing import MaskCMAProcessor, build_tiny_processor, default_answer
-from transformers_maskcma.processing.samples import draw_sample_shapes, sample_image_path
+from transformers_maskcma.processing.samples import draw_sample_shapes
 
 PROMPT = "Please segment the red circle."
 IMAGE_BLOCK = "<img>" + "<IMG_CONTEXT>" * TINY_IMAGE_SEQ_LENGTH + "</img>"
@@ -62,7 +62,12 @@ def test_image_prompt_equals_the_tokenized_chat_text(processor, tiny_tokenizer, 
 def test_text_token_mask_covers_exactly_the_prompt_tokens(processor, tiny_tokenizer, shapes):
     image, _ = shapes
     inputs = processor(images=image, text=PROMPT)
-    prefix = len(tokens(tiny_tokenizer, "<|im_start|>user\n")) + TINY_IMAGE_SEQ_LENGTH + 2 + len(tokens(tiny_tokenizer, "\n"))
+    prefix = (
+        len(tokens(tiny_tokenizer, "<|im_start|>user\n"))
+        + TINY_IMAGE_SEQ_LENGTH
+        + 2
+        + len(tokens(tiny_tokenizer, "\n"))
+    )
     prompt_length = len(tokens(tiny_tokenizer, PROMPT))
     expected = torch.zeros_like(inputs["text_token_mask"])
     expected[0, prefix : prefix + prompt_length] = True
@@ -116,7 +121,9 @@ def test_labels_are_set_exactly_on_the_answer_and_its_end_token(processor, tiny_
 def test_gt_masks_are_resized_with_nearest_to_the_low_resolution_size(processor, shapes):
     image, masks = shapes
     features = processor(images=image, text=PROMPT, masks=[masks["green triangle"]])
-    expected = F.interpolate(torch.from_numpy(masks["green triangle"]).float()[None, None], size=(32, 32), mode="nearest")
+    expected = F.interpolate(
+        torch.from_numpy(masks["green triangle"]).float()[None, None], size=(32, 32), mode="nearest"
+    )
     assert features["gt_masks"].shape == (1, 32, 32)
     assert features["gt_masks"].dtype == torch.float32
     assert torch.equal(features["gt_masks"], expected[0])
@@ -175,7 +182,10 @@ def moving_square_video(num_frames=6, height=40, width=60):
 def test_video_training_targets_are_object_major_over_the_key_frames(processor, tiny_tokenizer):
     frames, square, bar = moving_square_video()
     features = processor(
-        videos=frames, text="the square that moves right", masks=[square, bar], num_key_frames=3,
+        videos=frames,
+        text="the square that moves right",
+        masks=[square, bar],
+        num_key_frames=3,
         key_frame_sampling="uniform",
     )
     assert features["key_frame_indices"].tolist() == [0, 3, 5]  # linspace(0, 5, 3) = [0, 2.5, 5], halves up
@@ -255,7 +265,9 @@ def test_save_and_load_round_trip(processor, tmp_path, shapes):
     loaded = AutoProcessor.from_pretrained(tmp_path / "a")
     assert type(loaded) is MaskCMAProcessor
     loaded.save_pretrained(tmp_path / "b")
-    assert (tmp_path / "a" / "processor_config.json").read_text() == (tmp_path / "b" / "processor_config.json").read_text()
+    assert (tmp_path / "a" / "processor_config.json").read_text() == (
+        tmp_path / "b" / "processor_config.json"
+    ).read_text()
     assert loaded.chat_template == processor.chat_template
     before = processor(images=image, text=PROMPT, masks=[masks["red circle"]])
     after = loaded(images=image, text=PROMPT, masks=[masks["red circle"]])

@@ -27,8 +27,8 @@ def frame_array(t: int) -> np.ndarray:
     return frame
 
 
-def write_video(path, codec="mpeg4", num_frames=NUM_FRAMES, options=None, pix_fmt="yuv420p"):
-    container = av.open(str(path), mode="w")
+def write_video(path, codec="mpeg4", num_frames=NUM_FRAMES, options=None, pix_fmt="yuv420p", container_format=None):
+    container = av.open(str(path), mode="w", format=container_format)
     stream = container.add_stream(codec, rate=10)
     stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, pix_fmt
     if options:
@@ -77,13 +77,18 @@ def test_key_frame_sampling_rejects_bad_settings():
 
 
 @pytest.mark.parametrize(
-    ("codec", "options"),
-    [("mpeg4", None), ("libx264", {"bf": "2", "g": "4"})],  # libx264 with B-frames and a 4-frame GOP
+    ("codec", "options", "name", "container_format"),
+    [
+        ("mpeg4", None, "clip.mp4", None),
+        ("libx264", {"bf": "2", "g": "4"}, "clip.mp4", None),  # B-frames and a 4-frame GOP: seeks to key frames
+        ("libx264", None, "clip.h264", "h264"),  # raw stream without timestamps: decodes forward from the start
+    ],
 )
-def test_pyav_decodes_every_frame_in_order_and_by_random_access(tmp_path, codec, options):
-    path = write_video(tmp_path / f"clip_{codec}.mp4", codec, options=options)
+def test_pyav_decodes_every_frame_in_order_and_by_random_access(tmp_path, codec, options, name, container_format):
+    path = write_video(tmp_path / name, codec, options=options, container_format=container_format)
     source = open_video(path)
     assert isinstance(source, PyAVFrameSource)
+    assert (source._frame_pts is None) == (container_format == "h264")
     assert len(source) == NUM_FRAMES and source.original_size == (HEIGHT, WIDTH)
     frames = [np.asarray(frame) for frame in source]
     levels = [float(frame[:, 16:].mean()) for frame in frames]

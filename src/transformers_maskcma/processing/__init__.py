@@ -51,6 +51,7 @@ __all__ = [
     "register",
     "register_pipeline",
     "sam2_preprocess",
+    "sample_key_frames",
     "save_model_folder",
     "save_pipeline_code",
 ]

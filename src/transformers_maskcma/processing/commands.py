@@ -212,8 +212,9 @@ def _write_video_outputs(frames, masks: np.ndarray, output_dir: Path, overlay_fo
 def _write_mp4(images: Iterator, path: Path, fps: float) -> None:
     """Encode RGB PIL images to an MP4 with PyAV (H.264 when available, else MPEG-4 part 2); odd sizes are padded
     by one pixel to the even size YUV 4:2:0 needs."""
-    import av
     from fractions import Fraction
+
+    import av
 
     codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
     container = av.open(str(path), mode="w")

@@ -27,9 +27,10 @@ MEDIA_TYPES = ("image", "video")
 
 
 def infer_media_type(media) -> str:
-    """`"image"` or `"video"` for one input: a folder, a video file (by extension), a `(T, H, W, C)` array or a
-    frame source is a video; a PIL image, an `(H, W[, C])` array or an image file is an image."""
-    if isinstance(media, FrameSource):
+    """`"image"` or `"video"` for one input: a folder, a video file (by extension), a `(T, H, W, C)` array, a list
+    of frames or a frame source (anything with `__len__`, `__getitem__` and `original_size`) is a video; a PIL
+    image, an `(H, W[, C])` array or an image file is an image."""
+    if isinstance(media, FrameSource) or all(hasattr(media, a) for a in ("__len__", "__getitem__", "original_size")):
         return "video"
     if isinstance(media, Image.Image):
         return "image"

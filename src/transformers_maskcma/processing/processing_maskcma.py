@@ -13,7 +13,6 @@ import io
 import os
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 from transformers import BatchFeature, GotOcr2ImageProcessorPil, ProcessorMixin
@@ -360,7 +359,9 @@ class MaskCMAProcessor(ProcessorMixin):
 
     def _image_inference(self, images, text) -> BatchFeature:
         image_list, prompts = self._pair_images_and_prompts(images, text)
-        pil_images = [load_image(image, name=f"images[{i}] ({describe_input(image)})") for i, image in enumerate(image_list)]
+        pil_images = [
+            load_image(image, name=f"images[{i}] ({describe_input(image)})") for i, image in enumerate(image_list)
+        ]
         pixel_values, num_patches = self._vlm_tiles(pil_images, single_tile=False)
         sequences, text_masks = [], []
         for i, (prompt, tiles) in enumerate(zip(prompts, num_patches)):
@@ -370,7 +371,10 @@ class MaskCMAProcessor(ProcessorMixin):
             text_masks.append(mask)
         input_ids, attention_mask, text_token_mask = self._left_pad(sequences, text_masks)
         sam_pixel_values = torch.stack(
-            [sam2_preprocess(image, self.sam_image_size, self.sam_image_mean, self.sam_image_std) for image in pil_images]
+            [
+                sam2_preprocess(image, self.sam_image_size, self.sam_image_mean, self.sam_image_std)
+                for image in pil_images
+            ]
         )
         original_sizes = torch.tensor([image_size_hw(image) for image in pil_images], dtype=torch.long)
         return BatchFeature(
@@ -471,9 +475,13 @@ class MaskCMAProcessor(ProcessorMixin):
     # -- videos ------------------------------------------------------------------------------------------------
 
     def _open_single_video(self, videos) -> FrameSource:
-        if isinstance(videos, (list, tuple)) and videos and all(
-            isinstance(v, (list, tuple, FrameSource)) or (isinstance(v, (str, os.PathLike)) and _is_video_like(v))
-            for v in videos
+        if (
+            isinstance(videos, (list, tuple))
+            and videos
+            and all(
+                isinstance(v, (list, tuple, FrameSource)) or (isinstance(v, (str, os.PathLike)) and _is_video_like(v))
+                for v in videos
+            )
         ):
             if len(videos) != 1:
                 raise ValueError(
@@ -500,9 +508,7 @@ class MaskCMAProcessor(ProcessorMixin):
         key_images = [frames[i] for i in key_indices]
         return self._vlm_tiles(key_images, single_tile=True)
 
-    def _video_inference(
-        self, videos, text, num_key_frames, sampling, explicit, return_sam_tensor
-    ) -> BatchFeature:
+    def _video_inference(self, videos, text, num_key_frames, sampling, explicit, return_sam_tensor) -> BatchFeature:
         frames = self._open_single_video(videos)
         prompt = self._single_prompt(text, "video")
         key_indices = self._key_frames(len(frames), num_key_frames, sampling, explicit)
@@ -537,9 +543,14 @@ class MaskCMAProcessor(ProcessorMixin):
         pixel_values, num_patches = self._video_text(frames, key_indices)
         features = self._training_sequence(prompt, answer, len(object_masks), num_patches, is_video=True)
         sam_pixel_values = torch.stack(
-            [sam2_preprocess(frames[i], self.sam_image_size, self.sam_image_mean, self.sam_image_std) for i in sam_indices]
+            [
+                sam2_preprocess(frames[i], self.sam_image_size, self.sam_image_mean, self.sam_image_std)
+                for i in sam_indices
+            ]
         )
-        gt = resize_masks([object_masks[o][f] for o in range(len(object_masks)) for f in sam_indices], self.gt_mask_size)
+        gt = resize_masks(
+            [object_masks[o][f] for o in range(len(object_masks)) for f in sam_indices], self.gt_mask_size
+        )
         seg_index, frame_index = target_mapping(len(object_masks), len(sam_indices))
         features.update(
             {
@@ -600,9 +611,7 @@ class MaskCMAProcessor(ProcessorMixin):
 
     # -- outputs -----------------------------------------------------------------------------------------------
 
-    def post_process_masks(
-        self, mask_logits, original_sizes, threshold: float = 0.0
-    ) -> list[torch.Tensor]:
+    def post_process_masks(self, mask_logits, original_sizes, threshold: float = 0.0) -> list[torch.Tensor]:
         """Low-resolution mask logits → boolean masks at the original size (bilinear upsampling of the logits,
         then `logit > threshold`; 0.0 ⇔ sigmoid > 0.5).
 

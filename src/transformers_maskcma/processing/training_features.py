@@ -50,9 +50,7 @@ def mask_to_bool_array(mask, name: str) -> np.ndarray:
     return mask != 0
 
 
-def normalize_object_masks(
-    masks, frame_size: tuple[int, int], num_frames: int | None
-) -> list[list[np.ndarray]]:
+def normalize_object_masks(masks, frame_size: tuple[int, int], num_frames: int | None) -> list[list[np.ndarray]]:
     """Check and convert the ground truth of one sample to `masks[object][frame]`, `(H, W)` bool arrays.
 
     Args:
@@ -72,7 +70,9 @@ def normalize_object_masks(
     if isinstance(masks, np.ndarray):
         expected_ndim = 3 if num_frames is None else 4
         if masks.ndim != expected_ndim:
-            layout = "(num_objects, height, width)" if num_frames is None else "(num_objects, num_frames, height, width)"
+            layout = (
+                "(num_objects, height, width)" if num_frames is None else "(num_objects, num_frames, height, width)"
+            )
             raise ValueError(f"masks: expected an array of shape {layout}, got shape {tuple(masks.shape)}")
         masks = list(masks)
     if not isinstance(masks, (list, tuple)):

@@ -204,6 +204,9 @@ class PyAVFrameSource(FrameSource):
     the decoder's state are kept between calls.
     """
 
+    _container = None
+    _decoder = None
+
     def __init__(self, path: str | os.PathLike):
         if not is_av_available():
             raise ImportError(f"decoding the video file {str(path)!r} needs PyAV: pip install av")
@@ -271,7 +274,9 @@ class PyAVFrameSource(FrameSource):
                 f"{self._num_frames} packets); the file may be truncated"
             ) from None
         except av.error.FFmpegError as error:
-            raise ValueError(f"{self.name}: decoding frame {index_hint} failed ({error}); the file is corrupt") from error
+            raise ValueError(
+                f"{self.name}: decoding frame {index_hint} failed ({error}); the file is corrupt"
+            ) from error
 
     def _decode_at(self, index: int) -> Image.Image:
         jump = self._decoder is None or index < self._next_index or index - self._next_index > _FORWARD_SEEK_DISTANCE
@@ -281,10 +286,13 @@ class PyAVFrameSource(FrameSource):
                 target = self._frame_pts[index]
                 while True:
                     frame = self._next_frame(index)
-                    if frame.pts is not None and frame.pts >= target:
-                        break
-                self._next_index = index + 1
-                return frame.to_image()
+                    if frame.pts is None or frame.pts > target:
+                        break  # no timestamps, or not the packets' ones: fall back to decoding from the start
+                    if frame.pts == target:
+                        self._next_index = index + 1
+                        return frame.to_image()
+                self._frame_pts = None
+                self._decoder = None
             if self._decoder is None or index < self._next_index:
                 self._restart()
                 self._next_index = 0

@@ -121,7 +121,12 @@ class MaskCMADataCollator:
             multiple = int(self.pad_to_multiple_of)
             length = (length + multiple - 1) // multiple * multiple
         pad_values = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": -100, "text_token_mask": False}
-        dtypes = {"input_ids": torch.long, "attention_mask": torch.long, "labels": torch.long, "text_token_mask": torch.bool}
+        dtypes = {
+            "input_ids": torch.long,
+            "attention_mask": torch.long,
+            "labels": torch.long,
+            "text_token_mask": torch.bool,
+        }
         batch: dict[str, torch.Tensor] = {}
         for key, values in rows.items():
             padded = torch.full((len(features), length), pad_values[key], dtype=dtypes[key])
