@@ -132,8 +132,8 @@ def test_frozen_parts_get_no_gradient_and_trained_parts_do(tiny_tokenizer):
 
 def test_gradient_checkpointing_reaches_the_vlm(tiny_tokenizer):
     model, _ = build_tiny_model()
-    model.gradient_checkpointing_enable()
-    assert model.is_gradient_checkpointing
+    model.activation_checkpointing_enable()
+    assert model.is_activation_checkpointing
     language_model = model.vlm.model.language_model
     assert language_model.gradient_checkpointing
     model.train()
