@@ -560,9 +560,11 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
         text_token_mask: torch.Tensor | None = None,
         max_new_tokens: int = 32,
         mask_threshold: float | None = None,
+        video_frames=None,
         **kwargs,
     ) -> MaskCMASegmentationOutput:
-        r"""Generate an answer for each prompt and decode every ``[SEG]`` of it into a mask.
+        r"""Generate an answer for each prompt and decode every ``[SEG]`` of it into a mask (images) or a mask per
+        frame (videos).
 
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, prompt_len)`): left-padded prompts.
@@ -575,12 +577,17 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
             max_new_tokens (`int`): answer length limit.
             mask_threshold (`float`, *optional*): logit threshold (default `config.mask_threshold`, i.e. 0.5 after
                 the sigmoid).
+            video_frames (*optional*): a video as a lazy frame source (`len()` and `[i]` → `(3, S, S)` SAM2-ready
+                tensor), as the processor returns for `videos=`; or pass `sam_pixel_values` of shape
+                `(batch_size, num_frames, 3, S, S)` for short clips. Videos also take `key_frame_indices`
+                (`(num_key_frames,)`, the frames the VLM saw), `offload_state_to_cpu`, `bounded_memory`,
+                `show_progress` and `answer_ids`; see `video_segmentation.segment_video`.
             kwargs: further generation arguments (e.g. `do_sample`), passed to `generate`.
 
         Returns:
-            [`MaskCMASegmentationOutput`]. An answer without ``[SEG]`` gives `(0, H, W)` masks.
+            [`MaskCMASegmentationOutput`]. Masks are `(num_objects, H, W)` per image and `(num_objects, num_frames,
+            H, W)` per video; an answer without ``[SEG]`` gives zero objects.
         """
-        video_frames = kwargs.pop("video_frames", None)
         if video_frames is not None or (sam_pixel_values is not None and sam_pixel_values.ndim == 5):
             from .video_segmentation import segment_video
 
