@@ -211,31 +211,31 @@ def test_remote_code_load_without_the_package(tmp_path, tiny_tokenizer):
     assert "REMOTE-OK" in result.stdout
 
 
-def force_answer(tokenizer, answer: str):
-    """A prefix_allowed_tokens_fn that makes generation emit `answer` then end-of-sequence."""
-    forced = tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-
-    def allowed(batch_id, generated):
-        return [forced[min(len(generated) - allowed.prompt_len, len(forced) - 1)]]
-
-    return allowed, forced
-
-
-def test_segment_returns_masks_at_the_original_size(tiny_tokenizer):
+def segment_with_forced_answer(answer: str, original_size: tuple[int, int]):
+    """Run `segment` on the tiny model with generation forced (through `prefix_allowed_tokens_fn`, a regular
+    generation argument) to emit `answer` and then end-of-sequence."""
     model, tokenizer = build_tiny_model(seed=4)
     model.eval()
     prompt = tokenizer([chat_text(PROMPTS[0], None)], return_tensors="pt")
-    allowed, forced = force_answer(tokenizer, "Sure, [SEG] and [SEG].")
-    allowed.prompt_len = prompt.input_ids.shape[1]
-    inputs = make_batch(tokenizer, PROMPTS[:1], [None], with_labels=False)
-    out = model.segment(
+    forced = tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    prompt_len = prompt.input_ids.shape[1]
+
+    def allowed(batch_id, generated):
+        return [forced[min(len(generated) - prompt_len, len(forced) - 1)]]
+
+    images = make_batch(tokenizer, PROMPTS[:1], [None], with_labels=False)
+    return model.segment(
         input_ids=prompt.input_ids,
         attention_mask=prompt.attention_mask,
-        pixel_values=inputs["pixel_values"],
-        sam_pixel_values=inputs["sam_pixel_values"],
-        original_sizes=torch.tensor([[90, 170]]),
+        pixel_values=images["pixel_values"],
+        sam_pixel_values=images["sam_pixel_values"],
+        original_sizes=torch.tensor([original_size]),
         prefix_allowed_tokens_fn=allowed,
     )
+
+
+def test_segment_returns_masks_at_the_original_size():
+    out = segment_with_forced_answer("Sure, [SEG] and [SEG].", (90, 170))
     assert out.answers == ["Sure, [SEG] and [SEG]."]
     assert out.masks[0].shape == (2, 90, 170) and out.masks[0].dtype == torch.bool
     assert out.scores[0].shape == (2,)
@@ -244,21 +244,8 @@ def test_segment_returns_masks_at_the_original_size(tiny_tokenizer):
     assert torch.equal(out.masks[0], upsampled > 0)
 
 
-def test_segment_without_seg_returns_no_masks(tiny_tokenizer, caplog):
-    model, tokenizer = build_tiny_model(seed=4)
-    model.eval()
-    prompt = tokenizer([chat_text(PROMPTS[0], None)], return_tensors="pt")
-    allowed, _ = force_answer(tokenizer, "There is no such object.")
-    allowed.prompt_len = prompt.input_ids.shape[1]
-    inputs = make_batch(tokenizer, PROMPTS[:1], [None], with_labels=False)
-    out = model.segment(
-        input_ids=prompt.input_ids,
-        attention_mask=prompt.attention_mask,
-        pixel_values=inputs["pixel_values"],
-        sam_pixel_values=inputs["sam_pixel_values"],
-        original_sizes=torch.tensor([[40, 50]]),
-        prefix_allowed_tokens_fn=allowed,
-    )
+def test_segment_without_seg_returns_no_masks():
+    out = segment_with_forced_answer("There is no such object.", (40, 50))
     assert out.answers == ["There is no such object."]
     assert out.masks[0].shape == (0, 40, 50)
 
