@@ -112,3 +112,20 @@ def test_train_resume_and_saved_model(tmp_path, capsys):
         from transformers_maskcma.trainer.commands import resolve_resume
 
         resolve_resume(True, str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("name", ["recipe.yaml", "demo.yaml"])
+def test_shipped_configs_are_valid(name):
+    from pathlib import Path
+
+    import transformers_maskcma
+
+    path = Path(transformers_maskcma.__file__).parent / "configs" / name
+    config = load_train_config(path)
+    args = config.training_arguments()
+    if name == "recipe.yaml":
+        assert config.model.source == "parts" and config.lora.enabled and (config.lora.r, config.lora.alpha) == (128, 256)
+        assert config.data.mix == "seed_mix.yaml"
+        assert args.learning_rate == 4e-5 and args.weight_decay == 0.05 and args.lr_scheduler_type.value == "cosine"
+    else:
+        assert config.model.source == "tiny" and not config.lora.enabled and args.max_steps == 250
