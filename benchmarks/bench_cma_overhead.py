@@ -13,6 +13,7 @@ FLOPs of every variant are also counted (meta device, exact), a noise-free cross
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Any
 
@@ -90,6 +91,7 @@ def measure_size(size: str, settings: BenchSettings) -> dict[str, Any]:
     flops = count_flops(size, FORWARD_VARIANTS + DECODER_VARIANTS)
     timings = {**forward_times, **decoder_times}
     return {
+        "latency_ratio_composed": composed_latency_ratio(forward_times, decoder_times),
         "sam2_input_size": sam2_input_size(size),
         "num_objects": inputs.num_objects,
         "num_text_tokens": inputs.text_tokens.shape[1],
@@ -112,15 +114,29 @@ def measure_size(size: str, settings: BenchSettings) -> dict[str, Any]:
     }
 
 
+def composed_latency_ratio(forward_times: dict[str, list[float]], decoder_times: dict[str, list[float]]) -> float:
+    """Latency ratio of the image forward with / without CMA, composed from precise parts.
+
+    The image forward is the encoder followed by the decoding, so its extra cost with the CMA is the extra cost of
+    the decoding, which the decoder-only rounds measure with a small spread (they take ~1 % of the time of a
+    forward, so many rounds fit). The ratio is ``(F + D_cma − D) / F`` with ``F`` the median CMA-free forward and
+    ``D_cma``, ``D`` the median decodings. On a shared CPU, the direct ratio of the forwards carries the machine's
+    noise on the whole encoder time (tens of percent over a few rounds), far above the effect measured.
+    """
+    forward = statistics.median(forward_times["image_forward_no_cma"])
+    extra = statistics.median(decoder_times["decoder_cma"]) - statistics.median(decoder_times["decoder_no_cma"])
+    return (forward + extra) / forward
+
+
 def targets_from(results: dict[str, Any]) -> list[dict[str, Any]]:
     if TARGET_SIZE not in results:
         return []
     large = results[TARGET_SIZE]
     return [
         target_row(
-            "latency, image forward with CMA / without (Hiera-L, 1024 px)",
+            "latency, image forward with CMA / without (Hiera-L, 1024 px; forward + measured extra decoding cost)",
             f"≤ {LATENCY_LIMIT}×",
-            large["latency_ratio_image_forward"]["ratio_of_medians"],
+            large["latency_ratio_composed"],
             LATENCY_LIMIT,
         ),
         target_row(
@@ -151,18 +167,19 @@ def plot(payload: dict[str, Any], path) -> None:
     latency_axis.legend(fontsize=7)
 
     series = {
-        "latency (image forward)": [results[s]["latency_ratio_image_forward"]["ratio_of_medians"] for s in sizes],
-        "peak memory (image forward)": [results[s]["memory_ratio_image_forward_peak"] for s in sizes],
-        "FLOPs (image forward)": [results[s]["flop_ratio_image_forward"] for s in sizes],
+        "latency, direct": [results[s]["latency_ratio_image_forward"]["ratio_of_medians"] for s in sizes],
+        "latency, forward + extra decoding": [results[s]["latency_ratio_composed"] for s in sizes],
+        "peak memory": [results[s]["memory_ratio_image_forward_peak"] for s in sizes],
+        "FLOPs": [results[s]["flop_ratio_image_forward"] for s in sizes],
     }
     for offset, (label, values) in enumerate(series.items()):
-        positions = [index + (offset - 1) * 0.25 for index in range(len(sizes))]
-        ratio_axis.bar(positions, values, 0.25, label=label)
+        positions = [index + (offset - 1.5) * 0.2 for index in range(len(sizes))]
+        ratio_axis.bar(positions, values, 0.2, label=label)
     ratio_axis.axhline(LATENCY_LIMIT, color="red", linestyle="--", linewidth=1, label=f"target ≤ {LATENCY_LIMIT}× (Hiera-L)")
     ratio_axis.axhline(1.0, color="black", linewidth=0.5)
     ratio_axis.set_xticks(range(len(sizes)), sizes)
     ratio_axis.set_ylabel("with CMA / without CMA")
-    ratio_axis.set_title("CMA path / CMA-free path")
+    ratio_axis.set_title("image forward: CMA path / CMA-free path")
     ratio_axis.legend(fontsize=7)
     figure.suptitle(f"{TITLE} — {machine_caption(payload)}", fontsize=8)
     save_figure(figure, path)
@@ -174,8 +191,9 @@ def run(settings: BenchSettings) -> dict[str, Any]:
     settings.apply()
     results = {size: measure_size(size, settings) for size in sizes_for(settings)}
     notes = [
-        "Latency: medians of interleaved rounds (1 warm-up round not recorded); ratio_of_medians is the reported "
-        "value, paired_* are the round-by-round ratios.",
+        "Latency: medians of interleaved rounds (1 warm-up round not recorded); paired_* are the round-by-round "
+        "ratios. The target uses latency_ratio_composed = (forward without CMA + extra decoding time with CMA) / "
+        "forward without CMA, whose parts are measured precisely; latency_ratio_image_forward is the direct ratio.",
         "Memory: peak memory of one call (after one warm-up call at the tiny size, none at the real sizes); "
         "peak_bytes includes weights and inputs, delta_bytes is the increase during the call. Decoder-only variants "
         "decode random features of the real shapes.",

@@ -6,10 +6,15 @@ through the CUDA caching allocator.
 CPU: torch allocates CPU tensors with the C library's `malloc`, which `tracemalloc` does not see, so we read the
 kernel's own accounting of the process's resident memory:
 
-1. `mallopt(M_MMAP_THRESHOLD, 128 KiB)` and `mallopt(M_TRIM_THRESHOLD, 128 KiB)`: every block of 128 KiB or more
-   (every tensor that matters) is its own `mmap` and goes back to the kernel on `free`. glibc's default *dynamic*
-   threshold would otherwise start serving large tensors from the heap after the first ones are freed and keep
-   that memory after the call, so a second call would re-use it and look free of cost.
+1. `mallopt(M_MMAP_THRESHOLD, 4 KiB)` (one page) and `mallopt(M_TRIM_THRESHOLD, 4 KiB)`: every block of a page
+   or more is its own `mmap` and goes back to the kernel on `free`, so RSS follows the live tensors. glibc's default
+   *dynamic* threshold would otherwise start serving large tensors from the heap after the first ones are freed and
+   keep that memory after the call, so a second call would re-use it and look free of cost. The threshold is one
+   page, not glibc's usual 128 KiB, because the heap's high-water mark is not live memory: with a 128 KiB threshold
+   the tiny model's tensors (mostly 4–64 KiB) came from the heap, whose fragmentation grew over a video run
+   (+14 % from 8 to 128 frames, levelling off by 512) while the live tensors did not grow at all (one-page
+   threshold: 4.69, 4.64, 4.62 MiB for 8, 32, 128 frames). `M_MMAP_MAX` is raised so that the number of mappings
+   never forces blocks back onto the heap.
 2. After a warm-up call (one-time allocations: thread pools, kernels' scratch space), `gc.collect()`, read `VmRSS`
    from `/proc/self/status` as the baseline (weights, inputs, interpreter).
    `malloc_trim(0)` first returns any free heap memory to the kernel.
@@ -42,7 +47,9 @@ from .common import REPO_ROOT, BenchSettings
 PROBE_MARKER = "MEMORY_PROBE_RESULT "
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-_FIXED_THRESHOLD_BYTES = 128 * 1024
+_M_MMAP_MAX = -4
+FIXED_THRESHOLD_BYTES = 4096  # one page
+_MAX_MAPPINGS = 1 << 24
 _malloc_fixed = False
 
 
@@ -97,7 +104,8 @@ def reset_peak_rss() -> None:
 
 
 def fix_malloc_thresholds() -> None:
-    """Make glibc return every block ≥ 128 KiB to the kernel on free (see the module docstring). Idempotent."""
+    """Make glibc give every block of a page or more its own mapping, returned to the kernel on free (see the
+    module docstring). Idempotent."""
     global _malloc_fixed
     if _malloc_fixed:
         return
@@ -105,7 +113,12 @@ def fix_malloc_thresholds() -> None:
     mallopt = getattr(libc, "mallopt", None)
     if mallopt is None:
         raise RuntimeError("the C library has no mallopt(); CPU peak-memory measurement needs glibc")
-    if mallopt(_M_MMAP_THRESHOLD, _FIXED_THRESHOLD_BYTES) != 1 or mallopt(_M_TRIM_THRESHOLD, _FIXED_THRESHOLD_BYTES) != 1:
+    accepted = [
+        mallopt(_M_MMAP_THRESHOLD, FIXED_THRESHOLD_BYTES),
+        mallopt(_M_TRIM_THRESHOLD, FIXED_THRESHOLD_BYTES),
+        mallopt(_M_MMAP_MAX, _MAX_MAPPINGS),
+    ]
+    if accepted != [1, 1, 1]:
         raise RuntimeError("mallopt() refused the fixed mmap/trim thresholds; CPU peak memory cannot be measured")
     _malloc_fixed = True
 
@@ -132,7 +145,7 @@ def _measure_cpu(function: Callable[[], Any], repeats: int, warmup: int) -> dict
         function()
         peaks.append(peak_rss_bytes())
         baselines.append(baseline)
-    return {"baselines": baselines, "peaks": peaks, "method": "cpu_vmhwm"}
+    return {"baselines": baselines, "peaks": peaks, "method": "cpu_vmhwm", "mmap_threshold_bytes": FIXED_THRESHOLD_BYTES}
 
 
 def _measure_cuda(function: Callable[[], Any], repeats: int, warmup: int) -> dict[str, Any]:
@@ -172,6 +185,7 @@ def measure_peak_memory(
         "delta_bytes": int(statistics.median(deltas)),
         "samples": {"baseline_bytes": raw["baselines"], "peak_bytes": raw["peaks"], "delta_bytes": deltas},
         "method": raw["method"],
+        **({"mmap_threshold_bytes": raw["mmap_threshold_bytes"]} if "mmap_threshold_bytes" in raw else {}),
     }
 
 

@@ -102,14 +102,15 @@ def cma_overhead_table(payload: Mapping[str, Any]) -> str:
             _spread(summary["image_forward_no_cma"]),
             _spread(summary["image_forward_cma"]),
             _ratio(result["latency_ratio_image_forward"]),
+            f"{result['latency_ratio_composed']:.4f}×",
             f"{result['flop_ratio_image_forward']:.4f}×",
             f"{_mib(memory['image_forward_no_cma']['peak_bytes'])} → {_mib(memory['image_forward_cma']['peak_bytes'])}",
             f"{result['memory_ratio_image_forward_peak']:.3f}×",
             f"{_mib(memory['image_forward_no_cma']['delta_bytes'])} → {_mib(memory['image_forward_cma']['delta_bytes'])}",
             _ratio(result["latency_ratio_decoder"]),
         ])
-    header = ["SAM2 size", "image forward, no CMA", "image forward, CMA", "latency ratio (paired range)",
-              "FLOP ratio", "peak memory no CMA → CMA", "peak ratio", "activation increment no CMA → CMA",
+    header = ["SAM2 size", "image forward, no CMA", "image forward, CMA", "latency ratio, direct (paired range)",
+              "latency ratio, forward + extra decoding", "FLOP ratio", "peak memory no CMA → CMA", "peak ratio", "activation increment no CMA → CMA",
               "decoder alone: latency ratio"]
     return _table(header, rows)
 
@@ -151,6 +152,9 @@ def video_scaling_table(payload: Mapping[str, Any]) -> str:
             _mib(memory["delta_bytes"]),
             _mib(memory["peak_bytes"]),
         ])
+    for count in payload["settings"].get("memory_only_frame_counts", []):
+        memory = results["memory"][str(count)]
+        rows.append([f"{count} (memory only)", "—", "—", "—", _mib(memory["delta_bytes"]), _mib(memory["peak_bytes"])])
     header = ["frames", "time per frame (min–max over rounds)", "median single frame step", "VLM answer (apart)",
               "memory added by the run", "peak memory (incl. model, runtime)"]
     return _table(header, rows)
