@@ -249,7 +249,11 @@ class MaskCMATrainer(Trainer):
         self._component_sums.zero_()
         self._component_last_logged_step = self.state.global_step
         cma = active_cma(self.model)
-        logs["cma_gamma"] = float(cma.gamma.detach().float().reshape(-1)[0])
+        gamma = cma.gamma.detach()
+        if hasattr(gamma, "full_tensor"):  # FSDP2: a sharded DTensor (collective: every process is here)
+            gamma = gamma.full_tensor()
+        if gamma.numel():  # FSDP1 leaves an empty local view on the processes that do not hold it
+            logs["cma_gamma"] = float(gamma.float().reshape(-1)[0])
         logs["cma_warmup_factor"] = float(cma.warmup_factor)
         return logs
 
