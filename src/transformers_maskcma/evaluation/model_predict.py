@@ -44,7 +44,10 @@ def _to_numpy(value) -> np.ndarray:
 
 
 def model_predict_fn(
-    model_dir: str | os.PathLike, device: str | None = None, dtype: str | None = None
+    model_dir: str | os.PathLike,
+    device: str | None = None,
+    dtype: str | None = None,
+    generate_kwargs: dict | None = None,
 ) -> Callable[[dict], list[np.ndarray]]:
     """Load a MaskCMA model folder (or Hub repo id) and return ``predict_fn(record) -> list of object masks``.
 
@@ -52,6 +55,7 @@ def model_predict_fn(
         model_dir: a folder written by ``save_pretrained`` / ``maskcma export``, or a Hub repo id.
         device: ``"cuda"``, ``"cpu"``, …; default CUDA when available.
         dtype: torch dtype name for the weights (``"bfloat16"``, ``"float32"``); default the saved dtype.
+        generate_kwargs: extra arguments for ``model.segment`` / generation (e.g. ``max_new_tokens``).
 
     Returns:
         A function of one decoded record (frames as PIL images) returning the answer's masks, one array per
@@ -76,7 +80,7 @@ def model_predict_fn(
             inputs = processor(videos=frames, text=record["prompt"], return_tensors="pt")
         inputs = inputs.to(device=device, dtype=model.dtype)  # floating tensors take the weights' dtype
         with torch.inference_mode():
-            output = model.segment(**inputs)
+            output = model.segment(**inputs, **(generate_kwargs or {}))
         return segment_output_masks(output)
 
     return predict
