@@ -44,8 +44,8 @@ TARGET_SIZE = "hiera_large"
 FORWARD_VARIANTS = ("image_forward_no_cma", "image_forward_cma")
 DECODER_VARIANTS = ("decoder_no_cma", "decoder_cma")
 
-# recorded rounds (after one warm-up round) per size; Hiera-L at 1024 px takes tens of seconds per forward on two
-# CPU cores, so it gets few rounds (each round holds both variants back to back, and the ratio is what we report)
+# recorded rounds (after one warm-up round) per size; Hiera-L at 1024 px takes ~25 s per forward on one
+# CPU thread, so it gets few rounds (each round holds both variants back to back, and the ratio is what we report)
 CPU_REPEATS = {"tiny": {"forward": 30, "decoder": 30}, "hiera_tiny": {"forward": 5, "decoder": 10},
                "hiera_large": {"forward": 3, "decoder": 6}}
 GPU_REPEATS = {"tiny": {"forward": 50, "decoder": 50}, "hiera_tiny": {"forward": 30, "decoder": 50},

@@ -225,9 +225,12 @@ def plot(payload: dict[str, Any], path) -> None:
     speed_axis.set_title(f"{results['tokens_per_step']} tokens per step")
     peaks = [results["memory"][variant]["peak_bytes"] / 2**20 for variant in VARIANTS]
     deltas = [results["memory"][variant]["delta_bytes"] / 2**20 for variant in VARIANTS]
-    memory_axis.bar(VARIANTS, peaks, label="peak (weights + optimiser + step)", color="tab:gray")
-    memory_axis.bar(VARIANTS, deltas, label="increase during the step", color="tab:red")
-    memory_axis.set_ylabel("memory [MiB]")
-    memory_axis.legend(fontsize=7)
+    bars = memory_axis.bar(VARIANTS, deltas, color="tab:red")
+    for bar, peak in zip(bars, peaks):
+        memory_axis.annotate(f"peak {peak:.0f} MiB", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                             ha="center", va="bottom", fontsize=7)
+    memory_axis.set_ylabel("memory added by the step [MiB]")
+    memory_axis.set_ylim(top=max(deltas) * 1.2)
+    memory_axis.set_title("step increment (label: peak incl. weights + AdamW state)", fontsize=9)
     figure.suptitle(f"{TITLE} — {machine_caption(payload)}", fontsize=8)
     save_figure(figure, path)

@@ -232,13 +232,19 @@ def plot(payload: dict[str, Any], path) -> None:
     memory_counts = counts + [int(c) for c in payload["settings"].get("memory_only_frame_counts", [])]
     deltas = [results["memory"][str(c)]["delta_bytes"] / 2**20 for c in memory_counts]
     peaks = [results["memory"][str(c)]["peak_bytes"] / 2**20 for c in memory_counts]
-    memory_axis.plot(memory_counts, deltas, "o-", label="added by the video run")
-    memory_axis.plot(memory_counts, peaks, "s--", label="peak (incl. model and runtime)")
+    memory_axis.plot(memory_counts, deltas, "o-", color="tab:blue", label="added by the video run (left)")
+    memory_axis.axhspan(deltas[0], deltas[0] * MEMORY_LIMIT, color="green", alpha=0.15, label="target band (+10 %)")
     memory_axis.set_xscale("log", base=2)
     memory_axis.set_xlabel("frames")
-    memory_axis.set_ylabel("memory [MiB]")
-    memory_axis.set_ylim(bottom=0)
-    memory_axis.legend(fontsize=7)
+    memory_axis.set_ylabel("memory added by the run [MiB]")
+    memory_axis.set_ylim(bottom=0, top=max(deltas) * 1.5)
+    peak_axis = memory_axis.twinx()
+    peak_axis.plot(memory_counts, peaks, "s--", color="tab:orange", label="peak incl. model and runtime (right)")
+    peak_axis.set_ylabel("peak memory [MiB]")
+    peak_axis.set_ylim(bottom=0, top=max(peaks) * 1.2)
+    lines = memory_axis.get_legend_handles_labels()
+    peak_lines = peak_axis.get_legend_handles_labels()
+    memory_axis.legend(lines[0] + peak_lines[0], lines[1] + peak_lines[1], fontsize=7, loc="lower right")
     figure.suptitle(f"{TITLE} — {machine_caption(payload)}", fontsize=8)
     save_figure(figure, path)
 
