@@ -116,7 +116,7 @@ def reencoding_forward(model: MaskCMAModel, inputs: ImageInputs) -> dict:
 def memory_warmup(size: str) -> int:
     """Warm-up calls before a peak-memory measurement: one at the tiny size; none at the real sizes, where the
     one-time allocations a first call makes (thread pool, kernel scratch space: a few MiB) vanish next to GiBs of
-    activations and a Hiera-L call takes minutes on a CPU core."""
+    activations and a Hiera-L call takes tens of seconds on a CPU core."""
     return 1 if size == "tiny" else 0
 
 
