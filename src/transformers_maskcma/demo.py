@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from transformers import TrainingArguments
 
 from .data.schema import decode_rle
-from .data.synthetic import SyntheticConfig, load_synthetic, shuffled_prompts
+from .data.synthetic import SyntheticConfig, assert_disjoint, load_synthetic, shuffled_prompts
 from .evaluation.metrics import ReferringImageMetrics, image_referring_metrics
 from .modeling import MaskCMAModel
 
@@ -50,14 +50,29 @@ class DemoSettings:
 
     The synthetic scenes are the generator's defaults except for the share of videos (mostly images, so that the
     CPU budget goes into steps). `model_overrides` are `tiny_config` fields: full fine-tuning of the random tiny
-    model.
+    model. Three choices make a random 64-wide model learn to read the prompt within minutes (docs/training.md,
+    "The CPU demo"):
+
+    - `paired_prompts`: training scenes carry prompts for two different objects; each becomes its own sample and
+      both sit in the same batch, so the same image asks for two different masks (only the text tells them apart);
+    - `grounded_answers`: the answer names the object right after its token, ``"Sure, [SEG] red circle."``: the LM
+      loss then makes the ``[SEG]`` hidden state predict the description, so it carries the prompt;
+    - `head_init_scale`: `seg_proj` and `text_proj` are re-initialised with std ``scale / sqrt(fan_in)`` so that the
+      ``[SEG]`` embedding has the size of SAM2's other prompt tokens (the default std 0.02 suits a wide pretrained
+      LLM; after a 64-wide one it is ~40× too small for the decoder to notice), and train at `head_lr_scale` × the
+      learning rate so that they stay that size.
     """
 
     train_samples: int = 3000
     eval_samples: int = 300
     steps: int = 600
     batch_size: int = 8
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-4
+    llm_lr_scale: float = 1.0
+    head_lr_scale: float = 0.1
+    head_init_scale: float | None = 1.0
+    paired_prompts: bool = True
+    grounded_answers: bool = True
     weight_decay: float = 0.05
     lr_warmup: float = 0.05
     max_grad_norm: float = 1.0
@@ -107,11 +122,59 @@ class RunResult:
 
 
 def demo_data(settings: DemoSettings) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """The training split and the held-out test split (verified to share no image or clip with training)."""
+    """The training records and the held-out test split.
+
+    The held-out split is the generator's standard one (one prompt per sample). With `paired_prompts` the training
+    scenes are drawn with two referred objects each (``multi_object_fraction=1``) and split into two single-object
+    samples that stay adjacent (`split_object_pairs`); the test split is checked to share no image or clip with the
+    training scenes either way."""
     config = settings.synthetic_config()
-    train = load_synthetic("train", settings.train_samples, config)
-    test = load_synthetic("test", settings.eval_samples, config, check_train_samples=settings.train_samples)
+    if settings.paired_prompts:
+        scenes = max(1, settings.train_samples // 2)
+        train_config = replace(config, multi_object_fraction=1.0)
+        train = split_object_pairs(load_synthetic("train", scenes, train_config))
+        check = load_synthetic("train", scenes, train_config)
+    else:
+        train = check = load_synthetic("train", settings.train_samples, config)
+    test = load_synthetic("test", settings.eval_samples, config, check_train_samples=0)
+    assert_disjoint(check, test)
+    if settings.grounded_answers:
+        train = train.map(_with_grounded_answer, desc="grounded answers")
     return train, test
+
+
+def split_object_pairs(records: datasets.Dataset) -> datasets.Dataset:
+    """Split every two-object record (prompt ``"A and B"``, two masks) into two adjacent single-object records
+    (prompt ``A`` with the first mask, ``B`` with the second). The generator's descriptions never contain "and", so
+    the split is exact; records with one object are kept as they are."""
+    columns = {name: [] for name in records.column_names}
+    for record in records:
+        parts = record["prompt"].split(" and ")
+        if len(record["masks"]) == 1:
+            pieces = [(record["prompt"], record["masks"], record["sample_id"])]
+        elif len(parts) == len(record["masks"]):
+            pieces = [(part, [masks], f"{record['sample_id']}/{k}") for k, (part, masks) in enumerate(zip(parts, record["masks"]))]
+        else:
+            raise ValueError(
+                f"record {record['sample_id']}: prompt {record['prompt']!r} does not split into "
+                f"{len(record['masks'])} descriptions"
+            )
+        for prompt, masks, sample_id in pieces:
+            for name in records.column_names:
+                columns[name].append(record[name])
+            columns["prompt"][-1], columns["masks"][-1], columns["sample_id"][-1] = prompt, masks, sample_id
+            columns["answer"][-1] = ""
+    return datasets.Dataset.from_dict(columns, features=records.features)
+
+
+def grounded_answer(prompt: str) -> str:
+    """``"Sure, [SEG] red circle."`` for the prompt ``"the red circle"`` (one ``[SEG]`` per description)."""
+    descriptions = [part[4:] if part.startswith("the ") else part for part in prompt.split(" and ")]
+    return "Sure, " + " and ".join(f"[SEG] {description}" for description in descriptions) + "."
+
+
+def _with_grounded_answer(record: dict) -> dict:
+    return {"answer": grounded_answer(record["prompt"])}
 
 
 def image_records(records: datasets.Dataset) -> datasets.Dataset:
@@ -141,6 +204,8 @@ def train_model(settings: DemoSettings, train: datasets.Dataset, use_cma: bool, 
     from .trainer.trainer import MaskCMATrainer
 
     model, tokenizer = build_tiny_model(seed=settings.seed, use_cma=use_cma, **settings.model_overrides)
+    if settings.head_init_scale is not None:
+        reinit_projection_heads(model, settings.head_init_scale, seed=settings.seed)
     processor = MaskCMAProcessor.from_model_config(model.config, tokenizer)
     on_cpu = not torch.cuda.is_available()
     args = TrainingArguments(
@@ -163,15 +228,88 @@ def train_model(settings: DemoSettings, train: datasets.Dataset, use_cma: bool, 
         seed=settings.seed,
         data_seed=settings.seed,
     )
+    collator = MaskCMADataCollator(processor)
+    dataset = ProcessedRecords(train, processor)
+    if settings.paired_prompts:
+        dataset, data_collator = AdjacentPairs(dataset), PairCollator(collator)
+        args.per_device_train_batch_size = max(1, settings.batch_size // 2)
+    else:
+        data_collator = collator
     trainer = MaskCMATrainer(
         model=model,
         args=args,
-        train_dataset=ProcessedRecords(train, processor),
-        data_collator=MaskCMADataCollator(processor),
+        train_dataset=dataset,
+        data_collator=data_collator,
+        optimizers=(demo_optimizer(model, settings), None),
     )
     trainer.train()
     model.eval()
     return model, processor, trainer
+
+
+HEAD_MODULES = ("seg_proj", "text_proj")
+
+
+def reinit_projection_heads(model: MaskCMAModel, scale: float, seed: int = 0) -> None:
+    """Re-initialise the linear layers of `seg_proj` and `text_proj`: weights ~ N(0, (scale / sqrt(fan_in))²),
+    zero biases (see `DemoSettings`)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in HEAD_MODULES:
+            for module in getattr(model, name).modules():
+                if isinstance(module, torch.nn.Linear):
+                    std = scale / module.in_features**0.5
+                    module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * std)
+                    module.bias.zero_()
+
+
+def demo_optimizer(model: MaskCMAModel, settings: DemoSettings) -> torch.optim.Optimizer:
+    """AdamW with the recipe's decoupled weight decay on matrices (not on biases and norms); the language model
+    at `llm_lr_scale` and the projection heads at `head_lr_scale` × the learning rate. `Trainer` adds the cosine
+    schedule (it scales every group's rate alike)."""
+    from .trainer.lora import language_model_prefix
+
+    llm_prefix = language_model_prefix(model) + "."
+    scales = {"llm": settings.llm_lr_scale, "head": settings.head_lr_scale, "other": 1.0}
+    groups: dict[tuple[str, bool], list] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        part = "head" if name.startswith(HEAD_MODULES) else "llm" if name.startswith(llm_prefix) else "other"
+        groups.setdefault((part, parameter.ndim >= 2), []).append(parameter)
+    param_groups = [
+        {
+            "params": params,
+            "lr": settings.learning_rate * scales[part],
+            "weight_decay": settings.weight_decay if decays else 0.0,
+        }
+        for (part, decays), params in groups.items()
+    ]
+    return torch.optim.AdamW(param_groups, lr=settings.learning_rate)
+
+
+class AdjacentPairs(torch.utils.data.Dataset):
+    """Items are pairs of adjacent samples `(2i, 2i + 1)` (the two prompts of one scene), so that shuffling keeps
+    them in the same batch."""
+
+    def __init__(self, samples: torch.utils.data.Dataset):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples) // 2
+
+    def __getitem__(self, index: int) -> list:
+        return [self.samples[2 * index], self.samples[2 * index + 1]]
+
+
+class PairCollator:
+    """Flattens a batch of pairs and collates the samples with `MaskCMADataCollator`."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, pairs: list[list]) -> dict:
+        return self.collator([sample for pair in pairs for sample in pair])
 
 
 @torch.no_grad()
