@@ -108,6 +108,36 @@ def test_router_scores_receive_gradient(top_k):
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0
 
 
+def test_routing_weights_are_one_with_the_gradient_of_log_p_even_when_p_underflows():
+    from transformers_maskcma.modeling.cma import TextTokenRouter
+
+    torch.manual_seed(0)
+    router = TextTokenRouter(EMBED)
+    tokens = torch.randn(2, 5, EMBED)
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    seg = torch.randn(2, EMBED)
+    with torch.no_grad():  # token 3 of object 0 points against the object's query: its softmax weight underflows
+        direction = router.key_proj.weight.T @ router.query_proj(seg)[0]
+        tokens[0, 3] = -400.0 * direction / direction.norm()
+    _, selected_mask, weights, indices, scores = router(tokens, mask, seg, top_k=None)
+    # p underflows to 0 in float32: p / stop_gradient(p) is NaN there (or weighted 0 when special-cased)
+    assert scores.softmax(-1)[0, 3] == 0.0
+    torch.testing.assert_close(weights, selected_mask.float(), rtol=0, atol=0)  # exactly 1 on valid tokens
+    upstream = torch.randn(weights.shape)
+    (weights * upstream).sum().backward()
+    grads = [p.grad.clone() for p in (router.query_proj.weight, router.key_proj.weight)]
+    assert all(torch.isfinite(g).all() for g in grads)
+    # independent computation: the gradient of sum(upstream · log p) over the valid tokens
+    router.zero_grad()
+    query = router.query_proj(seg)
+    keys = router.key_proj(tokens)
+    log_p = (torch.einsum("nd,ntd->nt", query, keys) / math.sqrt(EMBED)).masked_fill(~mask, float("-inf"))
+    log_p = log_p.log_softmax(-1).masked_fill(~mask, 0.0)
+    (log_p * upstream * mask).sum().backward()
+    for expected, parameter in zip(grads, (router.query_proj.weight, router.key_proj.weight)):
+        torch.testing.assert_close(expected, parameter.grad)
+
+
 def test_gate_positions_differ_as_the_formulas_say():
     """Output gate: F + γ σ(G) (W a + b). Attention gate (queries visual): F + γ (W (σ(G) a) + b).
     Their difference is exactly γ (σ(G) − 1) b."""

@@ -83,11 +83,12 @@ class TextTokenRouter(nn.Module):
         else:
             selected_indices = scores.topk(keep, dim=-1).indices
         selected_mask = token_mask.gather(1, selected_indices)
-        # softmax over the valid tokens; an object with no valid token at all cannot occur (its [SEG] is always valid)
-        probs = scores.softmax(dim=-1).gather(1, selected_indices)
-        detached = probs.detach()
-        routing_weights = torch.where(detached > 0, probs / torch.where(detached > 0, detached, 1.0), 0.0)
-        routing_weights = routing_weights * selected_mask
+        # log-softmax over the valid tokens; an object with no valid token at all cannot occur (its [SEG] always is).
+        # p / stop_gradient(p) is computed as exp(log p - stop_gradient(log p)): the same value (exactly 1) and the
+        # same gradient, without the 1/p factor that overflows to inf (and then NaN) when a token's p underflows.
+        log_probs = scores.log_softmax(dim=-1).gather(1, selected_indices)
+        log_probs = torch.where(selected_mask, log_probs, torch.zeros_like(log_probs))
+        routing_weights = torch.exp(log_probs - log_probs.detach()) * selected_mask
         selected_tokens = tokens.gather(1, selected_indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
         return selected_tokens, selected_mask, routing_weights, selected_indices, scores
 
