@@ -292,3 +292,35 @@ def test_synthetic_video_is_lazy_and_deterministic():
     assert video[0].shape == (3, 16, 16)
     with pytest.raises(IndexError, match="outside the video"):
         video[5]
+
+
+def test_oracle_query_indices_name_each_field():
+    from benchmarks.demo_ceiling import QUERY_FIELDS, OracleQueryEmbedding
+
+    ids = OracleQueryEmbedding.encode({"color": "blue", "shape": None, "position": "left", "motion": None})
+    assert ids == [
+        QUERY_FIELDS["color"].index("blue"),
+        len(QUERY_FIELDS["shape"]),  # "not used" row
+        QUERY_FIELDS["position"].index("left"),
+    ]
+    oracle = OracleQueryEmbedding(8)
+    tokens = oracle(torch.tensor([ids]))
+    expected = (
+        oracle.tables["color"].weight[ids[0]]
+        + oracle.tables["shape"].weight[ids[1]]
+        + oracle.tables["position"].weight[ids[2]]
+    )
+    torch.testing.assert_close(tokens[0], expected)
+
+
+def test_demo_ceiling_quick_run_writes_both_scene_settings(tmp_path):
+    from benchmarks.demo_ceiling import main
+
+    assert main(["--quick", "--output-dir", str(tmp_path)]) == 0
+    payload = _strict_json(tmp_path / "demo_ceiling.json")
+    assert payload["benchmark"] == "demo_ceiling" and payload["quick"] is True
+    assert set(payload["results"]) == {"generator_defaults", "demo_scenes"}
+    for result in payload["results"].values():
+        assert 0.0 <= result["ciou"] <= 1.0 and 0.0 <= result["giou"] <= 1.0
+        assert sum(kind["images"] for kind in result["per_prompt_kind"].values()) == 6
+    assert payload["results"]["demo_scenes"]["scenes"]["max_shapes"] == 3

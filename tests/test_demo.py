@@ -38,3 +38,14 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
 def test_demo_rejects_bad_arguments(tmp_path, capsys):
     assert main(["demo", "--quick", "--steps", "0", "--output", str(tmp_path)]) == 2
     assert "--steps must be >= 1" in capsys.readouterr().err
+
+
+def test_a_diverged_training_run_is_an_error_not_a_result(tmp_path):
+    from dataclasses import replace
+
+    from transformers_maskcma.demo import QUICK_SETTINGS, demo_data, train_model
+
+    settings = replace(QUICK_SETTINGS, learning_rate=1e30, head_init_scale=None, paired_prompts=False)
+    train, _ = demo_data(settings)
+    with pytest.raises(RuntimeError, match="training diverged: .* NaN/inf"):
+        train_model(settings, train, use_cma=True, output_dir=tmp_path)

@@ -48,8 +48,11 @@ TARGET_MARGIN = 0.2
 class DemoSettings:
     """Everything the demo run depends on (recorded in ``results.json``).
 
-    The synthetic scenes are the generator's defaults except for the share of videos (mostly images, so that the
-    CPU budget goes into steps). `model_overrides` are `tiny_config` fields: full fine-tuning of the random tiny
+    The synthetic scenes differ from the generator's defaults in three ways: mostly images (so that the CPU budget
+    goes into steps), larger shapes (30–40 % of the frame instead of 15–30 %) and 2–3 shapes instead of 2–4. The
+    tiny SAM2 sees a 128-pixel frame as an 8×8 image embedding; a 20-pixel shape covers about one cell of it, and
+    a randomly initialised decoder learns to pick one such shape among several far more slowly than the budget
+    allows (docs/cma_ablation.md, "What limits the demo"). `model_overrides` are `tiny_config` fields: full fine-tuning of the random tiny
     model. Three choices make a random 64-wide model learn to read the prompt within minutes (docs/training.md,
     "The CPU demo"):
 
@@ -63,13 +66,13 @@ class DemoSettings:
       learning rate so that they stay that size.
     """
 
-    train_samples: int = 3000
-    eval_samples: int = 300
-    steps: int = 600
-    batch_size: int = 8
-    learning_rate: float = 2e-4
-    llm_lr_scale: float = 1.0
-    head_lr_scale: float = 0.1
+    train_samples: int = 6000
+    eval_samples: int = 200
+    steps: int = 1600
+    batch_size: int = 4
+    learning_rate: float = 2.5e-4
+    llm_lr_scale: float = 4.0
+    head_lr_scale: float = 0.4
     head_init_scale: float | None = 1.0
     paired_prompts: bool = True
     grounded_answers: bool = True
@@ -80,7 +83,9 @@ class DemoSettings:
     eval_batch_size: int = 32
     threads: int = 1
     ablation: bool = True
-    synthetic: dict = field(default_factory=lambda: {"video_fraction": 0.1})
+    synthetic: dict = field(
+        default_factory=lambda: {"video_fraction": 0.1, "min_shape_size": 0.3, "max_shape_size": 0.4, "max_shapes": 3}
+    )
     model_overrides: dict = field(
         default_factory=lambda: {
             "freeze_sam2_image_encoder": False,
@@ -243,6 +248,12 @@ def train_model(settings: DemoSettings, train: datasets.Dataset, use_cma: bool, 
         optimizers=(demo_optimizer(model, settings), None),
     )
     trainer.train()
+    non_finite = [name for name, parameter in model.named_parameters() if not torch.isfinite(parameter).all()]
+    if non_finite:
+        raise RuntimeError(
+            f"training diverged: {len(non_finite)} parameter tensors hold NaN/inf (first: {non_finite[0]}); "
+            "lower DemoSettings.learning_rate or try another --seed"
+        )
     model.eval()
     return model, processor, trainer
 
