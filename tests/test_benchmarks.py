@@ -313,13 +313,14 @@ def test_oracle_query_indices_name_each_field():
     torch.testing.assert_close(tokens[0], expected)
 
 
-def test_demo_ceiling_quick_run_writes_both_scene_settings(tmp_path):
+def test_demo_ceiling_quick_run_writes_every_run(tmp_path):
     from benchmarks.demo_ceiling import main
 
     assert main(["--quick", "--output-dir", str(tmp_path)]) == 0
     payload = _strict_json(tmp_path / "demo_ceiling.json")
     assert payload["benchmark"] == "demo_ceiling" and payload["quick"] is True
-    assert set(payload["results"]) == {"generator_defaults", "demo_scenes"}
+    assert set(payload["results"]) == {"generator_defaults", "demo_scenes", "demo_scenes_lr_1e-3"}
+    assert payload["results"]["demo_scenes_lr_1e-3"]["learning_rate"] == 1e-3
     for result in payload["results"].values():
         assert 0.0 <= result["ciou"] <= 1.0 and 0.0 <= result["giou"] <= 1.0
         assert sum(kind["images"] for kind in result["per_prompt_kind"].values()) == 6

@@ -12,8 +12,9 @@ What it does, on a CPU in a few minutes:
    most of its score there;
 4. saves the model folder (weights, remote code, processor), reloads it and checks the reloaded model gives the
    same masks, and runs `maskcma predict` on a held-out image and a held-out clip, writing mask PNGs and overlays;
-5. trains and evaluates the same model with ``use_cma=False`` (the plain Sa2VA path) and writes the comparison to
-   ``DIR/cma_ablation.md`` (the repository's docs/cma_ablation.md holds a recorded run).
+5. trains and evaluates the same model with ``use_cma=False`` (the plain Sa2VA path) — in a second process, at the
+   same time as step 2 (each run is single-threaded) — and writes the comparison to ``DIR/cma_ablation.md`` (the
+   repository's docs/cma_ablation.md holds a recorded run).
 
 Targets: held-out cIoU ≥ 0.75 and at least 0.2 above the shuffled-prompt control. ``--quick`` runs the same
 pipeline with a handful of steps (a smoke test, no targets).
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -52,9 +54,9 @@ class DemoSettings:
     goes into steps), larger shapes (30–40 % of the frame instead of 15–30 %) and 2–3 shapes instead of 2–4. The
     tiny SAM2 sees a 128-pixel frame as an 8×8 image embedding; a 20-pixel shape covers about one cell of it, and
     a randomly initialised decoder learns to pick one such shape among several far more slowly than the budget
-    allows (docs/cma_ablation.md, "What limits the demo"). `model_overrides` are `tiny_config` fields: full fine-tuning of the random tiny
-    model. Three choices make a random 64-wide model learn to read the prompt within minutes (docs/training.md,
-    "The CPU demo"):
+    allows (docs/cma_ablation.md, "What limits the demo"). `model_overrides` are `tiny_config` fields: full
+    fine-tuning of the random tiny model. Four choices make it learn to read the prompt within minutes
+    (docs/training.md, "The CPU demo"):
 
     - `paired_prompts`: training scenes carry prompts for two different objects; each becomes its own sample and
       both sit in the same batch, so the same image asks for two different masks (only the text tells them apart);
@@ -62,17 +64,20 @@ class DemoSettings:
       loss then makes the ``[SEG]`` hidden state predict the description, so it carries the prompt;
     - `head_init_scale`: `seg_proj` and `text_proj` are re-initialised with std ``scale / sqrt(fan_in)`` so that the
       ``[SEG]`` embedding has the size of SAM2's other prompt tokens (the default std 0.02 suits a wide pretrained
-      LLM; after a 64-wide one it is ~40× too small for the decoder to notice), and train at `head_lr_scale` × the
-      learning rate so that they stay that size.
+      LLM; after a 64-wide one it is ~40× too small for the decoder to notice);
+    - learning rates per part: SAM2, the CMA and the vision tower at `learning_rate`, the language model at
+      `llm_lr_scale` × it and the projection heads at `head_lr_scale` × it. A random SAM2 stalls at 1e-3 (its
+      gradients fade while the loss stays high) and learns well at 1e-4; the tiny LLM needs ~1e-3 to make its
+      ``[SEG]`` state depend on the prompt within the budget.
     """
 
     train_samples: int = 6000
     eval_samples: int = 200
-    steps: int = 1600
+    steps: int = 2400
     batch_size: int = 4
-    learning_rate: float = 2.5e-4
-    llm_lr_scale: float = 4.0
-    head_lr_scale: float = 0.4
+    learning_rate: float = 1e-4
+    llm_lr_scale: float = 10.0
+    head_lr_scale: float = 1.0
     head_init_scale: float | None = 1.0
     paired_prompts: bool = True
     grounded_answers: bool = True
@@ -378,6 +383,62 @@ def train_and_evaluate(
     return model, processor, result
 
 
+class AblationRun:
+    """The ``use_cma=False`` run, trained and scored in a second process while this one trains with the CMA.
+
+    The two runs are independent and single-threaded by default, so on two cores they take the time of one. The
+    child reads the same records (saved with `datasets.Dataset.save_to_disk`) and writes its console output to
+    ``<work_dir>/cma_off.log``; :meth:`result` waits for it and prints its summary line."""
+
+    def __init__(self, settings: DemoSettings, train: datasets.Dataset, held_out: datasets.Dataset, work_dir: Path):
+        import concurrent.futures
+        import multiprocessing
+
+        self.log_path = work_dir / "cma_off.log"
+        self._data_dir = data_dir = work_dir / "cma_off_data"
+        train.save_to_disk(str(data_dir / "train"))
+        held_out.save_to_disk(str(data_dir / "held_out"))
+        self._executor = concurrent.futures.ProcessPoolExecutor(
+            max_workers=1, mp_context=multiprocessing.get_context("spawn")
+        )
+        self._future = self._executor.submit(_ablation_worker, settings, data_dir, work_dir, self.log_path)
+        print(f"(the CMA-off run trains in a second process; its log: {self.log_path})", flush=True)
+
+    def result(self) -> RunResult:
+        print("\n== waiting for the CMA-off run ==", flush=True)
+        try:
+            result = self._future.result()
+        except Exception as error:
+            raise RuntimeError(f"the CMA-off run failed ({error}); its log: {self.log_path}") from error
+        finally:
+            self._executor.shutdown()
+            shutil.rmtree(self._data_dir)
+        print(
+            f"CMA off: held-out cIoU {result.ciou:.3f} (gIoU {result.giou:.3f}); shuffled prompts cIoU "
+            f"{result.shuffled_ciou:.3f} (gIoU {result.shuffled_giou:.3f})",
+            flush=True,
+        )
+        return result
+
+
+def start_ablation(settings: DemoSettings, train, held_out, work_dir: Path) -> AblationRun:
+    work_dir.mkdir(parents=True, exist_ok=True)
+    return AblationRun(settings, train, held_out, work_dir)
+
+
+def _ablation_worker(settings: DemoSettings, data_dir: Path, work_dir: Path, log_path: Path) -> RunResult:
+    """Child-process entry point of :class:`AblationRun`."""
+    with open(log_path, "w", buffering=1) as log:
+        sys.stdout = sys.stderr = log
+        if settings.threads > 0:
+            torch.set_num_threads(settings.threads)
+        torch.manual_seed(settings.seed)
+        train = datasets.load_from_disk(str(data_dir / "train"))
+        held_out = datasets.load_from_disk(str(data_dir / "held_out"))
+        _, _, result = train_and_evaluate(settings, train, held_out, False, work_dir)
+        return result
+
+
 # -- saving, reloading, predicting -----------------------------------------------------------------------------
 
 
@@ -455,7 +516,7 @@ def ablation_markdown(settings: DemoSettings, runs: list[RunResult], wall_time_s
     lines += [
         "",
         f"Settings: {settings.steps} steps × batch {settings.batch_size}, AdamW lr {settings.learning_rate:g} "
-        f"(cosine, {settings.lr_warmup:.0%} warm-up), weight decay {settings.weight_decay}, grad clip "
+        f"(language model ×{settings.llm_lr_scale:g}, projection heads ×{settings.head_lr_scale:g}; cosine, {settings.lr_warmup:.0%} warm-up), weight decay {settings.weight_decay}, grad clip "
         f"{settings.max_grad_norm}; {settings.train_samples} training and {settings.eval_samples} held-out samples "
         f"(synthetic overrides {settings.synthetic}); model overrides {settings.model_overrides}; seed "
         f"{settings.seed}. Whole demo wall time {wall_time_s:.0f} s on {os.cpu_count()} CPU core(s).",
@@ -483,7 +544,9 @@ def run_demo(output_dir: str | Path, settings: DemoSettings | None = None) -> di
         raise ValueError("the held-out split has no image sample; raise eval_samples or lower the video fraction")
     print(f"{len(train)} training samples, {len(test)} held-out samples ({len(held_out)} images scored)")
 
-    model, processor, main_run = train_and_evaluate(settings, train, held_out, True, output_dir / "work")
+    work_dir = output_dir / "work"
+    ablation = start_ablation(settings, train, held_out, work_dir) if settings.ablation else None
+    model, processor, main_run = train_and_evaluate(settings, train, held_out, True, work_dir)
     print("\n== saving, reloading and predicting ==", flush=True)
     model_dir = output_dir / "model"
     round_trip = save_and_reload(model, processor, model_dir, held_out.select(range(min(4, len(held_out)))))
@@ -491,9 +554,8 @@ def run_demo(output_dir: str | Path, settings: DemoSettings | None = None) -> di
     predictions = run_predictions(model_dir, test, output_dir)
 
     runs = [main_run]
-    if settings.ablation:
-        _, _, ablation_run = train_and_evaluate(settings, train, held_out, False, output_dir / "work")
-        runs.append(ablation_run)
+    if ablation is not None:
+        runs.append(ablation.result())
     wall_time = time.time() - started
     (output_dir / "cma_ablation.md").write_text(ablation_markdown(settings, runs, wall_time))
 
