@@ -314,11 +314,11 @@ def test_state_stays_bounded_from_16_to_64_frames_and_pruning_changes_nothing(ti
     seg_embeds = seg_embeds[:1]  # one object keeps the test fast; the state is per object
     keys = [3, 9]  # backwards pass, then forwards
 
-    baseline = live_tensor_bytes()
-
     def run(num_frames: int, bounded: bool):
         """Peak bytes held by SAM2's session over the frames, and bytes of all live tensors at the last frame
-        beyond the baseline and the collected outputs."""
+        beyond those alive when the run starts (its own baseline: tensors freed between runs must not count) and
+        the collected outputs."""
+        baseline = live_tensor_bytes()
         propagation = VideoMaskPropagation(
             model, GeneratedFrames(num_frames), keys, seg_embeds, text_tokens, text_mask, bounded_memory=bounded
         )
