@@ -36,6 +36,7 @@ from transformers_maskcma.demo import DemoSettings
 from transformers_maskcma.evaluation.metrics import image_referring_metrics
 from transformers_maskcma.modeling.mask_decoding import dice_loss, sigmoid_bce_loss, upsample_mask_logits
 from transformers_maskcma.processing import MaskCMAProcessor
+from transformers_maskcma.processing.image_io import sam2_preprocess
 from transformers_maskcma.tiny import build_tiny_model
 
 from .common import DEFAULT_OUTPUT_DIR
@@ -90,7 +91,7 @@ class PreparedImages:
 
 
 def prepare(records, processor: MaskCMAProcessor) -> PreparedImages:
-    """SAM2 inputs (the processor's own preprocessing), query indices, ground-truth masks and prompt kinds of
+    """SAM2 inputs (the processor's SAM2 preprocessing), query indices, ground-truth masks and prompt kinds of
     single-object image records."""
     pixels, query_ids, masks, kinds = [], [], [], []
     for record in tqdm(records, desc="preparing images", leave=False):
@@ -98,7 +99,9 @@ def prepare(records, processor: MaskCMAProcessor) -> PreparedImages:
         if record["media_type"] != "image" or len(meta["queries"]) != 1:
             raise ValueError(f"{record['sample_id']}: the ceiling run takes single-object image records only")
         image = record["frames"][0]
-        pixels.append(processor(images=[image], text=[record["prompt"]])["sam_pixel_values"][0])
+        pixels.append(
+            sam2_preprocess(image, processor.sam_image_size, processor.sam_image_mean, processor.sam_image_std)
+        )
         query_ids.append(OracleQueryEmbedding.encode(meta["queries"][0]))
         masks.append(decode_rle(record["masks"][0][0], expected_size=(image.size[1], image.size[0])))
         kinds.append(meta["prompt_kinds"][0])

@@ -119,7 +119,7 @@ def test_routing_weights_are_one_with_the_gradient_of_log_p_even_when_p_underflo
     with torch.no_grad():  # token 3 of object 0 points against the object's query: its softmax weight underflows
         direction = router.key_proj.weight.T @ router.query_proj(seg)[0]
         tokens[0, 3] = -400.0 * direction / direction.norm()
-    _, selected_mask, weights, indices, scores = router(tokens, mask, seg, top_k=None)
+    _, selected_mask, weights, _, scores = router(tokens, mask, seg, top_k=None)
     # p underflows to 0 in float32: p / stop_gradient(p) is NaN there (or weighted 0 when special-cased)
     assert scores.softmax(-1)[0, 3] == 0.0
     torch.testing.assert_close(weights, selected_mask.float(), rtol=0, atol=0)  # exactly 1 on valid tokens

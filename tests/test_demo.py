@@ -24,6 +24,9 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
         assert 0.0 <= run["ciou"] <= 1.0 and 0.0 <= run["shuffled_ciou"] <= 1.0
         assert run["final_logs"]["cma_warmup_factor"] >= 0.0 and "tmc_loss" in run["final_logs"]
     assert results["round_trip_identical"] is True
+    # the CMA-off run trained in a second process: its log stays, its copy of the data is removed
+    assert "training the tiny model (CMA off)" in (output / "work" / "cma_off.log").read_text()
+    assert not (output / "work" / "cma_off_data").exists()
     assert results["settings"]["steps"] == 3
 
     # the saved folder loads strictly; predictions wrote overlays for a held-out image and clip

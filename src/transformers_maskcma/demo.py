@@ -142,8 +142,8 @@ def demo_data(settings: DemoSettings) -> tuple[datasets.Dataset, datasets.Datase
     if settings.paired_prompts:
         scenes = max(1, settings.train_samples // 2)
         train_config = replace(config, multi_object_fraction=1.0)
-        train = split_object_pairs(load_synthetic("train", scenes, train_config))
         check = load_synthetic("train", scenes, train_config)
+        train = split_object_pairs(check)
     else:
         train = check = load_synthetic("train", settings.train_samples, config)
     test = load_synthetic("test", settings.eval_samples, config, check_train_samples=0)
@@ -163,7 +163,10 @@ def split_object_pairs(records: datasets.Dataset) -> datasets.Dataset:
         if len(record["masks"]) == 1:
             pieces = [(record["prompt"], record["masks"], record["sample_id"])]
         elif len(parts) == len(record["masks"]):
-            pieces = [(part, [masks], f"{record['sample_id']}/{k}") for k, (part, masks) in enumerate(zip(parts, record["masks"]))]
+            pieces = [
+                (part, [masks], f"{record['sample_id']}/{k}")
+                for k, (part, masks) in enumerate(zip(parts, record["masks"]))
+            ]
         else:
             raise ValueError(
                 f"record {record['sample_id']}: prompt {record['prompt']!r} does not split into "
@@ -394,6 +397,7 @@ class AblationRun:
         import concurrent.futures
         import multiprocessing
 
+        work_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = work_dir / "cma_off.log"
         self._data_dir = data_dir = work_dir / "cma_off_data"
         train.save_to_disk(str(data_dir / "train"))
@@ -419,11 +423,6 @@ class AblationRun:
             flush=True,
         )
         return result
-
-
-def start_ablation(settings: DemoSettings, train, held_out, work_dir: Path) -> AblationRun:
-    work_dir.mkdir(parents=True, exist_ok=True)
-    return AblationRun(settings, train, held_out, work_dir)
 
 
 def _ablation_worker(settings: DemoSettings, data_dir: Path, work_dir: Path, log_path: Path) -> RunResult:
@@ -516,7 +515,8 @@ def ablation_markdown(settings: DemoSettings, runs: list[RunResult], wall_time_s
     lines += [
         "",
         f"Settings: {settings.steps} steps × batch {settings.batch_size}, AdamW lr {settings.learning_rate:g} "
-        f"(language model ×{settings.llm_lr_scale:g}, projection heads ×{settings.head_lr_scale:g}; cosine, {settings.lr_warmup:.0%} warm-up), weight decay {settings.weight_decay}, grad clip "
+        f"(language model ×{settings.llm_lr_scale:g}, projection heads ×{settings.head_lr_scale:g}; cosine, "
+        f"{settings.lr_warmup:.0%} warm-up), weight decay {settings.weight_decay}, grad clip "
         f"{settings.max_grad_norm}; {settings.train_samples} training and {settings.eval_samples} held-out samples "
         f"(synthetic overrides {settings.synthetic}); model overrides {settings.model_overrides}; seed "
         f"{settings.seed}. Whole demo wall time {wall_time_s:.0f} s on {os.cpu_count()} CPU core(s).",
@@ -545,7 +545,7 @@ def run_demo(output_dir: str | Path, settings: DemoSettings | None = None) -> di
     print(f"{len(train)} training samples, {len(test)} held-out samples ({len(held_out)} images scored)")
 
     work_dir = output_dir / "work"
-    ablation = start_ablation(settings, train, held_out, work_dir) if settings.ablation else None
+    ablation = AblationRun(settings, train, held_out, work_dir) if settings.ablation else None
     model, processor, main_run = train_and_evaluate(settings, train, held_out, True, work_dir)
     print("\n== saving, reloading and predicting ==", flush=True)
     model_dir = output_dir / "model"
