@@ -134,6 +134,51 @@ def test_gt_masks_are_resized_with_nearest_to_the_low_resolution_size(processor,
     assert small[:, :16].sum() == 0 and small[:, 16:].all()
 
 
+def test_area_resize_stores_the_covered_share_of_each_cell(tiny_tokenizer, shapes):
+    """`gt_mask_resize="area"`: each 32×32 target is the mean of its 4×6 footprint of the 128×192 mask (an
+    independent block average in numpy)."""
+    image, masks = shapes
+    area = MaskCMAProcessor.from_model_config(MaskCMAConfig.tiny(), tiny_tokenizer, gt_mask_resize="area")
+    mask = masks["green triangle"]
+    gt = area(images=image, text=PROMPT, masks=[mask])["gt_masks"][0]
+    expected = mask.astype(np.float64).reshape(32, 4, 32, 6).mean(axis=(1, 3))
+    assert gt.dtype == torch.float32
+    assert np.allclose(gt.numpy(), expected, atol=1e-6)
+    assert ((gt > 0) & (gt < 1)).any()  # soft along the border
+
+
+def _disk_and_square(size=128):
+    centres = np.arange(size) + 0.5
+    y, x = np.meshgrid(centres, centres, indexing="ij")
+    disk = (x - 64.0) ** 2 + (y - 61.0) ** 2 < 22.5**2
+    square = (x > 40) & (x < 85) & (y > 41) & (y < 86)
+    return {"disk": disk, "square": square}
+
+
+@pytest.mark.parametrize("name", ["disk", "square"])
+def test_nearest_targets_are_shifted_and_area_targets_are_not(name):
+    """Ideal logits for each target (logit of the target value), upsampled like inference does: the nearest
+    targets lose IoU to their half-cell offset (the number docs/training.md quotes), the area targets do not."""
+    from transformers_maskcma.processing.training_features import resize_masks
+
+    mask = _disk_and_square()[name]
+    ious = {}
+    for mode in ("nearest", "area"):
+        target = resize_masks([mask], 32, mode)
+        ideal_logits = torch.logit(target.clamp(1e-3, 1 - 1e-3))[None]
+        predicted = (upsample_mask_logits(ideal_logits, (128, 128))[0, 0] > 0).numpy()
+        ious[mode] = (predicted & mask).sum() / (predicted | mask).sum()
+    assert ious["nearest"] < 0.89
+    assert ious["area"] > 0.98
+    # the nearest target is the area one moved by the offset: the mask's first pixel of each 4x4 footprint
+    assert torch.equal(resize_masks([mask], 32, "nearest")[0], torch.from_numpy(mask[::4, ::4].astype(np.float32)))
+
+
+def test_an_unknown_gt_mask_resize_is_rejected(tiny_tokenizer):
+    with pytest.raises(ValueError, match=r"gt_mask_resize='bilinear' is not valid; use one of \['nearest', 'area'\]"):
+        MaskCMAProcessor.from_model_config(MaskCMAConfig.tiny(), tiny_tokenizer, gt_mask_resize="bilinear")
+
+
 @pytest.mark.parametrize(
     ("num_objects", "expected"),
     [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from transformers import AutoProcessor
 
 from transformers_maskcma.cli import main
 from transformers_maskcma.modeling import MaskCMAModel
@@ -37,6 +38,7 @@ def _write(tmp_path, content, name="train.yaml"):
         ({"model": {"tiny": True, "path": "x"}}, r"give exactly one of tiny, path or parts"),
         ({"model": {"parts": {"vlm": "a"}}}, r"model\.parts\.sam2 is required"),
         ({"model": {"processor": {"num_key_frame": 4}}}, r"model\.processor\.num_key_frame is not a known field"),
+        ({"model": {"processor": {"gt_mask_resize": "bilinear"}}}, r"model\.processor\.gt_mask_resize must be one of 'nearest', 'area'"),
         ({"lora": {"r": "big"}}, r"lora\.r must be an integer"),
         ({"lora": {"dropout": 1.5}}, r"lora\.dropout must lie in \[0, 1\)"),
         ({"data": {"sources": [], "mix": "m.yaml"}}, r"data: give either 'mix'"),
@@ -81,7 +83,7 @@ def test_recipe_defaults_and_overrides(tmp_path):
 def test_train_resume_and_saved_model(tmp_path, capsys):
     output = tmp_path / "run"
     content = {
-        "model": {"tiny": {"seed": 0}, "config": {"tmc_weight": 0.1}},
+        "model": {"tiny": {"seed": 0}, "config": {"tmc_weight": 0.1}, "processor": {"gt_mask_resize": "area"}},
         "data": {"sources": [{"dataset": "synthetic", "split": "train", "options": {"num_samples": 6}}], "cache": True},
         "lora": {"enabled": True, "r": 4, "alpha": 8},
         "training": {
@@ -101,6 +103,7 @@ def test_train_resume_and_saved_model(tmp_path, capsys):
     assert (output / "checkpoint-2").is_dir()
     model = MaskCMAModel.from_pretrained(output / "model")
     assert model.tokenizer is not None and not any("lora" in name for name, _ in model.named_parameters())
+    assert AutoProcessor.from_pretrained(output / "model").gt_mask_resize == "area"  # the YAML's processor settings
 
     content["training"]["max_steps"] = 3
     path = _write(tmp_path, content)

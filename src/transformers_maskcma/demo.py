@@ -55,7 +55,7 @@ class DemoSettings:
     tiny SAM2 sees a 128-pixel frame as an 8×8 image embedding; a 20-pixel shape covers about one cell of it, and
     a randomly initialised decoder learns to pick one such shape among several far more slowly than the budget
     allows (docs/cma_ablation.md, "What limits the demo"). `model_overrides` are `tiny_config` fields: full
-    fine-tuning of the random tiny model. Four choices make it learn to read the prompt within minutes
+    fine-tuning of the random tiny model. Five choices make it learn to read the prompt within minutes
     (docs/training.md, "The CPU demo"):
 
     - `paired_prompts`: training scenes carry prompts for two different objects; each becomes its own sample and
@@ -65,6 +65,9 @@ class DemoSettings:
     - `head_init_scale`: `seg_proj` and `text_proj` are re-initialised with std ``scale / sqrt(fan_in)`` so that the
       ``[SEG]`` embedding has the size of SAM2's other prompt tokens (the default std 0.02 suits a wide pretrained
       LLM; after a 64-wide one it is ~40× too small for the decoder to notice);
+    - `gt_mask_resize="area"`: the training masks are the covered share of each 4×4-pixel cell of the 32×32 loss
+      grid. The research code's nearest resize puts every target 1.5 pixels off its cell's centre, which caps a
+      perfectly learnt 40-pixel shape at an IoU of about 0.85 (docs/training.md, "Resizing the ground truth");
     - learning rates per part: SAM2, the CMA and the vision tower at `learning_rate`, the language model at
       `llm_lr_scale` × it and the projection heads at `head_lr_scale` × it. A random SAM2 stalls at 1e-3 (its
       gradients fade while the loss stays high) and learns well at 1e-4; the tiny LLM needs ~1e-3 to make its
@@ -81,6 +84,7 @@ class DemoSettings:
     head_init_scale: float | None = 1.0
     paired_prompts: bool = True
     grounded_answers: bool = True
+    gt_mask_resize: str = "area"
     weight_decay: float = 0.05
     lr_warmup: float = 0.05
     max_grad_norm: float = 1.0
@@ -219,7 +223,7 @@ def train_model(settings: DemoSettings, train: datasets.Dataset, use_cma: bool, 
     model, tokenizer = build_tiny_model(seed=settings.seed, use_cma=use_cma, **settings.model_overrides)
     if settings.head_init_scale is not None:
         reinit_projection_heads(model, settings.head_init_scale, seed=settings.seed)
-    processor = MaskCMAProcessor.from_model_config(model.config, tokenizer)
+    processor = MaskCMAProcessor.from_model_config(model.config, tokenizer, gt_mask_resize=settings.gt_mask_resize)
     on_cpu = not torch.cuda.is_available()
     args = TrainingArguments(
         output_dir=str(output_dir),

@@ -20,6 +20,7 @@ from transformers.utils import logging
 
 from .image_io import IMAGENET_MEAN, IMAGENET_STD, describe_input, image_size_hw, load_image, sam2_preprocess
 from .training_features import (
+    GT_MASK_RESIZES,
     default_answer,
     normalize_object_masks,
     object_ids_from_masks,
@@ -76,8 +77,12 @@ class MaskCMAProcessor(ProcessorMixin):
             (`config.vlm_config.image_seq_length`).
         sam_image_size (`int`, *optional*, defaults to 1024): SAM2's input size `S`.
         sam_image_mean, sam_image_std (`list[float]`, *optional*): SAM2's normalisation (ImageNet).
-        gt_mask_size (`int`, *optional*): training masks are resized (nearest) to `gt_mask_size`², by default
+        gt_mask_size (`int`, *optional*): training masks are resized to `gt_mask_size`², by default
             `sam_image_size // 4`, the size of SAM2's low-resolution masks where the loss is computed.
+        gt_mask_resize (`str`, *optional*, defaults to `"nearest"`): how: `"nearest"` (the research code; its
+            targets sit `(H / gt_mask_size − 1) / 2` pixels off the cells' centres, 1.5 pixels for a 128-pixel image
+            and 32×32 masks) or `"area"` (the share of each cell the object covers: soft, centred targets). See
+            `training_features.resize_masks`.
         num_key_frames (`int`, *optional*, defaults to 5): key frames the VLM sees in a video.
         key_frame_sampling (`str`, *optional*, defaults to `"first"`): `"first"` (Sa2VA) or `"uniform"`.
         max_length (`int`, *optional*): longest token sequence the LLM accepts (`max_position_embeddings`);
@@ -96,6 +101,7 @@ class MaskCMAProcessor(ProcessorMixin):
         sam_image_mean: Sequence[float] = IMAGENET_MEAN,
         sam_image_std: Sequence[float] = IMAGENET_STD,
         gt_mask_size: int | None = None,
+        gt_mask_resize: str = "nearest",
         num_key_frames: int = 5,
         key_frame_sampling: str = "first",
         max_length: int | None = None,
@@ -114,6 +120,9 @@ class MaskCMAProcessor(ProcessorMixin):
         self.sam_image_mean = [float(v) for v in sam_image_mean]
         self.sam_image_std = [float(v) for v in sam_image_std]
         self.gt_mask_size = int(gt_mask_size) if gt_mask_size is not None else self.sam_image_size // 4
+        if gt_mask_resize not in GT_MASK_RESIZES:
+            raise ValueError(f"gt_mask_resize={gt_mask_resize!r} is not valid; use one of {list(GT_MASK_RESIZES)}")
+        self.gt_mask_resize = gt_mask_resize
         self.num_key_frames = int(num_key_frames)
         if key_frame_sampling not in KEY_FRAME_SAMPLINGS:
             raise ValueError(
@@ -463,7 +472,7 @@ class MaskCMAProcessor(ProcessorMixin):
                     image, self.sam_image_size, self.sam_image_mean, self.sam_image_std
                 )[None],
                 "frame_sample_index": torch.zeros(1, dtype=torch.long),
-                "gt_masks": resize_masks([m[0] for m in object_masks], self.gt_mask_size),
+                "gt_masks": resize_masks([m[0] for m in object_masks], self.gt_mask_size, self.gt_mask_resize),
                 "target_seg_index": seg_index,
                 "target_frame_index": frame_index,
                 "seg_object_ids": torch.tensor(object_ids_from_masks(object_masks), dtype=torch.long),
@@ -549,7 +558,9 @@ class MaskCMAProcessor(ProcessorMixin):
             ]
         )
         gt = resize_masks(
-            [object_masks[o][f] for o in range(len(object_masks)) for f in sam_indices], self.gt_mask_size
+            [object_masks[o][f] for o in range(len(object_masks)) for f in sam_indices],
+            self.gt_mask_size,
+            self.gt_mask_resize,
         )
         seg_index, frame_index = target_mapping(len(object_masks), len(sam_indices))
         features.update(

@@ -117,13 +117,32 @@ def normalize_object_masks(masks, frame_size: tuple[int, int], num_frames: int |
     return result
 
 
-def resize_masks(masks: list[np.ndarray], size: int) -> torch.Tensor:
-    """Nearest-neighbour resize of `(H, W)` bool masks to `(size, size)`, the SAM2 frame geometry (a plain resize,
-    like the image). Returns a float `{0, 1}` tensor `(len(masks), size, size)`."""
+#: How training masks are brought to the loss resolution (`MaskCMAProcessor(gt_mask_resize=...)`).
+GT_MASK_RESIZES = ("nearest", "area")
+
+
+def resize_masks(masks: list[np.ndarray], size: int, mode: str = "nearest") -> torch.Tensor:
+    """Resize `(H, W)` bool masks to `(size, size)`, the SAM2 frame geometry (a plain resize, like the image).
+
+    Args:
+        masks: the masks, each `(H, W)` bool.
+        size: output side `g`.
+        mode: `"nearest"` (the research code): every output cell copies one input pixel, `{0, 1}` targets. PyTorch's
+            nearest takes the first pixel of each cell's footprint, so the targets lie `(H / g − 1) / 2` input
+            pixels up and left of the cells' centres, and a mask learnt from them comes out shifted by that much.
+            `"area"`: every cell holds the fraction of its footprint the object covers, soft targets in `[0, 1]`
+            centred on the cells; a mask learnt from them is unbiased (thresholding the logits at 0 keeps the cells
+            covered more than half).
+
+    Returns:
+        A float tensor `(len(masks), size, size)`.
+    """
+    if mode not in GT_MASK_RESIZES:
+        raise ValueError(f"gt_mask_resize={mode!r} is not valid; use one of {list(GT_MASK_RESIZES)}")
     if not masks:
         return torch.zeros(0, size, size)
     stacked = torch.from_numpy(np.stack(masks).astype(np.float32))[:, None]
-    return F.interpolate(stacked, size=(size, size), mode="nearest")[:, 0]
+    return F.interpolate(stacked, size=(size, size), mode=mode)[:, 0]
 
 
 def object_ids_from_masks(masks: list[list[np.ndarray]]) -> list[int]:
@@ -156,6 +175,7 @@ def target_mapping(num_objects: int, num_frames: int) -> tuple[torch.Tensor, tor
 
 
 __all__ = [
+    "GT_MASK_RESIZES",
     "default_answer",
     "mask_to_bool_array",
     "normalize_object_masks",

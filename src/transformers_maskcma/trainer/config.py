@@ -6,7 +6,7 @@ model:                      # exactly one of tiny / path / parts
   # path: /models/maskcma   # a saved MaskCMA model (MaskCMAModel.from_pretrained)
   # parts: {vlm: OpenGVLab/InternVL3-1B-hf, sam2: facebook/sam2.1-hiera-large, tokenizer: null}
   config: {tmc_weight: 0.1} # MaskCMAConfig switches (use_cma, mask_source, cma_*, warmup_ratio, tmc_*, ...)
-  processor: {num_key_frames: 5, key_frame_sampling: uniform, max_image_tiles: 1}
+  processor: {num_key_frames: 5, key_frame_sampling: uniform, max_image_tiles: 1, gt_mask_resize: nearest}
 data:                       # a mix: `mix: FILE` or inline `sources` (format of transformers_maskcma.data.mix)
   sources:
     - {dataset: synthetic, split: train, repeat: 1, options: {num_samples: 2000}}
@@ -71,7 +71,8 @@ RECIPE_DEFAULTS: dict[str, Any] = {
 PROCESSOR_FIELDS: dict[str, Any] = {
     "max_image_tiles": int,
     "num_key_frames": int,
-    "key_frame_sampling": str,
+    "key_frame_sampling": typing.Literal["first", "uniform"],
+    "gt_mask_resize": typing.Literal["nearest", "area"],
 }
 
 _TOP_LEVEL = ("model", "data", "lora", "training")
