@@ -11,8 +11,9 @@ own mask losses on synthetic images, as many images as the demo trains on, and s
 referring metrics. Nothing of the language side takes part, so the held-out cIoU is an upper estimate of what the
 demo can reach in the same budget.
 
-Three runs: the generator's default scenes and the demo's (`DemoSettings.synthetic`) at learning rate 1e-4, and the
-demo's scenes at 1e-3 (a rate that stalls the random SAM2: its gradients fade while the loss stays high). The
+Four runs: the generator's default scenes and the demo's (`DemoSettings.synthetic`) at learning rate 1e-4 with the
+research code's nearest-resized loss targets, the demo's scenes with the demo's `gt_mask_resize="area"` targets, and
+the demo's scenes at 1e-3 (a rate that stalls the random SAM2: its gradients fade while the loss stays high). The
 results, per run and prompt kind, go to ``<output-dir>/demo_ceiling.json``; docs/cma_ablation.md discusses them.
 """
 
@@ -26,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -37,6 +37,7 @@ from transformers_maskcma.evaluation.metrics import image_referring_metrics
 from transformers_maskcma.modeling.mask_decoding import dice_loss, sigmoid_bce_loss, upsample_mask_logits
 from transformers_maskcma.processing import MaskCMAProcessor
 from transformers_maskcma.processing.image_io import sam2_preprocess
+from transformers_maskcma.processing.training_features import resize_masks
 from transformers_maskcma.tiny import build_tiny_model
 
 from .common import DEFAULT_OUTPUT_DIR
@@ -47,13 +48,15 @@ QUERY_FIELDS = {"color": tuple(COLOR_PALETTE), "shape": SHAPES, "position": POSI
 @dataclass
 class CeilingSettings:
     """One oracle-query training run: `steps` × `batch_size` training images, AdamW at `learning_rate` (cosine
-    schedule, 30 warm-up steps), SAM2's image encoder trained as in the demo."""
+    schedule, 30 warm-up steps), SAM2's image encoder trained as in the demo, loss targets resized with
+    `gt_mask_resize` (`"nearest"` or `"area"`, as the processor's argument)."""
 
     steps: int = 800
     batch_size: int = 8
     learning_rate: float = 1e-4
     train_images: int = 6000
     eval_images: int = 200
+    gt_mask_resize: str = "nearest"
     seed: int = 0
 
 
@@ -139,8 +142,7 @@ def run_ceiling(scenes: SyntheticConfig, settings: CeilingSettings) -> dict:
     for _ in tqdm(range(settings.steps), desc="oracle-query training", leave=False):
         index = generator.choice(len(train.kinds), settings.batch_size, replace=False)
         logits = oracle_masks(model, oracle, train.sam_pixel_values[index], train.query_ids[index])
-        gt = torch.stack([torch.from_numpy(train.masks[i]).float() for i in index])
-        gt = F.interpolate(gt[:, None], size=logits.shape[-2:], mode="nearest")[:, 0]
+        gt = resize_masks([train.masks[i] for i in index], logits.shape[-1], settings.gt_mask_resize)
         loss = (
             model.config.bce_loss_weight * sigmoid_bce_loss(logits, gt)
             + model.config.dice_loss_weight * dice_loss(logits, gt)
@@ -192,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = {
         "generator_defaults": (SyntheticConfig(), settings),
         "demo_scenes": (demo_scenes, settings),
+        "demo_scenes_area_targets": (demo_scenes, replace(settings, gt_mask_resize="area")),
         "demo_scenes_lr_1e-3": (demo_scenes, replace(settings, learning_rate=1e-3)),
     }
     results = {}
@@ -199,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = {
             "scenes": {k: v for k, v in vars(scenes).items() if k != "seed"},
             "learning_rate": run_settings.learning_rate,
+            "gt_mask_resize": run_settings.gt_mask_resize,
             **run_ceiling(scenes, run_settings),
         }
         print(f"{name}: held-out cIoU {results[name]['ciou']:.3f} with oracle queries "

@@ -319,8 +319,12 @@ def test_demo_ceiling_quick_run_writes_every_run(tmp_path):
     assert main(["--quick", "--output-dir", str(tmp_path)]) == 0
     payload = _strict_json(tmp_path / "demo_ceiling.json")
     assert payload["benchmark"] == "demo_ceiling" and payload["quick"] is True
-    assert set(payload["results"]) == {"generator_defaults", "demo_scenes", "demo_scenes_lr_1e-3"}
+    assert set(payload["results"]) == {
+        "generator_defaults", "demo_scenes", "demo_scenes_area_targets", "demo_scenes_lr_1e-3"
+    }
     assert payload["results"]["demo_scenes_lr_1e-3"]["learning_rate"] == 1e-3
+    assert payload["results"]["demo_scenes_area_targets"]["gt_mask_resize"] == "area"
+    assert payload["results"]["demo_scenes"]["gt_mask_resize"] == "nearest"
     for result in payload["results"].values():
         assert 0.0 <= result["ciou"] <= 1.0 and 0.0 <= result["giou"] <= 1.0
         assert sum(kind["images"] for kind in result["per_prompt_kind"].values()) == 6

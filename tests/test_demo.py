@@ -28,6 +28,9 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
     assert "training the tiny model (CMA off)" in (output / "work" / "cma_off.log").read_text()
     assert not (output / "work" / "cma_off_data").exists()
     assert results["settings"]["steps"] == 3
+    # the demo trains on centred area targets, and its saved processor says so
+    processor_config = json.loads((output / "model" / "processor_config.json").read_text())
+    assert results["settings"]["gt_mask_resize"] == processor_config["gt_mask_resize"] == "area"
 
     # the saved folder loads strictly; predictions wrote overlays for a held-out image and clip
     MaskCMAModel.from_pretrained(output / "model")
