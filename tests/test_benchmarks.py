@@ -329,3 +329,42 @@ def test_demo_ceiling_quick_run_writes_every_run(tmp_path):
         assert 0.0 <= result["ciou"] <= 1.0 and 0.0 <= result["giou"] <= 1.0
         assert sum(kind["images"] for kind in result["per_prompt_kind"].values()) == 6
     assert payload["results"]["demo_scenes"]["scenes"]["max_shapes"] == 3
+
+
+def test_linear_probe_reads_a_separable_field_and_not_a_random_one():
+    from benchmarks.demo_diagnostics import linear_probe_accuracy
+
+    generator = torch.Generator().manual_seed(0)
+    labels = [("red", "green", "blue")[i % 3] for i in range(300)]
+    codes = torch.tensor([("red", "green", "blue").index(label) for label in labels])
+    separable = torch.nn.functional.one_hot(codes, 3).float() * 3 + torch.randn(300, 3, generator=generator) * 0.1
+    noise = torch.randn(300, 16, generator=generator)
+    readable = linear_probe_accuracy(torch.cat([separable, noise], dim=1), labels)
+    assert readable["accuracy"] == 1.0 and readable["classes"] == ["blue", "green", "red"]
+    assert readable["train_samples"] == 225 and readable["test_samples"] == 75
+    assert readable["majority_rate"] == pytest.approx(25 / 75)
+    unreadable = linear_probe_accuracy(noise, labels)
+    assert unreadable["accuracy"] < 0.6  # chance is 1/3: the probe does not invent the field
+    with pytest.raises(ValueError, match="cannot be split"):
+        linear_probe_accuracy(noise[:1], labels[:1])
+
+
+def test_demo_diagnostics_on_a_saved_tiny_model(tmp_path):
+    """The script runs on a saved (untrained) demo model folder and writes every part."""
+    import json as json_module
+
+    from benchmarks.demo_diagnostics import main as diagnostics_main
+    from transformers_maskcma.processing import MaskCMAProcessor, save_model_folder
+    from transformers_maskcma.tiny import build_tiny_model
+
+    model, tokenizer = build_tiny_model(seed=0)
+    save_model_folder(model.eval(), MaskCMAProcessor.from_model_config(model.config, tokenizer), tmp_path / "model")
+    assert diagnostics_main([str(tmp_path / "model"), "--probe-scenes", "8", "--eval-samples", "6",
+                             "--output-dir", str(tmp_path / "out")]) == 0
+    payload = json_module.loads((tmp_path / "out" / "demo_diagnostics.json").read_text())
+    held_out = payload["held_out"]
+    assert held_out["images"] == sum(kind["images"] for kind in held_out["per_prompt_kind"].values())
+    assert len(held_out["answers"]) == min(8, held_out["images"])
+    assert set(payload["seg_probes"]) == {"color", "shape", "position"}
+    with pytest.raises(SystemExit):
+        diagnostics_main([str(tmp_path / "missing")])

@@ -55,3 +55,90 @@ def test_a_diverged_training_run_is_an_error_not_a_result(tmp_path):
     train, _ = demo_data(settings)
     with pytest.raises(RuntimeError, match="training diverged: .* NaN/inf"):
         train_model(settings, train, use_cma=True, output_dir=tmp_path)
+
+
+# -- training data of the demo -------------------------------------------------------------------------------------
+
+
+def _paired_scenes(num_scenes=12, seed=0):
+    from dataclasses import replace
+
+    from transformers_maskcma.data.synthetic import SyntheticConfig, load_synthetic
+
+    config = SyntheticConfig(seed=seed, video_fraction=0.3, multi_object_fraction=1.0)
+    return load_synthetic("train", num_scenes, replace(config, max_shapes=3))
+
+
+def test_split_object_pairs_splits_or_keeps_each_scene_and_queries_follow_the_masks():
+    from transformers_maskcma.demo import record_queries, scene_id, split_object_pairs
+
+    scenes = _paired_scenes()
+    split = split_object_pairs(scenes)
+    assert len(split) == 2 * len(scenes)
+    for k, record in enumerate(split):
+        scene = scenes[k // 2]
+        assert record["sample_id"] == f"{scene['sample_id']}#{k % 2}" and scene_id(record) == scene["sample_id"]
+        assert record["prompt"] == scene["prompt"].split(" and ")[k % 2]
+        assert record["masks"] == [scene["masks"][k % 2]] and record["answer"] == ""
+        assert record_queries(record) == [json.loads(scene["meta"])["queries"][k % 2]]
+    kept = split_object_pairs(scenes, keep_fraction=1.0)
+    assert kept["sample_id"] == scenes["sample_id"] and kept["prompt"] == scenes["prompt"]
+    assert all(record_queries(r) == json.loads(r["meta"])["queries"] and len(r["masks"]) == 2 for r in kept)
+    mixed = split_object_pairs(scenes, keep_fraction=0.5, seed=3)
+    whole = [r["sample_id"] for r in mixed if "#" not in r["sample_id"]]
+    assert 0 < len(whole) < len(scenes) and len(mixed) == 2 * len(scenes) - len(whole)
+    assert mixed["sample_id"] == split_object_pairs(scenes, keep_fraction=0.5, seed=3)["sample_id"]  # seeded
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ({"color": "blue", "shape": "triangle", "position": "left", "motion": None}, "left blue triangle"),
+        ({"color": None, "shape": None, "position": "top", "motion": None}, "top object"),
+        ({"color": "red", "shape": None, "position": None, "motion": "still"}, "still red object"),
+        ({"color": None, "shape": "circle", "position": None, "motion": None}, "circle"),
+    ],
+)
+def test_canonical_description(query, expected):
+    from transformers_maskcma.demo import canonical_description
+
+    assert canonical_description(query) == expected
+
+
+def test_demo_answers_name_every_object_in_mask_order():
+    from transformers_maskcma.demo import canonical_description, demo_answer, record_queries, split_object_pairs
+
+    kept = split_object_pairs(_paired_scenes(4), keep_fraction=1.0)[0]
+    first, second = (canonical_description(q) for q in record_queries(kept))
+    assert demo_answer(kept, "canonical") == f"Sure, [SEG] {first} and [SEG] {second}."
+    a, b = kept["prompt"].split(" and ")
+    assert demo_answer(kept, "prompt") == f"Sure, [SEG] {a[4:]} and [SEG] {b[4:]}."
+    one = {"prompt": "the triangle that is red", "masks": [[]], "sample_id": "synthetic/train/000007#1",
+           "meta": json.dumps({"queries": [{"color": "blue"}, {"color": "red", "shape": "triangle"}]})}
+    assert demo_answer(one, "canonical") == "Sure, [SEG] red triangle."
+    assert demo_answer(one, "prompt") == "Sure, [SEG] triangle that is red."
+
+
+def test_scene_groups_keep_the_samples_of_a_scene_together():
+    from transformers_maskcma.demo import FlattenCollator, SceneGroups, split_object_pairs
+
+    records = split_object_pairs(_paired_scenes(10), keep_fraction=0.5, seed=1)
+    groups = SceneGroups(list(range(len(records))), records)
+    assert sum(len(group) for group in groups.groups) == len(records) and len(groups) == 10
+    for group in groups.groups:
+        ids = {records[i]["sample_id"].split("#")[0] for i in group}
+        assert len(ids) == 1 and sum(len(records[i]["masks"]) for i in group) == 2  # two referred objects a scene
+    assert FlattenCollator(lambda samples: samples)([groups[0], groups[1]]) == groups.groups[0] + groups.groups[1]
+    with pytest.raises(ValueError, match="processed samples for"):
+        SceneGroups([0], records)
+
+
+def test_bad_demo_data_settings_are_named():
+    from dataclasses import replace
+
+    from transformers_maskcma.demo import QUICK_SETTINGS, demo_data
+
+    with pytest.raises(ValueError, match=r"answer_style='grounded' is not valid; use one of \['canonical'"):
+        demo_data(replace(QUICK_SETTINGS, answer_style="grounded"))
+    with pytest.raises(ValueError, match=r"two_object_fraction=1.5 must lie in \[0, 1\]"):
+        demo_data(replace(QUICK_SETTINGS, two_object_fraction=1.5))

@@ -44,6 +44,10 @@ from .modeling import MaskCMAModel
 
 TARGET_CIOU = 0.75
 TARGET_MARGIN = 0.2
+#: Ends the sample id of a record split from a two-object scene: ``<scene id>#<object index>``.
+SPLIT_MARK = "#"
+#: `DemoSettings.answer_style` values.
+ANSWER_STYLES = ("canonical", "prompt", "plain")
 
 
 @dataclass
@@ -55,13 +59,20 @@ class DemoSettings:
     tiny SAM2 sees a 128-pixel frame as an 8×8 image embedding; a 20-pixel shape covers about one cell of it, and
     a randomly initialised decoder learns to pick one such shape among several far more slowly than the budget
     allows (docs/cma_ablation.md, "What limits the demo"). `model_overrides` are `tiny_config` fields: full
-    fine-tuning of the random tiny model. Five choices make it learn to read the prompt within minutes
+    fine-tuning of the random tiny model. These choices make it learn to read the prompt within minutes
     (docs/training.md, "The CPU demo"):
 
-    - `paired_prompts`: training scenes carry prompts for two different objects; each becomes its own sample and
-      both sit in the same batch, so the same image asks for two different masks (only the text tells them apart);
-    - `grounded_answers`: the answer names the object right after its token, ``"Sure, [SEG] red circle."``: the LM
-      loss then makes the ``[SEG]`` hidden state predict the description, so it carries the prompt;
+    - `paired_prompts`: training scenes carry prompts for two different objects and both sit in the same batch, so
+      the same image asks for two different masks (only the text tells them apart). A share `two_object_fraction`
+      of the scenes stays one sample whose prompt names both objects (``"the red circle and the triangle"``, two
+      ``[SEG]``), the rest is split into two single-object samples; the held-out split has two-object prompts too
+      (10 %), which a model trained on single objects only answers with one ``[SEG]``;
+    - `answer_style`: what the answer says after each ``[SEG]``. ``"canonical"`` (default) names the query in a
+      fixed form, position or motion first: ``"Sure, [SEG] left blue triangle."`` for "the blue triangle on the
+      left". The LM loss makes the ``[SEG]`` hidden state predict that next word, so the ``[SEG]`` must carry the
+      query; the prompt's many phrasings of a position ("the lowest", "at the bottom", "the bottommost") map to one
+      word. ``"prompt"`` copies the prompt's description (``"Sure, [SEG] triangle that is red."``), ``"plain"``
+      keeps the generator's ``"Sure, [SEG]."``;
     - `head_init_scale`: `seg_proj` and `text_proj` are re-initialised with std ``scale / sqrt(fan_in)`` so that the
       ``[SEG]`` embedding has the size of SAM2's other prompt tokens (the default std 0.02 suits a wide pretrained
       LLM; after a 64-wide one it is ~40× too small for the decoder to notice);
@@ -83,7 +94,8 @@ class DemoSettings:
     head_lr_scale: float = 1.0
     head_init_scale: float | None = 1.0
     paired_prompts: bool = True
-    grounded_answers: bool = True
+    two_object_fraction: float = 0.2
+    answer_style: str = "canonical"
     gt_mask_resize: str = "area"
     weight_decay: float = 0.05
     lr_warmup: float = 0.05
@@ -138,37 +150,45 @@ class RunResult:
 def demo_data(settings: DemoSettings) -> tuple[datasets.Dataset, datasets.Dataset]:
     """The training records and the held-out test split.
 
-    The held-out split is the generator's standard one (one prompt per sample). With `paired_prompts` the training
-    scenes are drawn with two referred objects each (``multi_object_fraction=1``) and split into two single-object
-    samples that stay adjacent (`split_object_pairs`); the test split is checked to share no image or clip with the
-    training scenes either way."""
+    The held-out split is the generator's standard one (10 % of its prompts name two objects). With
+    `paired_prompts` the training scenes are drawn with two referred objects each (``multi_object_fraction=1``);
+    `split_object_pairs` keeps a share `two_object_fraction` of them whole and splits the others into two adjacent
+    single-object samples. The answers follow `answer_style`. The test split is checked to share no image or clip
+    with the training scenes either way."""
+    if settings.answer_style not in ANSWER_STYLES:
+        raise ValueError(f"answer_style={settings.answer_style!r} is not valid; use one of {list(ANSWER_STYLES)}")
+    if not 0.0 <= settings.two_object_fraction <= 1.0:
+        raise ValueError(f"two_object_fraction={settings.two_object_fraction} must lie in [0, 1]")
     config = settings.synthetic_config()
     if settings.paired_prompts:
         scenes = max(1, settings.train_samples // 2)
-        train_config = replace(config, multi_object_fraction=1.0)
-        check = load_synthetic("train", scenes, train_config)
-        train = split_object_pairs(check)
+        check = load_synthetic("train", scenes, replace(config, multi_object_fraction=1.0))
+        train = split_object_pairs(check, keep_fraction=settings.two_object_fraction, seed=settings.seed)
     else:
         train = check = load_synthetic("train", settings.train_samples, config)
     test = load_synthetic("test", settings.eval_samples, config, check_train_samples=0)
     assert_disjoint(check, test)
-    if settings.grounded_answers:
-        train = train.map(_with_grounded_answer, desc="grounded answers")
+    if settings.answer_style != "plain":
+        style = settings.answer_style
+        train = train.map(lambda record: {"answer": demo_answer(record, style)}, desc=f"{style} answers")
     return train, test
 
 
-def split_object_pairs(records: datasets.Dataset) -> datasets.Dataset:
-    """Split every two-object record (prompt ``"A and B"``, two masks) into two adjacent single-object records
-    (prompt ``A`` with the first mask, ``B`` with the second). The generator's descriptions never contain "and", so
-    the split is exact; records with one object are kept as they are."""
+def split_object_pairs(records: datasets.Dataset, keep_fraction: float = 0.0, seed: int = 0) -> datasets.Dataset:
+    """Split two-object records (prompt ``"A and B"``, two masks) into two adjacent single-object records (prompt
+    ``A`` with the first mask and sample id ``<id>#0``, ``B`` with the second and ``<id>#1``); a share
+    `keep_fraction` of them, drawn with `seed`, stays whole. The generator's descriptions never contain "and", so
+    the split is exact; records with one object are kept as they are. Every record keeps its scene's ``meta``
+    (`record_queries` picks a split record's own query) and gets an empty answer (the processor's default)."""
     columns = {name: [] for name in records.column_names}
-    for record in records:
+    keep = np.random.default_rng(seed).random(len(records)) < keep_fraction
+    for index, record in enumerate(records):
         parts = record["prompt"].split(" and ")
-        if len(record["masks"]) == 1:
+        if len(record["masks"]) == 1 or keep[index]:
             pieces = [(record["prompt"], record["masks"], record["sample_id"])]
         elif len(parts) == len(record["masks"]):
             pieces = [
-                (part, [masks], f"{record['sample_id']}/{k}")
+                (part, [masks], f"{record['sample_id']}{SPLIT_MARK}{k}")
                 for k, (part, masks) in enumerate(zip(parts, record["masks"]))
             ]
         else:
@@ -184,14 +204,43 @@ def split_object_pairs(records: datasets.Dataset) -> datasets.Dataset:
     return datasets.Dataset.from_dict(columns, features=records.features)
 
 
-def grounded_answer(prompt: str) -> str:
-    """``"Sure, [SEG] red circle."`` for the prompt ``"the red circle"`` (one ``[SEG]`` per description)."""
-    descriptions = [part[4:] if part.startswith("the ") else part for part in prompt.split(" and ")]
+def scene_id(record: dict) -> str:
+    """The scene a record comes from: its sample id without the ``#k`` of `split_object_pairs`."""
+    return record["sample_id"].split(SPLIT_MARK, 1)[0]
+
+
+def record_queries(record: dict) -> list[dict]:
+    """The structured queries (``color``, ``shape``, ``position``, ``motion``; ``None`` where unused) of a
+    synthetic record's referred objects, in mask order. A record split from a two-object scene keeps the scene's
+    ``meta`` and uses the query its sample id (``<id>#k``) names."""
+    queries = json.loads(record["meta"])["queries"]
+    if SPLIT_MARK in record["sample_id"]:
+        return [queries[int(record["sample_id"].rsplit(SPLIT_MARK, 1)[1])]]
+    return queries
+
+
+def canonical_description(query: dict) -> str:
+    """``"left blue triangle"``: the query's position or motion, colour and shape (``"object"`` without one)."""
+    words = (query.get("position") or query.get("motion"), query.get("color"), query.get("shape") or "object")
+    return " ".join(word for word in words if word)
+
+
+def prompt_description(prompt: str) -> list[str]:
+    """The descriptions of a prompt without their article: ``"the red circle and the cube"`` → ``["red circle",
+    "cube"]``."""
+    return [part[4:] if part.startswith("the ") else part for part in prompt.split(" and ")]
+
+
+def demo_answer(record: dict, style: str) -> str:
+    """The training answer of a record: ``"Sure, [SEG] left blue triangle."`` (`style="canonical"`) or
+    ``"Sure, [SEG] blue triangle on the left."`` (`"prompt"`), one ``[SEG]`` and description per object."""
+    if style == "canonical":
+        descriptions = [canonical_description(query) for query in record_queries(record)]
+    elif style == "prompt":
+        descriptions = prompt_description(record["prompt"])
+    else:
+        raise ValueError(f"answer style {style!r} writes no description; use one of {list(ANSWER_STYLES[:2])}")
     return "Sure, " + " and ".join(f"[SEG] {description}" for description in descriptions) + "."
-
-
-def _with_grounded_answer(record: dict) -> dict:
-    return {"answer": grounded_answer(record["prompt"])}
 
 
 def image_records(records: datasets.Dataset) -> datasets.Dataset:
@@ -248,7 +297,8 @@ def train_model(settings: DemoSettings, train: datasets.Dataset, use_cma: bool, 
     collator = MaskCMADataCollator(processor)
     dataset = ProcessedRecords(train, processor)
     if settings.paired_prompts:
-        dataset, data_collator = AdjacentPairs(dataset), PairCollator(collator)
+        # an item is a scene with two referred objects: batch_size // 2 scenes give batch_size masks a step
+        dataset, data_collator = SceneGroups(dataset, train), FlattenCollator(collator)
         args.per_device_train_batch_size = max(1, settings.batch_size // 2)
     else:
         data_collator = collator
@@ -311,28 +361,44 @@ def demo_optimizer(model: MaskCMAModel, settings: DemoSettings) -> torch.optim.O
     return torch.optim.AdamW(param_groups, lr=settings.learning_rate)
 
 
-class AdjacentPairs(torch.utils.data.Dataset):
-    """Items are pairs of adjacent samples `(2i, 2i + 1)` (the two prompts of one scene), so that shuffling keeps
-    them in the same batch."""
+class SceneGroups(torch.utils.data.Dataset):
+    """Items are the samples of one scene (consecutive records with the same `scene_id`): the two single-object
+    samples of a split scene, or one sample that refers to both objects. Shuffling items keeps a scene's samples
+    in the same batch.
 
-    def __init__(self, samples: torch.utils.data.Dataset):
+    Args:
+        samples: the processed samples, indexed like `records`.
+        records: the records (`split_object_pairs` output).
+    """
+
+    def __init__(self, samples: torch.utils.data.Dataset, records: datasets.Dataset):
+        if len(samples) != len(records):
+            raise ValueError(f"{len(samples)} processed samples for {len(records)} records")
         self.samples = samples
+        self.groups: list[list[int]] = []
+        previous = None
+        for index, sample_id in enumerate(records["sample_id"]):
+            scene = scene_id({"sample_id": sample_id})
+            if scene != previous:
+                self.groups.append([])
+                previous = scene
+            self.groups[-1].append(index)
 
     def __len__(self) -> int:
-        return len(self.samples) // 2
+        return len(self.groups)
 
     def __getitem__(self, index: int) -> list:
-        return [self.samples[2 * index], self.samples[2 * index + 1]]
+        return [self.samples[i] for i in self.groups[index]]
 
 
-class PairCollator:
-    """Flattens a batch of pairs and collates the samples with `MaskCMADataCollator`."""
+class FlattenCollator:
+    """Flattens a batch of scene groups and collates the samples with `MaskCMADataCollator`."""
 
     def __init__(self, collator):
         self.collator = collator
 
-    def __call__(self, pairs: list[list]) -> dict:
-        return self.collator([sample for pair in pairs for sample in pair])
+    def __call__(self, groups: list[list]) -> dict:
+        return self.collator([sample for group in groups for sample in group])
 
 
 @torch.no_grad()
