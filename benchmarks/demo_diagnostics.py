@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from transformers_maskcma.demo import (
+    ANSWER_STYLES,
     DemoSettings,
     demo_data,
     ground_truth,
@@ -137,6 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model_dir", type=Path, help="a model folder written by `maskcma demo` (OUTPUT/model)")
     parser.add_argument("--probe-scenes", type=int, default=1200, help="scenes for the linear probes (2 samples each)")
     parser.add_argument("--eval-samples", type=int, default=None, help="held-out samples (default: the demo's)")
+    parser.add_argument(
+        "--answer-style",
+        choices=ANSWER_STYLES,
+        default=None,
+        help="answers of the probe's teacher-forced samples: the style the model was trained with (default: the demo's)",
+    )
     parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -148,10 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     settings = DemoSettings()
     if args.eval_samples is not None:
         settings = replace(settings, eval_samples=args.eval_samples)
+    if args.answer_style is not None:
+        settings = replace(settings, answer_style=args.answer_style)
     _, test = demo_data(replace(settings, train_samples=2))
     payload = {
         "benchmark": "demo_diagnostics",
         "model_dir": str(args.model_dir),
+        "answer_style": settings.answer_style,
         "held_out": per_kind_ciou(model, processor, image_records(test)),
         "seg_probes": probe_seg_embeddings(model, processor, settings, args.probe_scenes),
     }

@@ -360,11 +360,11 @@ def test_demo_diagnostics_on_a_saved_tiny_model(tmp_path):
     model, tokenizer = build_tiny_model(seed=0)
     save_model_folder(model.eval(), MaskCMAProcessor.from_model_config(model.config, tokenizer), tmp_path / "model")
     assert diagnostics_main([str(tmp_path / "model"), "--probe-scenes", "8", "--eval-samples", "6",
-                             "--output-dir", str(tmp_path / "out")]) == 0
+                             "--answer-style", "prompt", "--output-dir", str(tmp_path / "out")]) == 0
     payload = json_module.loads((tmp_path / "out" / "demo_diagnostics.json").read_text())
     held_out = payload["held_out"]
     assert held_out["images"] == sum(kind["images"] for kind in held_out["per_prompt_kind"].values())
     assert len(held_out["answers"]) == min(8, held_out["images"])
-    assert set(payload["seg_probes"]) == {"color", "shape", "position"}
+    assert set(payload["seg_probes"]) == {"color", "shape", "position"} and payload["answer_style"] == "prompt"
     with pytest.raises(SystemExit):
         diagnostics_main([str(tmp_path / "missing")])

@@ -588,6 +588,8 @@ def ablation_markdown(settings: DemoSettings, runs: list[RunResult], wall_time_s
         f"(language model ×{settings.llm_lr_scale:g}, projection heads ×{settings.head_lr_scale:g}; cosine, "
         f"{settings.lr_warmup:.0%} warm-up), weight decay {settings.weight_decay}, grad clip "
         f"{settings.max_grad_norm}; loss targets resized with `gt_mask_resize={settings.gt_mask_resize!r}`; "
+        f"answers `{settings.answer_style}`, paired prompts {settings.paired_prompts} (two-object share "
+        f"{settings.two_object_fraction:g}); "
         f"{settings.train_samples} training and {settings.eval_samples} held-out samples "
         f"(synthetic overrides {settings.synthetic}); model overrides {settings.model_overrides}; seed "
         f"{settings.seed}. Whole demo wall time {wall_time_s:.0f} s on {os.cpu_count()} CPU core(s).",
