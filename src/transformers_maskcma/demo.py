@@ -226,8 +226,8 @@ def canonical_description(query: dict) -> str:
 
 
 def prompt_description(prompt: str) -> list[str]:
-    """The descriptions of a prompt without their article: ``"the red circle and the cube"`` → ``["red circle",
-    "cube"]``."""
+    """The descriptions of a prompt without their article: ``"the red circle and the triangle"`` → ``["red circle",
+    "triangle"]``."""
     return [part[4:] if part.startswith("the ") else part for part in prompt.split(" and ")]
 
 
