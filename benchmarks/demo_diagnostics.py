@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         "--answer-style",
         choices=ANSWER_STYLES,
         default=None,
-        help="answers of the probe's teacher-forced samples: the style the model was trained with (default: the demo's)",
+        help="answers of the probe's teacher-forced samples: the style the model was trained with "
+        "(default: the demo's)",
     )
     parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR)
     parser.add_argument("--threads", type=int, default=1)
