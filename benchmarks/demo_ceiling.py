@@ -120,6 +120,18 @@ def oracle_masks(model, oracle: OracleQueryEmbedding, pixels: torch.Tensor, quer
     return model.decode_masks(features, prompt_tokens, no_text, no_text_mask)["mask_logits"][:, 0]
 
 
+def scores_by_prompt_kind(predictions: list, truths: list[np.ndarray], kinds: list[str]) -> dict:
+    """Referring metrics of image predictions: ``{"ciou", "giou", "per_prompt_kind": {kind: {"images", "ciou",
+    "giou"}}}``, overall and per prompt kind."""
+    overall = image_referring_metrics(predictions, truths)
+    per_kind = {}
+    for kind in sorted(set(kinds)):
+        rows = [i for i, k in enumerate(kinds) if k == kind]
+        metrics = image_referring_metrics([predictions[i] for i in rows], [truths[i] for i in rows])
+        per_kind[kind] = {"images": len(rows), "ciou": metrics.ciou, "giou": metrics.giou}
+    return {"ciou": overall.ciou, "giou": overall.giou, "per_prompt_kind": per_kind}
+
+
 def run_ceiling(scenes: SyntheticConfig, settings: CeilingSettings) -> dict:
     """Train SAM2 with oracle queries on `scenes`; held-out cIoU/gIoU overall and per prompt kind."""
     torch.manual_seed(settings.seed)
@@ -162,16 +174,8 @@ def run_ceiling(scenes: SyntheticConfig, settings: CeilingSettings) -> dict:
             logits = oracle_masks(model, oracle, test.sam_pixel_values[start:stop], test.query_ids[start:stop])
             for row, mask in enumerate(test.masks[start:stop]):
                 predictions.append((upsample_mask_logits(logits[row], mask.shape) > 0).numpy())
-    overall = image_referring_metrics(predictions, test.masks)
-    per_kind = {}
-    for kind in sorted(set(test.kinds)):
-        rows = [i for i, k in enumerate(test.kinds) if k == kind]
-        metrics = image_referring_metrics([predictions[i] for i in rows], [test.masks[i] for i in rows])
-        per_kind[kind] = {"images": len(rows), "ciou": metrics.ciou, "giou": metrics.giou}
     return {
-        "ciou": overall.ciou,
-        "giou": overall.giou,
-        "per_prompt_kind": per_kind,
+        **scores_by_prompt_kind(predictions, test.masks, test.kinds),
         "train_seconds": train_seconds,
         "final_train_loss": float(loss.item()),
     }

@@ -36,13 +36,13 @@ from transformers_maskcma.demo import (
     predict_masks,
     record_queries,
 )
-from transformers_maskcma.evaluation.metrics import image_referring_metrics
 from transformers_maskcma.modeling import MaskCMAModel
 from transformers_maskcma.processing import MaskCMAProcessor
 from transformers_maskcma.trainer.collator import MaskCMADataCollator
 from transformers_maskcma.trainer.data import ProcessedRecords
 
 from .common import DEFAULT_OUTPUT_DIR
+from .demo_ceiling import scores_by_prompt_kind
 
 PROBE_FIELDS = ("color", "shape", "position")
 TWO_OBJECTS = "two objects"
@@ -59,12 +59,7 @@ def per_kind_ciou(model, processor, records, batch_size: int = 32, shown_answers
     predictions = predict_masks(model, processor, records, batch_size, "held-out images")
     truths = [ground_truth(record) for record in records]
     kinds = [prompt_kind(record) for record in records]
-    overall = image_referring_metrics(predictions, truths)
-    result = {"images": len(records), "ciou": overall.ciou, "giou": overall.giou, "per_prompt_kind": {}}
-    for kind in sorted(set(kinds)):
-        rows = [i for i, k in enumerate(kinds) if k == kind]
-        metrics = image_referring_metrics([predictions[i] for i in rows], [truths[i] for i in rows])
-        result["per_prompt_kind"][kind] = {"images": len(rows), "ciou": metrics.ciou, "giou": metrics.giou}
+    result = {"images": len(records), **scores_by_prompt_kind(predictions, truths, kinds)}
     shown = records.select(range(min(shown_answers, len(records))))
     inputs = processor(images=[r["frames"][0] for r in shown], text=list(shown["prompt"]))
     output = model.segment(**inputs, max_new_tokens=16)

@@ -77,7 +77,7 @@ def test_split_object_pairs_splits_or_keeps_each_scene_and_queries_follow_the_ma
     assert len(split) == 2 * len(scenes)
     for k, record in enumerate(split):
         scene = scenes[k // 2]
-        assert record["sample_id"] == f"{scene['sample_id']}#{k % 2}" and scene_id(record) == scene["sample_id"]
+        assert record["sample_id"] == f"{scene['sample_id']}#{k % 2}" and scene_id(record["sample_id"]) == scene["sample_id"]
         assert record["prompt"] == scene["prompt"].split(" and ")[k % 2]
         assert record["masks"] == [scene["masks"][k % 2]] and record["answer"] == ""
         assert record_queries(record) == [json.loads(scene["meta"])["queries"][k % 2]]

@@ -204,9 +204,9 @@ def split_object_pairs(records: datasets.Dataset, keep_fraction: float = 0.0, se
     return datasets.Dataset.from_dict(columns, features=records.features)
 
 
-def scene_id(record: dict) -> str:
+def scene_id(sample_id: str) -> str:
     """The scene a record comes from: its sample id without the ``#k`` of `split_object_pairs`."""
-    return record["sample_id"].split(SPLIT_MARK, 1)[0]
+    return sample_id.split(SPLIT_MARK, 1)[0]
 
 
 def record_queries(record: dict) -> list[dict]:
@@ -378,7 +378,7 @@ class SceneGroups(torch.utils.data.Dataset):
         self.groups: list[list[int]] = []
         previous = None
         for index, sample_id in enumerate(records["sample_id"]):
-            scene = scene_id({"sample_id": sample_id})
+            scene = scene_id(sample_id)
             if scene != previous:
                 self.groups.append([])
                 previous = scene

@@ -20,7 +20,7 @@ from transformers.utils import logging
 
 from .image_io import IMAGENET_MEAN, IMAGENET_STD, describe_input, image_size_hw, load_image, sam2_preprocess
 from .training_features import (
-    GT_MASK_RESIZES,
+    check_gt_mask_resize,
     default_answer,
     normalize_object_masks,
     object_ids_from_masks,
@@ -120,9 +120,7 @@ class MaskCMAProcessor(ProcessorMixin):
         self.sam_image_mean = [float(v) for v in sam_image_mean]
         self.sam_image_std = [float(v) for v in sam_image_std]
         self.gt_mask_size = int(gt_mask_size) if gt_mask_size is not None else self.sam_image_size // 4
-        if gt_mask_resize not in GT_MASK_RESIZES:
-            raise ValueError(f"gt_mask_resize={gt_mask_resize!r} is not valid; use one of {list(GT_MASK_RESIZES)}")
-        self.gt_mask_resize = gt_mask_resize
+        self.gt_mask_resize = check_gt_mask_resize(gt_mask_resize)
         self.num_key_frames = int(num_key_frames)
         if key_frame_sampling not in KEY_FRAME_SAMPLINGS:
             raise ValueError(

@@ -121,6 +121,13 @@ def normalize_object_masks(masks, frame_size: tuple[int, int], num_frames: int |
 GT_MASK_RESIZES = ("nearest", "area")
 
 
+def check_gt_mask_resize(mode: str) -> str:
+    """`mode` if it is one of `GT_MASK_RESIZES`, else a `ValueError` that lists them."""
+    if mode not in GT_MASK_RESIZES:
+        raise ValueError(f"gt_mask_resize={mode!r} is not valid; use one of {list(GT_MASK_RESIZES)}")
+    return mode
+
+
 def resize_masks(masks: list[np.ndarray], size: int, mode: str = "nearest") -> torch.Tensor:
     """Resize `(H, W)` bool masks to `(size, size)`, the SAM2 frame geometry (a plain resize, like the image).
 
@@ -137,8 +144,7 @@ def resize_masks(masks: list[np.ndarray], size: int, mode: str = "nearest") -> t
     Returns:
         A float tensor `(len(masks), size, size)`.
     """
-    if mode not in GT_MASK_RESIZES:
-        raise ValueError(f"gt_mask_resize={mode!r} is not valid; use one of {list(GT_MASK_RESIZES)}")
+    check_gt_mask_resize(mode)
     if not masks:
         return torch.zeros(0, size, size)
     stacked = torch.from_numpy(np.stack(masks).astype(np.float32))[:, None]
@@ -176,6 +182,7 @@ def target_mapping(num_objects: int, num_frames: int) -> tuple[torch.Tensor, tor
 
 __all__ = [
     "GT_MASK_RESIZES",
+    "check_gt_mask_resize",
     "default_answer",
     "mask_to_bool_array",
     "normalize_object_masks",

@@ -49,6 +49,8 @@ import yaml
 from transformers import TrainingArguments
 
 from ..modeling import MaskCMAConfig
+from ..processing.training_features import GT_MASK_RESIZES
+from ..processing.video_io import KEY_FRAME_SAMPLINGS
 
 #: Training settings of the recipe (DESIGN.md §1) used for every field the YAML leaves out.
 RECIPE_DEFAULTS: dict[str, Any] = {
@@ -71,8 +73,8 @@ RECIPE_DEFAULTS: dict[str, Any] = {
 PROCESSOR_FIELDS: dict[str, Any] = {
     "max_image_tiles": int,
     "num_key_frames": int,
-    "key_frame_sampling": typing.Literal["first", "uniform"],
-    "gt_mask_resize": typing.Literal["nearest", "area"],
+    "key_frame_sampling": typing.Literal[KEY_FRAME_SAMPLINGS],
+    "gt_mask_resize": typing.Literal[GT_MASK_RESIZES],
 }
 
 _TOP_LEVEL = ("model", "data", "lora", "training")
