@@ -26,6 +26,12 @@ masks of the plain Sa2VA path (`use_cma=False`) until it is fine-tuned.
 Every source key is either mapped (listed in `sa2va_conversion.json`) or reported: unmapped keys stop the
 conversion with an error naming them (or, with `skip_unmapped=True`, are listed as dropped in the report).
 
+The converted folder is run as Sa2VA runs (`predict_forward` of its remote code): its processor and config save
+Sa2VA's conventions (`sa2va_processor_settings`, `mask_intermediate_size`) — the chat layout without a system
+turn, dynamic tiling (1–12 tiles of 448 px + a thumbnail), the first 5 frames as key frames joined without labels,
+a bicubic SAM2 resize with the ImageNet mean/std rounded to bfloat16, masks upsampled 256² → 1024² → image size.
+The tokenizer is read without running the release's remote code, so the command never asks for permission.
+
 Supported: the InternVL-based releases whose LLM transformers implements natively (Qwen2/Qwen2.5, Qwen3, Llama:
 Sa2VA-1B/4B/8B and InternVL3-based ones). The InternLM2-based Sa2VA-26B (fused `wqkv`, no native transformers
 class) and the Qwen2.5-VL / Qwen3-VL based variants (a different VLM layout) are refused with an error.
@@ -45,11 +51,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from safetensors import safe_open
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, InternVLConfig, PreTrainedTokenizerBase, Sam2VideoConfig
+from transformers import (
+    AutoTokenizer,
+    InternVLConfig,
+    PreTrainedConfig,
+    PreTrainedTokenizerBase,
+    Sam2VideoConfig,
+    TokenizersBackend,
+)
 
 from ..modeling import MaskCMAConfig, MaskCMAModel
+from ..processing.image_io import IMAGENET_MEAN, IMAGENET_STD
+from ..processing.processing_maskcma import DEFAULT_CHAT_TEMPLATE
 from .convert_sam2 import (
     SAM2_SIZE_PRESETS,
     Sam2ConversionError,
@@ -68,7 +84,9 @@ __all__ = [
     "convert_sa2va_checkpoint",
     "convert_sa2va_vlm_state_dict",
     "load_sa2va_state_dict",
+    "load_sa2va_tokenizer",
     "read_sa2va_config",
+    "sa2va_processor_settings",
     "sa2va_vlm_config",
 ]
 
@@ -85,6 +103,9 @@ SUPPORTED_LLMS = {
     "Qwen3ForCausalLM": "qwen3",
     "LlamaForCausalLM": "llama",
 }
+# Sa2VA's `template` values (xtuner's PROMPT_TEMPLATE names) whose instruction is the ChatML turn
+# `<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n`, with no system turn
+CHATML_TEMPLATES = ("qwen_chat", "internlm2_chat")
 IMAGE_CONTEXT_TOKEN = "<IMG_CONTEXT>"
 SEG_TOKEN = "[SEG]"
 # MaskCMA modules that Sa2VA does not have: created fresh (γ = 0 keeps the masks unchanged)
@@ -150,6 +171,12 @@ def read_sa2va_config(folder: str | Path) -> dict[str, Any]:
             f"{config_file}: llm_config.architectures[0] is {llm_arch!r}; supported LLMs are {sorted(SUPPORTED_LLMS)} "
             "(InternLM2 / Phi-3 based Sa2VA have no native transformers class to convert into)"
         )
+    template = str(config.get("template") or "").replace("-", "_")
+    if template not in CHATML_TEMPLATES:
+        raise Sa2VAConversionError(
+            f"{config_file}: template={config.get('template')!r}; the converted processor reproduces Sa2VA's ChatML "
+            f"prompt (templates {list(CHATML_TEMPLATES)}), the layout of every InternVL-based release"
+        )
     if config.get("ps_version", "v1") != "v2":
         raise Sa2VAConversionError(
             f"{config_file}: ps_version={config.get('ps_version')!r}; transformers' InternVL implements the 'v2' pixel "
@@ -201,6 +228,77 @@ def load_sa2va_state_dict(folder: str | Path, show_progress: bool = True) -> dic
             for name in names:
                 state_dict[name] = handle.get_tensor(name)
     return state_dict
+
+
+def load_sa2va_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
+    """The release's tokenizer, read without executing any of its remote code and without asking for permission.
+
+    `AutoTokenizer.from_pretrained(folder)` would read the release's `config.json`, whose `auto_map` names Sa2VA's
+    own configuration class, and ask on the terminal whether to run it. Here the model config is not consulted
+    (`config=PreTrainedConfig()`) and remote code is refused (`trust_remote_code=False`): the tokenizer class named
+    in `tokenizer_config.json` is used when transformers has it (`Qwen2Tokenizer` in the releases); a class that
+    exists only as remote code is replaced by transformers' generic `TokenizersBackend` over `tokenizer.json`.
+
+    Raises:
+        Sa2VAConversionError: no tokenizer files, or only a remote-code tokenizer without `tokenizer.json`.
+    """
+    folder = Path(folder)
+    config_file = folder / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    auto_map = tokenizer_config.get("auto_map") or {}
+    remote_class = auto_map if isinstance(auto_map, (list, tuple)) else auto_map.get("AutoTokenizer")
+    class_name = str(tokenizer_config.get("tokenizer_class") or "")
+    native_class = bool(class_name) and (
+        hasattr(transformers, class_name) or hasattr(transformers, class_name.removesuffix("Fast"))
+    )
+    if remote_class and not native_class and not (folder / "tokenizer.json").is_file():
+        raise Sa2VAConversionError(
+            f"{folder}: the tokenizer class {class_name!r} exists only as remote code and there is no tokenizer.json "
+            "to read the tokenizer without that code; add the release's tokenizer.json"
+        )
+    try:
+        if remote_class and not native_class:
+            return TokenizersBackend.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder, config=PreTrainedConfig(), trust_remote_code=False)
+    except (OSError, ValueError) as error:
+        raise Sa2VAConversionError(f"cannot load the tokenizer of {folder}: {error}") from error
+
+
+def sa2va_processor_settings(sam_image_size: int) -> dict[str, Any]:
+    """`MaskCMAProcessor.from_model_config` arguments that reproduce how Sa2VA's `predict_forward` prepares its
+    inputs; `convert_sa2va_checkpoint` saves them in the converted folder's `processor_config.json`.
+
+    - `chat_template`: ``<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n``, no system turn (the
+      release tokenizer's own template adds one);
+    - `max_image_tiles=12`: dynamic tiling, 1 to 12 tiles plus a thumbnail, bicubic, ImageNet mean/std;
+    - `num_key_frames=5`, `key_frame_sampling="first"`, `video_frame_labels=False`: the first 5 frames, one tile
+      each, their image blocks joined by new lines without ``FrameK: `` labels;
+    - `image_placeholder="<image>"`: a Sa2VA-style prompt (``"<image>Please segment …"``) places the image blocks;
+    - `sam_resample="bicubic"` and the ImageNet mean/std rounded to bfloat16: SAM2's input as Sa2VA computes it
+      (PIL's default filter; its constants are cast to the bfloat16 its inference runs in, whatever the model's
+      dtype);
+    - `mask_intermediate_size=sam_image_size`: `post_process_masks` upsamples 256² → 1024² → image size, like the
+      model (`MaskCMAConfig.mask_intermediate_size`).
+
+    Args:
+        sam_image_size: SAM2's input size (1024 in the releases).
+    """
+    return {
+        "chat_template": DEFAULT_CHAT_TEMPLATE,
+        "max_image_tiles": 12,
+        "num_key_frames": 5,
+        "key_frame_sampling": "first",
+        "video_frame_labels": False,
+        "image_placeholder": "<image>",
+        "sam_resample": "bicubic",
+        "sam_image_mean": _bfloat16_values(IMAGENET_MEAN),
+        "sam_image_std": _bfloat16_values(IMAGENET_STD),
+        "mask_intermediate_size": int(sam_image_size),
+    }
+
+
+def _bfloat16_values(values) -> list[float]:
+    return torch.tensor(values, dtype=torch.float32).to(torch.bfloat16).float().tolist()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -485,10 +583,7 @@ def build_sa2va_model(
     folder = Path(folder)
     sa2va_config = read_sa2va_config(folder)
     state_dict = load_sa2va_state_dict(folder, show_progress=show_progress)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as error:
-        raise Sa2VAConversionError(f"cannot load the tokenizer of {folder}: {error}") from error
+    tokenizer = load_sa2va_tokenizer(folder)
     image_token_id = _token_id(tokenizer, IMAGE_CONTEXT_TOKEN, folder)
     seg_token_id = _token_id(tokenizer, SEG_TOKEN, folder)
 
@@ -511,6 +606,8 @@ def build_sa2va_model(
     except Sam2ConversionError as error:
         raise Sa2VAConversionError(f"{folder}: the grounding_encoder SAM2 weights: {error}") from error
 
+    # Sa2VA's mask chain: SAM2's low-resolution logits → SAM2's input size → image size
+    config_overrides.setdefault("mask_intermediate_size", int(sam2_config.image_size))
     config = MaskCMAConfig(
         vlm_config=vlm_config, sam2_config=sam2_config, seg_token_id=seg_token_id, use_cma=True, **config_overrides
     )
@@ -597,6 +694,10 @@ def build_sa2va_model(
         "seg_token_id": seg_token_id,
         "image_token_id": image_token_id,
         "template": sa2va_config.get("template"),
+        "conventions": {
+            "processor": sa2va_processor_settings(int(sam2_config.image_size)),
+            "config": {"mask_intermediate_size": config.mask_intermediate_size},
+        },
     }
     return Sa2VAConversion(model=model, tokenizer=tokenizer, mapped=mapped, added=added, dropped=dropped, report=report)
 
@@ -642,7 +743,11 @@ def convert_sa2va_checkpoint(
     )
     from .export import build_processor_for_model, save_hub_folder
 
-    processor = build_processor_for_model(conversion.model, conversion.tokenizer)
+    processor = build_processor_for_model(
+        conversion.model,
+        conversion.tokenizer,
+        **sa2va_processor_settings(int(conversion.model.config.sam2_config.image_size)),
+    )
     save_hub_folder(conversion.model, processor, output_dir)
     (output_dir / CONVERSION_REPORT_NAME).write_text(json.dumps(conversion.report, indent=2) + "\n", encoding="utf-8")
     return output_dir

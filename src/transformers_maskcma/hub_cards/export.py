@@ -166,11 +166,12 @@ def _has_tokenizer_files(folder: Path) -> bool:
     return (folder / "tokenizer_config.json").is_file() or (folder / PROCESSOR_CONFIG).is_file()
 
 
-def build_processor_for_model(model: MaskCMAModel, tokenizer):
-    """The package's `MaskCMAProcessor` for `model` and `tokenizer` (sizes from the model config)."""
+def build_processor_for_model(model: MaskCMAModel, tokenizer, **kwargs):
+    """The package's `MaskCMAProcessor` for `model` and `tokenizer` (sizes from the model config; `kwargs`: further
+    `MaskCMAProcessor.from_model_config` arguments)."""
     from ..processing import MaskCMAProcessor
 
-    return MaskCMAProcessor.from_model_config(model.config, tokenizer)
+    return MaskCMAProcessor.from_model_config(model.config, tokenizer, **kwargs)
 
 
 def load_processor(files_dir: Path, model: MaskCMAModel):

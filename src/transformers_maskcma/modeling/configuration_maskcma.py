@@ -75,6 +75,11 @@ class MaskCMAConfig(PreTrainedConfig):
             Weight of the Dice loss (smoothing 1) on the same logits.
         mask_threshold (`float`, *optional*, defaults to 0.0):
             Logit threshold for a foreground pixel (0.0 ⇔ sigmoid > 0.5).
+        mask_intermediate_size (`int` or `None`, *optional*, defaults to `None`):
+            How the low-resolution mask logits reach the image size. `None`: one bilinear upsampling (our models).
+            An integer `S`: first bilinearly to `S×S`, then to the image size — Sa2VA's chain (256² → 1024² → image
+            size, SAM2's video predictor returning its masks at the input size), which `maskcma convert sa2va`
+            sets to SAM2's input size. Used by `segment` on images, key frames and propagated frames.
         freeze_sam2_image_encoder (`bool`, *optional*, defaults to `True`):
             Keep SAM2's image encoder and memory modules frozen (as in Sa2VA training).
         freeze_vision_tower (`bool`, *optional*, defaults to `True`):
@@ -114,6 +119,7 @@ class MaskCMAConfig(PreTrainedConfig):
     bce_loss_weight: float = 2.0
     dice_loss_weight: float = 0.5
     mask_threshold: float = 0.0
+    mask_intermediate_size: int | None = None
     freeze_sam2_image_encoder: bool = True
     freeze_vision_tower: bool = True
 
@@ -138,6 +144,12 @@ class MaskCMAConfig(PreTrainedConfig):
         if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
             raise ValueError(
                 f"MaskCMAConfig.cma_topk_tokens={topk!r} is not valid; use an integer >= 1, or None for all text tokens"
+            )
+        size = self.mask_intermediate_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ValueError(
+                f"MaskCMAConfig.mask_intermediate_size={size!r} is not valid; use a positive integer (e.g. SAM2's "
+                "input size 1024 for Sa2VA's 256 → 1024 → image-size chain) or None for one upsampling step"
             )
         if not 0.0 <= float(self.warmup_ratio) <= 1.0:
             raise ValueError(f"MaskCMAConfig.warmup_ratio={self.warmup_ratio!r} is not valid; it must lie in [0, 1]")

@@ -58,15 +58,31 @@ def dice_loss(mask_logits: torch.Tensor, gt_masks: torch.Tensor, smooth: float =
     return (1.0 - numerator / denominator).mean()
 
 
-def upsample_mask_logits(mask_logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def upsample_mask_logits(
+    mask_logits: torch.Tensor, size: tuple[int, int], intermediate_size: int | None = None
+) -> torch.Tensor:
     """Bilinear upsampling of low-resolution logits `(..., h, w)` to `(..., height, width)`.
 
     SAM2's input is a plain resize of the whole image (no padding), so the low-resolution mask covers the image
     exactly and one interpolation maps it back.
+
+    Args:
+        mask_logits: `(..., h, w)` logits (e.g. SAM2's 256×256 masks).
+        size: `(height, width)` of the output.
+        intermediate_size (`int`, *optional*): when set, the logits are first upsampled to `intermediate_size`² and
+            then to `size`, two bilinear steps (`MaskCMAConfig.mask_intermediate_size`; Sa2VA's chain
+            256² → 1024² → image size). `None`: one step.
+
+    Returns:
+        `torch.FloatTensor` of shape `(..., height, width)`.
     """
     leading = mask_logits.shape[:-2]
     flat = mask_logits.reshape(-1, 1, *mask_logits.shape[-2:]).float()
     if flat.shape[0] == 0:
         return mask_logits.new_zeros(*leading, *size, dtype=torch.float32)
+    if intermediate_size is not None:
+        flat = F.interpolate(
+            flat, size=(int(intermediate_size), int(intermediate_size)), mode="bilinear", align_corners=False
+        )
     upsampled = F.interpolate(flat, size=tuple(int(v) for v in size), mode="bilinear", align_corners=False)
     return upsampled.reshape(*leading, *upsampled.shape[-2:])

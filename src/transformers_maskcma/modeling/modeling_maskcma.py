@@ -624,7 +624,8 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
             sample_logits = decoded["mask_logits"][rows, 0]
             logits.append(sample_logits)
             scores.append(decoded["iou_scores"][rows])
-            masks.append(upsample_mask_logits(sample_logits, tuple(sizes[sample])) > threshold)
+            upsampled = upsample_mask_logits(sample_logits, tuple(sizes[sample]), self.config.mask_intermediate_size)
+            masks.append(upsampled > threshold)
         return MaskCMASegmentationOutput(
             answers=answer["answers"], answer_ids=answer["answer_ids"], masks=masks, scores=scores, mask_logits=logits
         )

@@ -683,7 +683,8 @@ class VideoSegmentationStream:
     def __next__(self) -> tuple[int, torch.BoolTensor, torch.FloatTensor]:
         frame = next(self._frames)
         with torch.no_grad():
-            masks = upsample_mask_logits(frame.mask_logits, self.original_size) > self.threshold
+            intermediate = self.propagation.model.config.mask_intermediate_size
+            masks = upsample_mask_logits(frame.mask_logits, self.original_size, intermediate) > self.threshold
         return frame.frame_index, masks, frame.iou_scores
 
 
@@ -821,7 +822,8 @@ def segment_video(
         key_iou = torch.zeros(num_objects, device=device)
         for frame in propagation:
             sample_logits[:, frame.frame_index] = frame.mask_logits
-            sample_masks[:, frame.frame_index] = upsample_mask_logits(frame.mask_logits, (height, width)) > threshold
+            upsampled = upsample_mask_logits(frame.mask_logits, (height, width), model.config.mask_intermediate_size)
+            sample_masks[:, frame.frame_index] = upsampled > threshold
             if frame.is_key_frame:
                 key_iou += frame.iou_scores.float()
         masks.append(sample_masks)

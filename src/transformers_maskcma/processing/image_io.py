@@ -17,6 +17,10 @@ from PIL import Image, UnidentifiedImageError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+#: Resampling filters of the SAM2 resize (`MaskCMAProcessor(sam_resample=...)`): our models use `"bilinear"`; Sa2VA
+#: resizes with PIL's default filter for RGB images, `"bicubic"`.
+SAM2_RESAMPLES = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
 #: File name extensions read as images (lower case).
 IMAGE_FILE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -112,21 +116,31 @@ def sam2_preprocess(
     image_size: int,
     image_mean: tuple[float, float, float] = IMAGENET_MEAN,
     image_std: tuple[float, float, float] = IMAGENET_STD,
+    resample: str = "bilinear",
 ) -> torch.Tensor:
-    """SAM2's input: a plain (aspect-ratio changing) bilinear resize to `image_size`², scaled to [0, 1] and
-    normalised with `image_mean`/`image_std`.
+    """SAM2's input: a plain (aspect-ratio changing) PIL resize of the 8-bit RGB image to `image_size`², scaled to
+    [0, 1] and normalised with `image_mean`/`image_std` (float32 arithmetic).
 
     Args:
         image: an RGB PIL image of any size.
+        resample: `"bilinear"` or `"bicubic"` (see `SAM2_RESAMPLES`).
 
     Returns:
         `torch.FloatTensor` of shape `(3, image_size, image_size)`.
     """
-    resized = image.convert("RGB").resize((image_size, image_size), resample=Image.Resampling.BILINEAR)
+    filter_ = SAM2_RESAMPLES[check_sam_resample(resample)]
+    resized = image.convert("RGB").resize((image_size, image_size), resample=filter_)
     pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
     mean = torch.tensor(image_mean, dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(image_std, dtype=torch.float32).view(3, 1, 1)
     return (pixels - mean) / std
+
+
+def check_sam_resample(resample: str) -> str:
+    """`resample` if it is one of `SAM2_RESAMPLES`, else a `ValueError` that lists them."""
+    if resample not in SAM2_RESAMPLES:
+        raise ValueError(f"sam_resample={resample!r} is not valid; use one of {list(SAM2_RESAMPLES)}")
+    return resample
 
 
 def image_size_hw(image: Image.Image) -> tuple[int, int]:
@@ -138,7 +152,9 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_FILE_EXTENSIONS",
+    "SAM2_RESAMPLES",
     "array_to_image",
+    "check_sam_resample",
     "describe_input",
     "image_size_hw",
     "load_image",

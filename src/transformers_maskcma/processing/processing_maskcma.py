@@ -18,7 +18,15 @@ from PIL import Image
 from transformers import BatchFeature, GotOcr2ImageProcessorPil, ProcessorMixin
 from transformers.utils import logging
 
-from .image_io import IMAGENET_MEAN, IMAGENET_STD, describe_input, image_size_hw, load_image, sam2_preprocess
+from .image_io import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    check_sam_resample,
+    describe_input,
+    image_size_hw,
+    load_image,
+    sam2_preprocess,
+)
 from .training_features import (
     check_gt_mask_resize,
     default_answer,
@@ -58,7 +66,11 @@ class MaskCMAProcessor(ProcessorMixin):
 
     Layout of a sample (the chat template places the user content; `N = image_seq_length`):
     ``<|im_start|>user\n<img><IMG_CONTEXT>×(N·tiles)</img>\n{prompt}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>``
-    and for a video one block per key frame: ``Frame1: <img>…</img>\nFrame2: <img>…</img>\n{prompt}``.
+    and for a video one block per key frame: ``Frame1: <img>…</img>\nFrame2: <img>…</img>\n{prompt}`` (without the
+    ``FrameK: `` labels when `video_frame_labels=False`, as Sa2VA joins its key frames). With `image_placeholder` set
+    (Sa2VA: ``"<image>"``), a prompt that holds the placeholder gets the image blocks in its place instead
+    (``"<image>Please segment the cat."`` → ``<img>…</img>Please segment the cat.``); a prompt without it keeps the
+    layout above, which is Sa2VA's ``"<image>\n{prompt}"``.
 
     The VLM's tiles come from `image_processor` (a PIL image processor, by default transformers'
     `GotOcr2ImageProcessorPil`, the InternVL one, which needs no torchvision). With `max_patches = 1` (the default
@@ -66,7 +78,13 @@ class MaskCMAProcessor(ProcessorMixin):
     `crop_to_patches=True` and `max_patches > 1` images use InternVL's dynamic tiling (a grid of tiles matching the
     aspect ratio plus a thumbnail). Video key frames are always one tile each.
 
-    SAM2's input is a plain resize of the whole image to `sam_image_size`² with `sam_image_mean`/`sam_image_std`.
+    SAM2's input is a plain resize of the whole image to `sam_image_size`² (PIL, filter `sam_resample`) with
+    `sam_image_mean`/`sam_image_std`.
+
+    Our own models use the defaults below. A folder written by `maskcma convert sa2va` saves Sa2VA's conventions
+    instead (see `hub_cards.convert_sa2va.sa2va_processor_settings`): no system turn in the chat template, dynamic
+    tiling (1–12 tiles + thumbnail), key frames without labels, `image_placeholder="<image>"`, a bicubic SAM2 resize
+    with the ImageNet mean/std rounded to bfloat16, and masks upsampled through `mask_intermediate_size`.
 
     Args:
         image_processor ([`BaseImageProcessor`]): the VLM's image processor.
@@ -76,7 +94,10 @@ class MaskCMAProcessor(ProcessorMixin):
         image_seq_length (`int`, *optional*, defaults to 256): image tokens per tile
             (`config.vlm_config.image_seq_length`).
         sam_image_size (`int`, *optional*, defaults to 1024): SAM2's input size `S`.
-        sam_image_mean, sam_image_std (`list[float]`, *optional*): SAM2's normalisation (ImageNet).
+        sam_image_mean, sam_image_std (`list[float]`, *optional*): SAM2's normalisation (ImageNet; Sa2VA's values
+            rounded to bfloat16 in converted Sa2VA folders).
+        sam_resample (`str`, *optional*, defaults to `"bilinear"`): the filter of the SAM2 resize, `"bilinear"` or
+            `"bicubic"` (Sa2VA: PIL's default filter, bicubic).
         gt_mask_size (`int`, *optional*): training masks are resized to `gt_mask_size`², by default
             `sam_image_size // 4`, the size of SAM2's low-resolution masks where the loss is computed.
         gt_mask_resize (`str`, *optional*, defaults to `"nearest"`): how: `"nearest"` (the research code; its
@@ -85,6 +106,12 @@ class MaskCMAProcessor(ProcessorMixin):
             `training_features.resize_masks`.
         num_key_frames (`int`, *optional*, defaults to 5): key frames the VLM sees in a video.
         key_frame_sampling (`str`, *optional*, defaults to `"first"`): `"first"` (Sa2VA) or `"uniform"`.
+        video_frame_labels (`bool`, *optional*, defaults to `True`): write ``FrameK: `` before the image block of
+            the K-th key frame; `False` joins the blocks by new lines only (Sa2VA).
+        image_placeholder (`str`, *optional*): a marker a prompt may hold once to place the image blocks (Sa2VA:
+            ``"<image>"``); `None` (default): prompts hold plain text only.
+        mask_intermediate_size (`int`, *optional*): `post_process_masks` upsamples the logits to this square size
+            first, then to the image size (the model's `config.mask_intermediate_size`, Sa2VA: 1024).
         max_length (`int`, *optional*): longest token sequence the LLM accepts (`max_position_embeddings`);
             longer inputs raise a `ValueError`.
         seg_token, image_start_token, image_end_token, image_context_token (`str`): the special tokens.
@@ -105,6 +132,10 @@ class MaskCMAProcessor(ProcessorMixin):
         num_key_frames: int = 5,
         key_frame_sampling: str = "first",
         max_length: int | None = None,
+        sam_resample: str = "bilinear",
+        video_frame_labels: bool = True,
+        image_placeholder: str | None = None,
+        mask_intermediate_size: int | None = None,
         seg_token: str = "[SEG]",
         image_start_token: str = "<img>",
         image_end_token: str = "</img>",
@@ -128,6 +159,16 @@ class MaskCMAProcessor(ProcessorMixin):
             )
         self.key_frame_sampling = key_frame_sampling
         self.max_length = int(max_length) if max_length is not None else None
+        self.sam_resample = check_sam_resample(sam_resample)
+        self.video_frame_labels = bool(video_frame_labels)
+        if image_placeholder is not None and (not isinstance(image_placeholder, str) or not image_placeholder.strip()):
+            raise ValueError(
+                f"image_placeholder={image_placeholder!r} must be a non-empty string (e.g. '<image>') or None"
+            )
+        self.image_placeholder = image_placeholder
+        if mask_intermediate_size is not None and int(mask_intermediate_size) < 1:
+            raise ValueError(f"mask_intermediate_size={mask_intermediate_size!r} must be a positive integer or None")
+        self.mask_intermediate_size = int(mask_intermediate_size) if mask_intermediate_size is not None else None
         self.seg_token = seg_token
         self.image_start_token = image_start_token
         self.image_end_token = image_end_token
@@ -224,13 +265,15 @@ class MaskCMAProcessor(ProcessorMixin):
 
     def media_token_ids(self, tiles_per_frame: Sequence[int], is_video: bool) -> list[int]:
         """Token ids of the image blocks: `<img><IMG_CONTEXT>×(image_seq_length·tiles)</img>` for an image; for a
-        video, one block per key frame, each preceded by `FrameK: ` and separated by new lines."""
+        video, one block per key frame, separated by new lines, each preceded by `FrameK: ` when
+        `video_frame_labels`."""
         ids: list[int] = []
         for index, tiles in enumerate(tiles_per_frame):
             if is_video:
                 if index > 0:
                     ids += self._tokenize("\n")
-                ids += self._tokenize(f"Frame{index + 1}: ")
+                if self.video_frame_labels:
+                    ids += self._tokenize(f"Frame{index + 1}: ")
             ids += [self.image_start_token_id]
             ids += [self.image_token_id] * (self.image_seq_length * int(tiles))
             ids += [self.image_end_token_id]
@@ -245,16 +288,31 @@ class MaskCMAProcessor(ProcessorMixin):
                     f"{name}: the prompt {prompt!r} contains the special token {token!r}; the processor places the "
                     "image tokens itself and [SEG] only belongs in answers"
                 )
+        if self.image_placeholder is not None and prompt.count(self.image_placeholder) > 1:
+            raise ValueError(
+                f"{name}: the prompt {prompt!r} holds the image placeholder {self.image_placeholder!r} "
+                f"{prompt.count(self.image_placeholder)} times; write it once (where the image goes) or not at all"
+            )
         return prompt
 
     def encode_prompt(
         self, prompt: str, tiles_per_frame: Sequence[int], is_video: bool, name: str = "text"
     ) -> tuple[list[int], list[bool]]:
         """The prompt up to the assistant's answer: `(input_ids, text_token_mask)` with the mask on the prompt's own
-        text tokens only (not the image tokens, not the template)."""
+        text tokens only (not the image tokens, not the template).
+
+        Every piece is tokenized on its own; the pieces meet at special tokens (``<img>``, ``</img>``, the
+        template's ``<|im_end|>``), where the tokenizer splits a whole string too, so the ids equal those of the
+        rendered text tokenized at once (as Sa2VA tokenizes it). A prompt that begins with a new line is the
+        exception: it joins the template's new line after the image."""
         prompt = self._check_prompt(prompt, name)
         before, between, after = self._chat_parts()
         media = self.media_token_ids(tiles_per_frame, is_video)
+        if self.image_placeholder is not None and self.image_placeholder in prompt:
+            head, tail = (self._tokenize(part) for part in prompt.split(self.image_placeholder))
+            ids = before + head + media + tail + after
+            mask = [False] * len(before) + [True] * len(head) + [False] * len(media) + [True] * len(tail)
+            return ids, mask + [False] * len(after)
         prompt_ids = self._tokenize(prompt)
         ids = before + media + between + prompt_ids + after
         mask = [False] * (len(before) + len(media) + len(between)) + [True] * len(prompt_ids) + [False] * len(after)
@@ -379,7 +437,9 @@ class MaskCMAProcessor(ProcessorMixin):
         input_ids, attention_mask, text_token_mask = self._left_pad(sequences, text_masks)
         sam_pixel_values = torch.stack(
             [
-                sam2_preprocess(image, self.sam_image_size, self.sam_image_mean, self.sam_image_std)
+                sam2_preprocess(
+                    image, self.sam_image_size, self.sam_image_mean, self.sam_image_std, resample=self.sam_resample
+                )
                 for image in pil_images
             ]
         )
@@ -467,7 +527,7 @@ class MaskCMAProcessor(ProcessorMixin):
             {
                 "pixel_values": pixel_values,
                 "sam_pixel_values": sam2_preprocess(
-                    image, self.sam_image_size, self.sam_image_mean, self.sam_image_std
+                    image, self.sam_image_size, self.sam_image_mean, self.sam_image_std, resample=self.sam_resample
                 )[None],
                 "frame_sample_index": torch.zeros(1, dtype=torch.long),
                 "gt_masks": resize_masks([m[0] for m in object_masks], self.gt_mask_size, self.gt_mask_resize),
@@ -522,7 +582,9 @@ class MaskCMAProcessor(ProcessorMixin):
         pixel_values, num_patches = self._video_text(frames, key_indices)
         ids, mask = self.encode_prompt(prompt, num_patches, is_video=True, name="text")
         self._check_length(len(ids), "text", prompt, reserve=1)
-        sam_frames = Sam2FrameSource(frames, self.sam_image_size, self.sam_image_mean, self.sam_image_std)
+        sam_frames = Sam2FrameSource(
+            frames, self.sam_image_size, self.sam_image_mean, self.sam_image_std, resample=self.sam_resample
+        )
         data = {
             "input_ids": torch.tensor([ids], dtype=torch.long),
             "attention_mask": torch.ones((1, len(ids)), dtype=torch.long),
@@ -551,7 +613,9 @@ class MaskCMAProcessor(ProcessorMixin):
         features = self._training_sequence(prompt, answer, len(object_masks), num_patches, is_video=True)
         sam_pixel_values = torch.stack(
             [
-                sam2_preprocess(frames[i], self.sam_image_size, self.sam_image_mean, self.sam_image_std)
+                sam2_preprocess(
+                    frames[i], self.sam_image_size, self.sam_image_mean, self.sam_image_std, resample=self.sam_resample
+                )
                 for i in sam_indices
             ]
         )
@@ -622,7 +686,8 @@ class MaskCMAProcessor(ProcessorMixin):
 
     def post_process_masks(self, mask_logits, original_sizes, threshold: float = 0.0) -> list[torch.Tensor]:
         """Low-resolution mask logits → boolean masks at the original size (bilinear upsampling of the logits,
-        then `logit > threshold`; 0.0 ⇔ sigmoid > 0.5).
+        through `mask_intermediate_size`² when set, then `logit > threshold`; 0.0 ⇔ sigmoid > 0.5), as the model's
+        `segment` computes them.
 
         Args:
             mask_logits: one tensor `(num_objects, [num_frames,] h, w)` for one sample, or a list of them (e.g.
@@ -642,7 +707,8 @@ class MaskCMAProcessor(ProcessorMixin):
                 f"post_process_masks got {len(logits_list)} samples of mask logits but {len(sizes)} original sizes"
             )
         return [
-            upsample_mask_logits(logits, (int(h), int(w))) > threshold for logits, (h, w) in zip(logits_list, sizes)
+            upsample_mask_logits(logits, (int(h), int(w)), self.mask_intermediate_size) > threshold
+            for logits, (h, w) in zip(logits_list, sizes)
         ]
 
     def batch_decode(self, *args, **kwargs):
@@ -652,13 +718,19 @@ class MaskCMAProcessor(ProcessorMixin):
         return self.tokenizer.decode(*args, **kwargs)
 
 
-def upsample_mask_logits(mask_logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear upsampling of logits `(..., h, w)` to `(..., height, width)`; the same computation as the model's
-    `mask_decoding.upsample_mask_logits` (SAM2's input is a plain resize, so one interpolation maps it back)."""
+def upsample_mask_logits(
+    mask_logits: torch.Tensor, size: tuple[int, int], intermediate_size: int | None = None
+) -> torch.Tensor:
+    """Bilinear upsampling of logits `(..., h, w)` to `(..., height, width)`, through `intermediate_size`² first
+    when given; the same computation as the model's `mask_decoding.upsample_mask_logits` (SAM2's input is a plain
+    resize, so interpolation maps it back)."""
     leading = mask_logits.shape[:-2]
     flat = mask_logits.reshape(-1, 1, *mask_logits.shape[-2:]).float()
     if flat.shape[0] == 0:
         return mask_logits.new_zeros(*leading, *size, dtype=torch.float32)
+    if intermediate_size is not None:
+        square = (int(intermediate_size), int(intermediate_size))
+        flat = torch.nn.functional.interpolate(flat, size=square, mode="bilinear", align_corners=False)
     upsampled = torch.nn.functional.interpolate(flat, size=tuple(size), mode="bilinear", align_corners=False)
     return upsampled.reshape(*leading, *upsampled.shape[-2:])
 

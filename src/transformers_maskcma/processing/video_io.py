@@ -31,6 +31,7 @@ from .image_io import (
     IMAGE_FILE_EXTENSIONS,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    check_sam_resample,
     describe_input,
     image_size_hw,
     load_image,
@@ -371,6 +372,7 @@ class Sam2FrameSource(Sequence):
         frames ([`FrameSource`]): the decoded frames.
         image_size (`int`): SAM2's input size `S`.
         image_mean, image_std: normalisation (ImageNet by default).
+        resample (`str`): the resize filter, `"bilinear"` (default) or `"bicubic"` (see `image_io.sam2_preprocess`).
         device, dtype: where and in which dtype the tensors are returned (`to()` gives a copy with other values).
 
     Attributes:
@@ -385,8 +387,10 @@ class Sam2FrameSource(Sequence):
         image_std: Sequence[float] = IMAGENET_STD,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        resample: str = "bilinear",
     ):
         self.frames = frames
+        self.resample = check_sam_resample(resample)
         self.image_size = int(image_size)
         self.image_mean = tuple(float(v) for v in image_mean)
         self.image_std = tuple(float(v) for v in image_std)
@@ -397,7 +401,9 @@ class Sam2FrameSource(Sequence):
         return len(self.frames)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        pixels = sam2_preprocess(self.frames[index], self.image_size, self.image_mean, self.image_std)
+        pixels = sam2_preprocess(
+            self.frames[index], self.image_size, self.image_mean, self.image_std, resample=self.resample
+        )
         return pixels.to(device=self.device, dtype=self.dtype)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -421,6 +427,7 @@ class Sam2FrameSource(Sequence):
             self.image_std,
             device=self.device if device is None else device,
             dtype=self.dtype if dtype is None else dtype,
+            resample=self.resample,
         )
 
     def stack(self, indices: Sequence[int] | None = None) -> torch.Tensor:
