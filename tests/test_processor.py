@@ -378,3 +378,176 @@ def test_prompts_cannot_hold_special_tokens(processor, shapes):
         processor(images=image, text="segment [SEG]")
     with pytest.raises(ValueError, match="non-empty string"):
         processor(images=image, text="  ")
+
+
+# -- Sa2VA's conventions (the settings `maskcma convert sa2va` saves) --------------------------------------------------
+# Each reference below is written here from Sa2VA's documented behaviour (PIL / numpy), not from our code.
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def bfloat16_round(values) -> np.ndarray:
+    """float32 → nearest bfloat16 (ties to even), computed on the bits: keep the upper 16 bits after rounding."""
+    bits = np.asarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+    return rounded.astype(np.uint32).view(np.float32)
+
+
+def internvl_grid(width: int, height: int, tile: int, max_tiles: int) -> tuple[int, int]:
+    """InternVL's dynamic tiling (Sa2VA's `dynamic_preprocess`): the (columns, rows) grid of 1..max_tiles tiles whose
+    aspect ratio is nearest the image's, grids visited by tile count; on an equal distance a later grid wins when
+    the image covers more than half of its area."""
+    grids = sorted(
+        {(c, r) for c in range(1, max_tiles + 1) for r in range(1, max_tiles + 1) if c * r <= max_tiles},
+        key=lambda grid: (grid[0] * grid[1], grid),
+    )
+    best, best_distance = (1, 1), float("inf")
+    for columns, rows in grids:
+        distance = abs(width / height - columns / rows)
+        if distance < best_distance:
+            best, best_distance = (columns, rows), distance
+        elif distance == best_distance and width * height > 0.5 * tile * tile * columns * rows:
+            best = (columns, rows)
+    return best
+
+
+def internvl_tiles(image: Image.Image, tile: int, max_tiles: int) -> np.ndarray:
+    """Sa2VA's VLM input of an image: resize (PIL's default filter) to the grid, crop the tiles row by row, add a
+    thumbnail when there is more than one tile, scale to [0, 1] and normalise with ImageNet's mean/std."""
+    columns, rows = internvl_grid(image.width, image.height, tile, max_tiles)
+    resized = image.resize((columns * tile, rows * tile))
+    tiles = [
+        resized.crop((i % columns * tile, i // columns * tile, (i % columns + 1) * tile, (i // columns + 1) * tile))
+        for i in range(columns * rows)
+    ]
+    if len(tiles) > 1:
+        tiles.append(image.resize((tile, tile)))
+    arrays = [(np.asarray(t, dtype=np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD for t in tiles]
+    return np.stack(arrays).transpose(0, 3, 1, 2)
+
+
+def gradient_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A smooth image with noise (bicubic and bilinear resizes of it differ everywhere)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 / width, y * 255 / height, (x + y) * 127 / (width + height)], axis=-1)
+    return Image.fromarray(np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def sa2va_processor(tiny_tokenizer):
+    from transformers_maskcma.hub_cards.convert_sa2va import sa2va_processor_settings
+
+    return build_tiny_processor(tiny_tokenizer, **sa2va_processor_settings(128))
+
+
+def test_sa2va_tile_counts_of_a_2_to_1_and_a_4_to_3_image(tiny_tokenizer):
+    from transformers_maskcma.hub_cards.convert_sa2va import sa2va_processor_settings
+
+    settings = sa2va_processor_settings(1024)
+    real = MaskCMAProcessor.from_model_config(MaskCMAConfig(), tiny_tokenizer, **settings)
+    cases = {
+        (896, 448): 2 + 1,  # 2:1, grid 2×1 (the 4×2 grid ties but is more than twice the image) + thumbnail
+        (1792, 896): 8 + 1,  # 2:1 large enough for the 4×2 grid + thumbnail
+        (800, 600): 12 + 1,  # 4:3 → 4×3 grid + thumbnail
+        (448, 448): 1,  # one tile, no thumbnail
+    }
+    for (width, height), count in cases.items():
+        columns, rows = internvl_grid(width, height, 448, 12)
+        assert columns * rows + (columns * rows > 1) == count, (width, height)
+        inputs = real(images=Image.new("RGB", (width, height), (90, 120, 200)), text=PROMPT)
+        assert inputs["pixel_values"].shape == (count, 3, 448, 448), (width, height)
+        assert (inputs["input_ids"] == real.image_token_id).sum() == 256 * count
+
+
+def test_sa2va_tiles_equal_internvl_tiling_pixel_for_pixel(sa2va_processor):
+    for size in ((130, 61), (90, 70), (64, 64), (40, 150)):
+        image = gradient_image(*size, seed=size[0])
+        got = sa2va_processor(images=image, text=PROMPT)["pixel_values"].numpy()
+        expected = internvl_tiles(image, 64, 12)
+        assert got.shape == expected.shape, size
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_sa2va_sam_input_is_a_bicubic_resize_with_bfloat16_constants(sa2va_processor, processor):
+    image = gradient_image(150, 90)
+    mean, std = bfloat16_round(IMAGENET_MEAN), bfloat16_round(IMAGENET_STD)
+    assert mean.tolist() == [0.484375, 0.455078125, 0.40625]
+    assert std.tolist() == [0.228515625, 0.2236328125, 0.224609375]
+    assert sa2va_processor.sam_image_mean == mean.tolist() and sa2va_processor.sam_image_std == std.tolist()
+    pixels = np.asarray(image.resize((128, 128)), dtype=np.float64) / 255.0  # PIL's default filter: bicubic
+    expected = ((pixels - mean) / std).transpose(2, 0, 1)
+    got = sa2va_processor(images=image, text=PROMPT)["sam_pixel_values"][0].numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    # the same for every frame of a video, key frame or not
+    frames = [gradient_image(150, 90, seed=seed) for seed in range(7)]
+    video = sa2va_processor(videos=frames, text=PROMPT)
+    assert video["key_frame_indices"].tolist() == [0, 1, 2, 3, 4]
+    for index in (0, 6):
+        pixels = np.asarray(frames[index].resize((128, 128)), dtype=np.float64) / 255.0
+        expected = ((pixels - mean) / std).transpose(2, 0, 1)
+        np.testing.assert_allclose(video["video_frames"][index].numpy(), expected, atol=1e-5)
+    # our own models keep the bilinear resize with the exact constants: the settings make a difference
+    ours = processor(images=image, text=PROMPT)["sam_pixel_values"][0].numpy()
+    assert np.abs(ours - got).max() > 0.1
+
+
+def test_sa2va_key_frames_are_joined_without_labels(sa2va_processor, tiny_tokenizer):
+    frames = [gradient_image(80, 60, seed=seed) for seed in range(7)]
+    inputs = sa2va_processor(videos=frames, text=PROMPT)
+    blocks = "\n".join([IMAGE_BLOCK] * 5)  # one 64-px tile a key frame, no "FrameK: " labels
+    expected = f"<|im_start|>user\n{blocks}\n{PROMPT}<|im_end|>\n<|im_start|>assistant\n"
+    assert inputs["input_ids"][0].tolist() == tiny_tokenizer(expected, add_special_tokens=False).input_ids
+    assert inputs["pixel_values"].shape == (5, 3, 64, 64)
+    reference = np.stack([internvl_tiles(frame, 64, 1)[0] for frame in frames[:5]])
+    np.testing.assert_allclose(inputs["pixel_values"].numpy(), reference, atol=1e-5)
+    assert tiny_tokenizer.decode(inputs["input_ids"][inputs["text_token_mask"]]) == PROMPT
+
+
+def test_image_placeholder_places_the_image_blocks(sa2va_processor, tiny_tokenizer, shapes):
+    image, _ = shapes  # 192×128: a 3×2 grid + thumbnail = 7 tiles
+    blocks = "<img>" + "<IMG_CONTEXT>" * (TINY_IMAGE_SEQ_LENGTH * 7) + "</img>"
+    inputs = sa2va_processor(images=image, text="<image>Please segment the red circle.")
+    expected = f"<|im_start|>user\n{blocks}Please segment the red circle.<|im_end|>\n<|im_start|>assistant\n"
+    assert inputs["input_ids"][0].tolist() == tiny_tokenizer(expected, add_special_tokens=False).input_ids
+    assert tiny_tokenizer.decode(inputs["input_ids"][inputs["text_token_mask"]]) == "Please segment the red circle."
+    # text before and after the placeholder both count as the prompt's text
+    inputs = sa2va_processor(images=image, text="Look: <image> the red circle")
+    assert tiny_tokenizer.decode(inputs["input_ids"][inputs["text_token_mask"]]) == "Look:  the red circle"
+    # a prompt without the placeholder keeps the standard layout, Sa2VA's "<image>\n{prompt}"
+    plain = sa2va_processor(images=image, text=PROMPT)["input_ids"]
+    with_newline = sa2va_processor(images=image, text=f"<image>\n{PROMPT}")["input_ids"]
+    assert torch.equal(plain, with_newline)
+    with pytest.raises(ValueError, match="placeholder '<image>' 2 times"):
+        sa2va_processor(images=image, text="<image> and <image>")
+
+
+def test_post_process_masks_through_the_intermediate_size(sa2va_processor, processor):
+    logits = torch.randn(2, 32, 32, generator=torch.Generator().manual_seed(1))
+    square = F.interpolate(logits[:, None], size=(128, 128), mode="bilinear", align_corners=False)
+    expected = F.interpolate(square, size=(50, 70), mode="bilinear", align_corners=False)[:, 0].sigmoid() > 0.5
+    got = sa2va_processor.post_process_masks(logits, [[50, 70]])[0]
+    assert torch.equal(got, expected)
+    assert torch.equal(got, upsample_mask_logits(logits, (50, 70), 128) > 0)  # the model's computation
+    assert not torch.equal(processor.post_process_masks(logits, [[50, 70]])[0], got)  # one step differs
+
+
+def test_sa2va_settings_survive_save_and_load(sa2va_processor, tmp_path):
+    sa2va_processor.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "processor_config.json").read_text())
+    assert saved["video_frame_labels"] is False and saved["image_placeholder"] == "<image>"
+    assert saved["sam_resample"] == "bicubic" and saved["mask_intermediate_size"] == 128
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    for name in ("video_frame_labels", "image_placeholder", "sam_resample", "mask_intermediate_size",
+                 "sam_image_mean", "sam_image_std", "chat_template"):  # fmt: skip
+        assert getattr(loaded, name) == getattr(sa2va_processor, name), name
+    assert loaded.image_processor.crop_to_patches and loaded.image_processor.max_patches == 12
+
+
+def test_invalid_sa2va_settings_are_rejected(tiny_tokenizer):
+    with pytest.raises(ValueError, match=r"sam_resample='nearest' is not valid; use one of \['bilinear', 'bicubic'\]"):
+        build_tiny_processor(tiny_tokenizer, sam_resample="nearest")
+    with pytest.raises(ValueError, match="image_placeholder='' must be a non-empty string"):
+        build_tiny_processor(tiny_tokenizer, image_placeholder="")
+    with pytest.raises(ValueError, match="mask_intermediate_size=0 must be a positive integer"):
+        build_tiny_processor(tiny_tokenizer, mask_intermediate_size=0)
