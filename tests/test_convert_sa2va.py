@@ -5,20 +5,27 @@ here by hand from the Sa2VA remote-code layout (InternViT `vision_model.*` with 
 `language_model.model.*`, `text_hidden_fcs.{0,2}`) and, for SAM2, from the official → transformers rules of
 `convert_sam2` read backwards (their parity against the official `sam2` package is tested in test_convert_sam2).
 The vision path of the converted model is also checked against an independent forward of the original InternViT
-layout computed here from the Sa2VA tensors.
+layout computed here from the Sa2VA tensors, and the converted folder, run as a user runs it (its own processor and
+`segment`), against Sa2VA's conventions computed independently (tests/sa2va_reference.py).
+
+Like the releases, the fixture's `config.json` names Sa2VA's remote code in `auto_map` (so a plain `AutoTokenizer`
+call asks whether to run it) and its tokenizer's chat template adds a system turn that Sa2VA does not use.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from transformers import AutoModel, AutoProcessor, AutoTokenizer, TokenizersBackend
 
 from transformers_maskcma.cli import main
 from transformers_maskcma.hub_cards.convert_sa2va import (
@@ -29,11 +36,30 @@ from transformers_maskcma.hub_cards.convert_sa2va import (
 )
 from transformers_maskcma.hub_cards.convert_sam2 import SAM2_SIZE_PRESETS, sam2_key_rules
 from transformers_maskcma.modeling import MaskCMAModel
-from transformers_maskcma.modeling.tiny_configs import tiny_vlm_config
+from transformers_maskcma.modeling.tiny_configs import TINY_IMAGE_SEQ_LENGTH, tiny_vlm_config
+from transformers_maskcma.modeling.video_segmentation import forced_answer_generate_kwargs
 from transformers_maskcma.processing import build_tiny_processor
+from transformers_maskcma.processing.processing_maskcma import DEFAULT_CHAT_TEMPLATE
+from transformers_maskcma.processing.samples import draw_sample_shapes
 from transformers_maskcma.tiny import build_tiny_model
 
+from sa2va_reference import (
+    bfloat16_round,
+    gradient_image,
+    image_blocks,
+    internvl_tiles,
+    sa2va_masks,
+    sa2va_prompt,
+    sam2_reference,
+)
+
 VIT = "vlm.model.vision_tower"
+# a Qwen-style tokenizer template: it adds a default system turn, which Sa2VA's own prompt does not have
+SYSTEM_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -112,7 +138,10 @@ def sa2va_config(model: MaskCMAModel) -> dict:
     return {
         "architectures": ["Sa2VAChatModel"],
         "model_type": "sa2va_chat",
-        "auto_map": {"AutoModel": "modeling_sa2va_chat.Sa2VAChatModel"},
+        "auto_map": {
+            "AutoConfig": "configuration_sa2va_chat.Sa2VAChatConfig",
+            "AutoModel": "modeling_sa2va_chat.Sa2VAChatModel",
+        },
         "template": "qwen_chat",
         "downsample_ratio": vlm.downsample_ratio,
         "select_layer": -1,
@@ -143,6 +172,8 @@ def write_sa2va_folder(folder: Path, model: MaskCMAModel, tokenizer, weights: di
     """Two shards + index, config.json and the tokenizer, as in the releases."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config or sa2va_config(model)))
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = SYSTEM_CHAT_TEMPLATE
     tokenizer.save_pretrained(folder)
     names = sorted(weights)
     shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
@@ -398,3 +429,156 @@ def test_unknown_source_keys_are_reported(tmp_path, tiny_source):
     report = json.loads((output / CONVERSION_REPORT_NAME).read_text())
     assert list(report["dropped"]) == ["vision_model.encoder.layers.0.attn.extra_scale"]
     assert len(report["mapped"]) == len(weights)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sa2VA's conventions in the converted folder
+# --------------------------------------------------------------------------------------------------------------
+
+PROMPT = "Please segment the red circle."
+
+
+def release_tokenizer(sa2va_dir):
+    """The release's tokenizer as Sa2VA's remote code reads it (its own files, its own chat template)."""
+    return TokenizersBackend.from_pretrained(sa2va_dir)
+
+
+def test_converted_folder_saves_sa2va_conventions(converted):
+    saved = json.loads((converted / "processor_config.json").read_text())
+    assert saved["video_frame_labels"] is False and saved["image_placeholder"] == "<image>"
+    assert saved["num_key_frames"] == 5 and saved["key_frame_sampling"] == "first"
+    assert saved["sam_resample"] == "bicubic" and saved["mask_intermediate_size"] == 128
+    assert saved["sam_image_mean"] == bfloat16_round((0.485, 0.456, 0.406)).tolist()
+    assert saved["sam_image_std"] == bfloat16_round((0.229, 0.224, 0.225)).tolist()
+    tiles = saved["image_processor"]
+    assert tiles["crop_to_patches"] is True and (tiles["min_patches"], tiles["max_patches"]) == (1, 12)
+    assert tiles["resample"] == 3  # PIL bicubic
+    assert tiles["image_mean"] == [0.485, 0.456, 0.406] and tiles["image_std"] == [0.229, 0.224, 0.225]
+    assert (converted / "chat_template.jinja").read_text() == DEFAULT_CHAT_TEMPLATE
+    assert json.loads((converted / "config.json").read_text())["mask_intermediate_size"] == 128
+    report = json.loads((converted / CONVERSION_REPORT_NAME).read_text())
+    assert report["conventions"]["config"] == {"mask_intermediate_size": 128}
+    assert report["conventions"]["processor"]["video_frame_labels"] is False
+
+
+def test_converted_prompt_ids_are_sa2va_prompts_tokenized_whole(converted, sa2va_dir):
+    """Sa2VA: `tokenizer.encode("<|im_start|>user\\n{text with <image> replaced}<|im_end|>\\n<|im_start|>assistant\\n")`."""
+    processor = AutoProcessor.from_pretrained(converted, trust_remote_code=True)
+    tokenizer = release_tokenizer(sa2va_dir)
+    image, _ = draw_sample_shapes("shapes")  # 192×128 → a 3×2 grid + thumbnail
+    blocks = image_blocks([7], TINY_IMAGE_SEQ_LENGTH)
+    cases = {
+        f"<image>{PROMPT}": sa2va_prompt(f"{blocks}{PROMPT}"),  # Sa2VA's README style
+        f"<image>\n{PROMPT}": sa2va_prompt(f"{blocks}\n{PROMPT}"),  # Sa2VA's training style
+        PROMPT: sa2va_prompt(f"{blocks}\n{PROMPT}"),  # no placeholder: the training style
+    }
+    for text, expected in cases.items():
+        assert processor(images=image, text=text)["input_ids"][0].tolist() == tokenizer.encode(expected), text
+    # the release tokenizer's own template would have added a system turn
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+    assert "You are a helpful assistant." in rendered
+    # video: the first 5 frames, one tile each, blocks joined by new lines without labels
+    frames = [gradient_image(96, 64, seed=seed) for seed in range(7)]
+    video = processor(videos=frames, text=f"<image>{PROMPT}")
+    expected = sa2va_prompt(image_blocks([1] * 5, TINY_IMAGE_SEQ_LENGTH) + PROMPT)
+    assert video["input_ids"][0].tolist() == tokenizer.encode(expected)
+
+
+def forced(processor, input_ids, answer: str) -> dict:
+    ids = processor.tokenizer(answer, add_special_tokens=False).input_ids
+    return forced_answer_generate_kwargs([ids], input_ids.shape[1], processor.end_of_turn_token_id)
+
+
+def test_converted_folder_run_as_a_user_gives_sa2va_masks(converted, sa2va_dir):
+    """The folder's own processor + `segment` against Sa2VA's pipeline recomputed independently: the same token ids,
+    the same tiles and SAM2 input, and the masks of Sa2VA's 256 → 1024 → image-size chain."""
+    processor = AutoProcessor.from_pretrained(converted, trust_remote_code=True)
+    model = AutoModel.from_pretrained(converted, trust_remote_code=True).eval()
+    image, _ = draw_sample_shapes("shapes")
+    text = f"<image>{PROMPT}"
+    user = processor(images=image, text=text)
+
+    tiles = internvl_tiles(image, 64, 12)
+    ids = release_tokenizer(sa2va_dir).encode(sa2va_prompt(image_blocks([len(tiles)], TINY_IMAGE_SEQ_LENGTH) + PROMPT))
+    sam = sam2_reference(image, 128)
+    assert user["input_ids"][0].tolist() == ids
+    np.testing.assert_allclose(user["pixel_values"].numpy(), tiles, atol=1e-5)
+    np.testing.assert_allclose(user["sam_pixel_values"][0].numpy(), sam, atol=1e-5)
+
+    reference_inputs = {
+        "input_ids": torch.tensor([ids]),
+        "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+        "pixel_values": torch.from_numpy(tiles),
+        "sam_pixel_values": torch.from_numpy(sam).float()[None],
+        "original_sizes": torch.tensor([[128, 192]]),
+        "text_token_mask": user["text_token_mask"],
+    }
+    with torch.no_grad():
+        got = model.segment(**user, **forced(processor, user["input_ids"], "Sure, [SEG] and [SEG]."))
+        reference = model.segment(**reference_inputs, **forced(processor, user["input_ids"], "Sure, [SEG] and [SEG]."))
+    assert got.answers == ["Sure, [SEG] and [SEG]."]
+    torch.testing.assert_close(got.mask_logits[0], reference.mask_logits[0], rtol=0, atol=1e-5)
+    expected = sa2va_masks(reference.mask_logits[0], 128, 128, 192)
+    assert got.masks[0].shape == (2, 128, 192)
+    assert torch.equal(got.masks[0], expected)
+    assert 0 < int(expected.sum()) < expected.numel()  # a real mask, neither empty nor full
+    assert torch.equal(processor.post_process_masks(got.mask_logits, user["original_sizes"])[0], expected)
+
+
+def test_converted_video_masks_follow_sa2va_chain_on_every_frame(converted, sa2va_dir):
+    processor = AutoProcessor.from_pretrained(converted, trust_remote_code=True)
+    model = AutoModel.from_pretrained(converted, trust_remote_code=True).eval()
+    frames = [gradient_image(96, 64, seed=seed) for seed in range(7)]
+    video = processor(videos=frames, text=f"<image>{PROMPT}")
+    assert video["key_frame_indices"].tolist() == [0, 1, 2, 3, 4]
+    key_tiles = np.concatenate([internvl_tiles(frame, 64, 1) for frame in frames[:5]])
+    np.testing.assert_allclose(video["pixel_values"].numpy(), key_tiles, atol=1e-5)
+    for index in range(7):
+        np.testing.assert_allclose(video["video_frames"][index].numpy(), sam2_reference(frames[index], 128), atol=1e-5)
+    answer = processor.tokenizer("Sure, [SEG].", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        out = model.segment(**video, answer_ids=[answer])
+    assert out.masks[0].shape == (1, 7, 64, 96)
+    assert torch.equal(out.masks[0], sa2va_masks(out.mask_logits[0], 128, 64, 96))
+
+
+def test_convert_never_asks_to_run_remote_code(sa2va_dir, sam2_config_file, tmp_path, capsys):
+    """The release's `auto_map` makes a plain `AutoTokenizer` call ask "run the custom code? [y/N]"; the converter
+    reads the tokenizer without it. Under pytest stdin is closed: a prompt is printed, then its read fails."""
+    AutoTokenizer.from_pretrained(sa2va_dir)
+    assert "Do you wish to run the custom code? [y/N]" in capsys.readouterr().out  # the fixture reproduces it
+    output = tmp_path / "out"
+    code = main(["convert", "sa2va", str(sa2va_dir), "--output", str(output), "--sam2-config", str(sam2_config_file),
+                 "--no-progress"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0 and (output / "processor_config.json").is_file()
+    assert "[y/N]" not in captured.out + captured.err and "custom code" not in captured.out + captured.err
+
+
+def test_a_remote_code_tokenizer_class_is_read_from_tokenizer_json(sa2va_dir, tmp_path, tiny_source):
+    from transformers_maskcma.hub_cards.convert_sa2va import load_sa2va_tokenizer
+
+    model, tokenizer, _ = tiny_source
+    folder = tmp_path / "remote-tokenizer"
+    folder.mkdir()
+    tokenizer.save_pretrained(folder)
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    settings["tokenizer_class"] = "Sa2VATokenizer"
+    settings["auto_map"] = {"AutoTokenizer": ["tokenization_sa2va.Sa2VATokenizer", None]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    loaded = load_sa2va_tokenizer(folder)
+    assert type(loaded) is TokenizersBackend
+    sample = "<img><IMG_CONTEXT></img>Please segment the red circle.<|im_end|>"
+    assert loaded.encode(sample) == tokenizer.encode(sample)
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(Sa2VAConversionError, match="exists only as remote code.*tokenizer.json"):
+        load_sa2va_tokenizer(folder)
+
+
+def test_a_non_chatml_template_is_refused(tmp_path, tiny_source):
+    model, tokenizer, weights = tiny_source
+    config = sa2va_config(model)
+    config["template"] = "phi3_chat"
+    folder = write_sa2va_folder(tmp_path / "phi3", model, tokenizer, {}, config)
+    with pytest.raises(Sa2VAConversionError, match=r"template='phi3_chat'.*\['qwen_chat', 'internlm2_chat'\]"):
+        build_sa2va_model(folder)

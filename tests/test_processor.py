@@ -16,6 +16,7 @@ from transformers_maskcma.modeling.mask_decoding import upsample_mask_logits
 from transformers_maskcma.modeling.tiny_configs import TINY_IMAGE_SEQ_LENGTH, TINY_SEG_TOKEN_ID
 from transformers_maskcma.processing import MaskCMAProcessor, build_tiny_processor, default_answer
 from transformers_maskcma.processing.samples import draw_sample_shapes
+from sa2va_reference import IMAGENET_MEAN, IMAGENET_STD, bfloat16_round, gradient_image, internvl_grid, internvl_tiles
 
 PROMPT = "Please segment the red circle."
 IMAGE_BLOCK = "<img>" + "<IMG_CONTEXT>" * TINY_IMAGE_SEQ_LENGTH + "</img>"
@@ -381,57 +382,7 @@ def test_prompts_cannot_hold_special_tokens(processor, shapes):
 
 
 # -- Sa2VA's conventions (the settings `maskcma convert sa2va` saves) --------------------------------------------------
-# Each reference below is written here from Sa2VA's documented behaviour (PIL / numpy), not from our code.
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def bfloat16_round(values) -> np.ndarray:
-    """float32 → nearest bfloat16 (ties to even), computed on the bits: keep the upper 16 bits after rounding."""
-    bits = np.asarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-    return rounded.astype(np.uint32).view(np.float32)
-
-
-def internvl_grid(width: int, height: int, tile: int, max_tiles: int) -> tuple[int, int]:
-    """InternVL's dynamic tiling (Sa2VA's `dynamic_preprocess`): the (columns, rows) grid of 1..max_tiles tiles whose
-    aspect ratio is nearest the image's, grids visited by tile count; on an equal distance a later grid wins when
-    the image covers more than half of its area."""
-    grids = sorted(
-        {(c, r) for c in range(1, max_tiles + 1) for r in range(1, max_tiles + 1) if c * r <= max_tiles},
-        key=lambda grid: (grid[0] * grid[1], grid),
-    )
-    best, best_distance = (1, 1), float("inf")
-    for columns, rows in grids:
-        distance = abs(width / height - columns / rows)
-        if distance < best_distance:
-            best, best_distance = (columns, rows), distance
-        elif distance == best_distance and width * height > 0.5 * tile * tile * columns * rows:
-            best = (columns, rows)
-    return best
-
-
-def internvl_tiles(image: Image.Image, tile: int, max_tiles: int) -> np.ndarray:
-    """Sa2VA's VLM input of an image: resize (PIL's default filter) to the grid, crop the tiles row by row, add a
-    thumbnail when there is more than one tile, scale to [0, 1] and normalise with ImageNet's mean/std."""
-    columns, rows = internvl_grid(image.width, image.height, tile, max_tiles)
-    resized = image.resize((columns * tile, rows * tile))
-    tiles = [
-        resized.crop((i % columns * tile, i // columns * tile, (i % columns + 1) * tile, (i // columns + 1) * tile))
-        for i in range(columns * rows)
-    ]
-    if len(tiles) > 1:
-        tiles.append(image.resize((tile, tile)))
-    arrays = [(np.asarray(t, dtype=np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD for t in tiles]
-    return np.stack(arrays).transpose(0, 3, 1, 2)
-
-
-def gradient_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    """A smooth image with noise (bicubic and bilinear resizes of it differ everywhere)."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([x * 255 / width, y * 255 / height, (x + y) * 127 / (width + height)], axis=-1)
-    return Image.fromarray(np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8))
+# The references (tests/sa2va_reference.py) are written from Sa2VA's documented behaviour with PIL / numpy.
 
 
 @pytest.fixture(scope="module")
