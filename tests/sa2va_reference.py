@@ -59,11 +59,19 @@ def gradient_image(width: int, height: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8))
 
 
-def sam2_reference(image: Image.Image, size: int) -> np.ndarray:
-    """Sa2VA's SAM2 input: the 8-bit image resized to `size`² with PIL's default filter (bicubic), scaled to [0, 1],
-    normalised with the ImageNet mean/std rounded to bfloat16; `(3, size, size)` float64."""
-    pixels = np.asarray(image.convert("RGB").resize((size, size)), dtype=np.float64) / 255.0
-    return ((pixels - bfloat16_round(IMAGENET_MEAN)) / bfloat16_round(IMAGENET_STD)).transpose(2, 0, 1)
+def sam2_reference(image: Image.Image, size: int, video: bool = False) -> np.ndarray:
+    """Sa2VA's SAM2 input, `(3, size, size)` float32 holding bfloat16 values: the 8-bit image resized to `size`² with
+    PIL's default filter (bicubic), then normalised with the ImageNet mean/std. An image is cast to bfloat16 before
+    the normalisation, so every step is a bfloat16 operation (emulated here: float32, then rounded to bfloat16); a
+    video frame is normalised in float32 and the result cast to bfloat16."""
+    pixels = np.asarray(image.convert("RGB").resize((size, size)), dtype=np.float32)
+    mean, std = np.asarray(IMAGENET_MEAN, dtype=np.float32), np.asarray(IMAGENET_STD, dtype=np.float32)
+    if video:
+        normalized = bfloat16_round((pixels / np.float32(255.0) - mean) / std)
+    else:
+        scaled = bfloat16_round(pixels / np.float32(255.0))
+        normalized = bfloat16_round(bfloat16_round(scaled - bfloat16_round(mean)) / bfloat16_round(std))
+    return normalized.transpose(2, 0, 1)
 
 
 def sa2va_masks(low_res_logits: torch.Tensor, sam_size: int, height: int, width: int) -> torch.Tensor:

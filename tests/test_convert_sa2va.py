@@ -44,7 +44,6 @@ from transformers_maskcma.processing.samples import draw_sample_shapes
 from transformers_maskcma.tiny import build_tiny_model
 
 from sa2va_reference import (
-    bfloat16_round,
     gradient_image,
     image_blocks,
     internvl_tiles,
@@ -448,8 +447,8 @@ def test_converted_folder_saves_sa2va_conventions(converted):
     assert saved["video_frame_labels"] is False and saved["image_placeholder"] == "<image>"
     assert saved["num_key_frames"] == 5 and saved["key_frame_sampling"] == "first"
     assert saved["sam_resample"] == "bicubic" and saved["mask_intermediate_size"] == 128
-    assert saved["sam_image_mean"] == bfloat16_round((0.485, 0.456, 0.406)).tolist()
-    assert saved["sam_image_std"] == bfloat16_round((0.229, 0.224, 0.225)).tolist()
+    assert saved["sam_normalization"] == "sa2va_bfloat16"  # Sa2VA's arithmetic: bfloat16
+    assert saved["sam_image_mean"] == [0.485, 0.456, 0.406] and saved["sam_image_std"] == [0.229, 0.224, 0.225]
     tiles = saved["image_processor"]
     assert tiles["crop_to_patches"] is True and (tiles["min_patches"], tiles["max_patches"]) == (1, 12)
     assert tiles["resample"] == 3  # PIL bicubic
@@ -462,7 +461,7 @@ def test_converted_folder_saves_sa2va_conventions(converted):
 
 
 def test_converted_prompt_ids_are_sa2va_prompts_tokenized_whole(converted, sa2va_dir):
-    """Sa2VA: `tokenizer.encode("<|im_start|>user\\n{text with <image> replaced}<|im_end|>\\n<|im_start|>assistant\\n")`."""
+    """Sa2VA tokenizes its whole prompt at once: `tokenizer.encode(sa2va_prompt(text with <image> replaced))`."""
     processor = AutoProcessor.from_pretrained(converted, trust_remote_code=True)
     tokenizer = release_tokenizer(sa2va_dir)
     image, _ = draw_sample_shapes("shapes")  # 192×128 → a 3×2 grid + thumbnail
@@ -503,7 +502,7 @@ def test_converted_folder_run_as_a_user_gives_sa2va_masks(converted, sa2va_dir):
     sam = sam2_reference(image, 128)
     assert user["input_ids"][0].tolist() == ids
     np.testing.assert_allclose(user["pixel_values"].numpy(), tiles, atol=1e-5)
-    np.testing.assert_allclose(user["sam_pixel_values"][0].numpy(), sam, atol=1e-5)
+    np.testing.assert_array_equal(user["sam_pixel_values"][0].numpy(), sam)
 
     reference_inputs = {
         "input_ids": torch.tensor([ids]),
@@ -534,7 +533,7 @@ def test_converted_video_masks_follow_sa2va_chain_on_every_frame(converted, sa2v
     key_tiles = np.concatenate([internvl_tiles(frame, 64, 1) for frame in frames[:5]])
     np.testing.assert_allclose(video["pixel_values"].numpy(), key_tiles, atol=1e-5)
     for index in range(7):
-        np.testing.assert_allclose(video["video_frames"][index].numpy(), sam2_reference(frames[index], 128), atol=1e-5)
+        np.testing.assert_array_equal(video["video_frames"][index].numpy(), sam2_reference(frames[index], 128, True))
     answer = processor.tokenizer("Sure, [SEG].", add_special_tokens=False).input_ids
     with torch.no_grad():
         out = model.segment(**video, answer_ids=[answer])

@@ -16,7 +16,15 @@ from transformers_maskcma.modeling.mask_decoding import upsample_mask_logits
 from transformers_maskcma.modeling.tiny_configs import TINY_IMAGE_SEQ_LENGTH, TINY_SEG_TOKEN_ID
 from transformers_maskcma.processing import MaskCMAProcessor, build_tiny_processor, default_answer
 from transformers_maskcma.processing.samples import draw_sample_shapes
-from sa2va_reference import IMAGENET_MEAN, IMAGENET_STD, bfloat16_round, gradient_image, internvl_grid, internvl_tiles
+from sa2va_reference import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    bfloat16_round,
+    gradient_image,
+    internvl_grid,
+    internvl_tiles,
+    sam2_reference,
+)
 
 PROMPT = "Please segment the red circle."
 IMAGE_BLOCK = "<img>" + "<IMG_CONTEXT>" * TINY_IMAGE_SEQ_LENGTH + "</img>"
@@ -420,26 +428,25 @@ def test_sa2va_tiles_equal_internvl_tiling_pixel_for_pixel(sa2va_processor):
         np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
-def test_sa2va_sam_input_is_a_bicubic_resize_with_bfloat16_constants(sa2va_processor, processor):
+def test_sa2va_sam_input_is_a_bicubic_resize_normalised_in_bfloat16(sa2va_processor, processor):
+    """Sa2VA's SAM2 input, bit for bit: images normalised in bfloat16 (mean and std rounded to bfloat16), video
+    frames in float32 rounded to bfloat16, both after PIL's default (bicubic) resize."""
+    assert bfloat16_round(IMAGENET_MEAN).tolist() == [0.484375, 0.455078125, 0.40625]
+    assert bfloat16_round(IMAGENET_STD).tolist() == [0.228515625, 0.2236328125, 0.224609375]
     image = gradient_image(150, 90)
-    mean, std = bfloat16_round(IMAGENET_MEAN), bfloat16_round(IMAGENET_STD)
-    assert mean.tolist() == [0.484375, 0.455078125, 0.40625]
-    assert std.tolist() == [0.228515625, 0.2236328125, 0.224609375]
-    assert sa2va_processor.sam_image_mean == mean.tolist() and sa2va_processor.sam_image_std == std.tolist()
-    pixels = np.asarray(image.resize((128, 128)), dtype=np.float64) / 255.0  # PIL's default filter: bicubic
-    expected = ((pixels - mean) / std).transpose(2, 0, 1)
     got = sa2va_processor(images=image, text=PROMPT)["sam_pixel_values"][0].numpy()
-    np.testing.assert_allclose(got, expected, atol=1e-5)
-    # the same for every frame of a video, key frame or not
+    np.testing.assert_array_equal(got, sam2_reference(image, 128))
+    # every frame of a video, key frame or not
     frames = [gradient_image(150, 90, seed=seed) for seed in range(7)]
     video = sa2va_processor(videos=frames, text=PROMPT)
     assert video["key_frame_indices"].tolist() == [0, 1, 2, 3, 4]
     for index in (0, 6):
-        pixels = np.asarray(frames[index].resize((128, 128)), dtype=np.float64) / 255.0
-        expected = ((pixels - mean) / std).transpose(2, 0, 1)
-        np.testing.assert_allclose(video["video_frames"][index].numpy(), expected, atol=1e-5)
-    # our own models keep the bilinear resize with the exact constants: the settings make a difference
+        np.testing.assert_array_equal(video["video_frames"][index].numpy(), sam2_reference(frames[index], 128, True))
+    # the two Sa2VA paths differ from each other, and our own models keep a bilinear resize in float32
+    assert np.abs(sam2_reference(frames[0], 128) - sam2_reference(frames[0], 128, video=True)).max() > 0
     ours = processor(images=image, text=PROMPT)["sam_pixel_values"][0].numpy()
+    pixels = np.asarray(image.resize((128, 128), Image.Resampling.BILINEAR), dtype=np.float64) / 255.0
+    np.testing.assert_allclose(ours, ((pixels - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1), atol=1e-5)
     assert np.abs(ours - got).max() > 0.1
 
 
@@ -488,9 +495,10 @@ def test_sa2va_settings_survive_save_and_load(sa2va_processor, tmp_path):
     saved = json.loads((tmp_path / "processor_config.json").read_text())
     assert saved["video_frame_labels"] is False and saved["image_placeholder"] == "<image>"
     assert saved["sam_resample"] == "bicubic" and saved["mask_intermediate_size"] == 128
+    assert saved["sam_normalization"] == "sa2va_bfloat16"
     loaded = AutoProcessor.from_pretrained(tmp_path)
-    for name in ("video_frame_labels", "image_placeholder", "sam_resample", "mask_intermediate_size",
-                 "sam_image_mean", "sam_image_std", "chat_template"):  # fmt: skip
+    for name in ("video_frame_labels", "image_placeholder", "sam_resample", "sam_normalization",
+                 "mask_intermediate_size", "sam_image_mean", "sam_image_std", "chat_template"):  # fmt: skip
         assert getattr(loaded, name) == getattr(sa2va_processor, name), name
     assert loaded.image_processor.crop_to_patches and loaded.image_processor.max_patches == 12
 
@@ -498,6 +506,8 @@ def test_sa2va_settings_survive_save_and_load(sa2va_processor, tmp_path):
 def test_invalid_sa2va_settings_are_rejected(tiny_tokenizer):
     with pytest.raises(ValueError, match=r"sam_resample='nearest' is not valid; use one of \['bilinear', 'bicubic'\]"):
         build_tiny_processor(tiny_tokenizer, sam_resample="nearest")
+    with pytest.raises(ValueError, match=r"sam_normalization='bf16' is not valid; use one of \['float32', 'sa2va_bf"):
+        build_tiny_processor(tiny_tokenizer, sam_normalization="bf16")
     with pytest.raises(ValueError, match="image_placeholder='' must be a non-empty string"):
         build_tiny_processor(tiny_tokenizer, image_placeholder="")
     with pytest.raises(ValueError, match="mask_intermediate_size=0 must be a positive integer"):

@@ -29,7 +29,7 @@ conversion with an error naming them (or, with `skip_unmapped=True`, are listed 
 The converted folder is run as Sa2VA runs (`predict_forward` of its remote code): its processor and config save
 Sa2VA's conventions (`sa2va_processor_settings`, `mask_intermediate_size`) — the chat layout without a system
 turn, dynamic tiling (1–12 tiles of 448 px + a thumbnail), the first 5 frames as key frames joined without labels,
-a bicubic SAM2 resize with the ImageNet mean/std rounded to bfloat16, masks upsampled 256² → 1024² → image size.
+a bicubic SAM2 resize normalised in bfloat16 as Sa2VA does, masks upsampled 256² → 1024² → image size.
 The tokenizer is read without running the release's remote code, so the command never asks for permission.
 
 Supported: the InternVL-based releases whose LLM transformers implements natively (Qwen2/Qwen2.5, Qwen3, Llama:
@@ -274,9 +274,9 @@ def sa2va_processor_settings(sam_image_size: int) -> dict[str, Any]:
     - `num_key_frames=5`, `key_frame_sampling="first"`, `video_frame_labels=False`: the first 5 frames, one tile
       each, their image blocks joined by new lines without ``FrameK: `` labels;
     - `image_placeholder="<image>"`: a Sa2VA-style prompt (``"<image>Please segment …"``) places the image blocks;
-    - `sam_resample="bicubic"` and the ImageNet mean/std rounded to bfloat16: SAM2's input as Sa2VA computes it
-      (PIL's default filter; its constants are cast to the bfloat16 its inference runs in, whatever the model's
-      dtype);
+    - `sam_resample="bicubic"`, `sam_normalization="sa2va_bfloat16"`: SAM2's input as Sa2VA computes it whatever
+      the model's dtype (PIL's default filter; an image normalised in bfloat16 arithmetic, its ImageNet mean/std
+      rounded to bfloat16; a video frame normalised in float32, then rounded to bfloat16);
     - `mask_intermediate_size=sam_image_size`: `post_process_masks` upsamples 256² → 1024² → image size, like the
       model (`MaskCMAConfig.mask_intermediate_size`).
 
@@ -291,14 +291,11 @@ def sa2va_processor_settings(sam_image_size: int) -> dict[str, Any]:
         "video_frame_labels": False,
         "image_placeholder": "<image>",
         "sam_resample": "bicubic",
-        "sam_image_mean": _bfloat16_values(IMAGENET_MEAN),
-        "sam_image_std": _bfloat16_values(IMAGENET_STD),
+        "sam_normalization": "sa2va_bfloat16",
+        "sam_image_mean": list(IMAGENET_MEAN),
+        "sam_image_std": list(IMAGENET_STD),
         "mask_intermediate_size": int(sam_image_size),
     }
-
-
-def _bfloat16_values(values) -> list[float]:
-    return torch.tensor(values, dtype=torch.float32).to(torch.bfloat16).float().tolist()
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -117,23 +117,51 @@ def sam2_preprocess(
     image_mean: tuple[float, float, float] = IMAGENET_MEAN,
     image_std: tuple[float, float, float] = IMAGENET_STD,
     resample: str = "bilinear",
+    dtype: torch.dtype = torch.float32,
+    round_to: torch.dtype | None = None,
 ) -> torch.Tensor:
     """SAM2's input: a plain (aspect-ratio changing) PIL resize of the 8-bit RGB image to `image_size`², scaled to
-    [0, 1] and normalised with `image_mean`/`image_std` (float32 arithmetic).
+    [0, 1] and normalised with `image_mean`/`image_std`.
 
     Args:
         image: an RGB PIL image of any size.
         resample: `"bilinear"` or `"bicubic"` (see `SAM2_RESAMPLES`).
+        dtype: the dtype of the arithmetic: the pixels, the division by 255, `image_mean` and `image_std` are all in
+            this dtype (`torch.bfloat16`: how Sa2VA prepares an image).
+        round_to (*optional*): round the result to this dtype (`torch.bfloat16`: how Sa2VA prepares video frames,
+            computed in float32).
 
     Returns:
         `torch.FloatTensor` of shape `(3, image_size, image_size)`.
     """
     filter_ = SAM2_RESAMPLES[check_sam_resample(resample)]
     resized = image.convert("RGB").resize((image_size, image_size), resample=filter_)
-    pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean = torch.tensor(image_mean, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(image_std, dtype=torch.float32).view(3, 1, 1)
-    return (pixels - mean) / std
+    pixels = torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1).to(dtype) / 255.0
+    mean = torch.tensor(image_mean, dtype=dtype).view(3, 1, 1)
+    std = torch.tensor(image_std, dtype=dtype).view(3, 1, 1)
+    normalized = (pixels - mean) / std
+    if round_to is not None:
+        normalized = normalized.to(round_to)
+    return normalized.float()
+
+
+#: How the SAM2 input is normalised (`MaskCMAProcessor(sam_normalization=...)`), as `sam2_preprocess` arguments for
+#: `(images, video frames)`. `"float32"`: float32 arithmetic (our models). `"sa2va_bfloat16"`: as Sa2VA's
+#: `predict_forward` runs, whatever the model's dtype: an image is normalised in bfloat16 arithmetic (its mean and
+#: std rounded to bfloat16), a video frame in float32 and the result rounded to bfloat16.
+SAM2_NORMALIZATIONS = {
+    "float32": ({}, {}),
+    "sa2va_bfloat16": ({"dtype": torch.bfloat16}, {"round_to": torch.bfloat16}),
+}
+
+
+def check_sam_normalization(normalization: str) -> str:
+    """`normalization` if it is one of `SAM2_NORMALIZATIONS`, else a `ValueError` that lists them."""
+    if normalization not in SAM2_NORMALIZATIONS:
+        raise ValueError(
+            f"sam_normalization={normalization!r} is not valid; use one of {list(SAM2_NORMALIZATIONS)}"
+        )
+    return normalization
 
 
 def check_sam_resample(resample: str) -> str:
@@ -152,8 +180,10 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_FILE_EXTENSIONS",
+    "SAM2_NORMALIZATIONS",
     "SAM2_RESAMPLES",
     "array_to_image",
+    "check_sam_normalization",
     "check_sam_resample",
     "describe_input",
     "image_size_hw",

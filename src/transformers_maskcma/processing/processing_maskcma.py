@@ -21,6 +21,8 @@ from transformers.utils import logging
 from .image_io import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    SAM2_NORMALIZATIONS,
+    check_sam_normalization,
     check_sam_resample,
     describe_input,
     image_size_hw,
@@ -84,7 +86,8 @@ class MaskCMAProcessor(ProcessorMixin):
     Our own models use the defaults below. A folder written by `maskcma convert sa2va` saves Sa2VA's conventions
     instead (see `hub_cards.convert_sa2va.sa2va_processor_settings`): no system turn in the chat template, dynamic
     tiling (1–12 tiles + thumbnail), key frames without labels, `image_placeholder="<image>"`, a bicubic SAM2 resize
-    with the ImageNet mean/std rounded to bfloat16, and masks upsampled through `mask_intermediate_size`.
+    normalised in bfloat16 (`sam_normalization="sa2va_bfloat16"`), and masks upsampled through
+    `mask_intermediate_size`.
 
     Args:
         image_processor ([`BaseImageProcessor`]): the VLM's image processor.
@@ -94,10 +97,12 @@ class MaskCMAProcessor(ProcessorMixin):
         image_seq_length (`int`, *optional*, defaults to 256): image tokens per tile
             (`config.vlm_config.image_seq_length`).
         sam_image_size (`int`, *optional*, defaults to 1024): SAM2's input size `S`.
-        sam_image_mean, sam_image_std (`list[float]`, *optional*): SAM2's normalisation (ImageNet; Sa2VA's values
-            rounded to bfloat16 in converted Sa2VA folders).
+        sam_image_mean, sam_image_std (`list[float]`, *optional*): SAM2's normalisation (ImageNet).
         sam_resample (`str`, *optional*, defaults to `"bilinear"`): the filter of the SAM2 resize, `"bilinear"` or
             `"bicubic"` (Sa2VA: PIL's default filter, bicubic).
+        sam_normalization (`str`, *optional*, defaults to `"float32"`): the arithmetic of the SAM2 normalisation:
+            `"float32"`, or `"sa2va_bfloat16"`, Sa2VA's whatever the model's dtype: images in bfloat16 (the mean and
+            std rounded to bfloat16), video frames in float32 rounded to bfloat16 (see `image_io.SAM2_NORMALIZATIONS`).
         gt_mask_size (`int`, *optional*): training masks are resized to `gt_mask_size`², by default
             `sam_image_size // 4`, the size of SAM2's low-resolution masks where the loss is computed.
         gt_mask_resize (`str`, *optional*, defaults to `"nearest"`): how: `"nearest"` (the research code; its
@@ -133,6 +138,7 @@ class MaskCMAProcessor(ProcessorMixin):
         key_frame_sampling: str = "first",
         max_length: int | None = None,
         sam_resample: str = "bilinear",
+        sam_normalization: str = "float32",
         video_frame_labels: bool = True,
         image_placeholder: str | None = None,
         mask_intermediate_size: int | None = None,
@@ -160,6 +166,7 @@ class MaskCMAProcessor(ProcessorMixin):
         self.key_frame_sampling = key_frame_sampling
         self.max_length = int(max_length) if max_length is not None else None
         self.sam_resample = check_sam_resample(sam_resample)
+        self.sam_normalization = check_sam_normalization(sam_normalization)
         self.video_frame_labels = bool(video_frame_labels)
         if image_placeholder is not None and (not isinstance(image_placeholder, str) or not image_placeholder.strip()):
             raise ValueError(
@@ -328,6 +335,18 @@ class MaskCMAProcessor(ProcessorMixin):
                 "shorten the prompt or use fewer key frames / image tiles"
             )
 
+    def sam2_arguments(self, video: bool) -> dict:
+        """`image_io.sam2_preprocess` arguments of an image (`video=False`) or a video frame: size, mean/std, filter
+        and the arithmetic of `sam_normalization`."""
+        image_rule, frame_rule = SAM2_NORMALIZATIONS[self.sam_normalization]
+        return {
+            "image_size": self.sam_image_size,
+            "image_mean": self.sam_image_mean,
+            "image_std": self.sam_image_std,
+            "resample": self.sam_resample,
+            **(frame_rule if video else image_rule),
+        }
+
     # -- inputs ------------------------------------------------------------------------------------------------
 
     @staticmethod
@@ -437,9 +456,7 @@ class MaskCMAProcessor(ProcessorMixin):
         input_ids, attention_mask, text_token_mask = self._left_pad(sequences, text_masks)
         sam_pixel_values = torch.stack(
             [
-                sam2_preprocess(
-                    image, self.sam_image_size, self.sam_image_mean, self.sam_image_std, resample=self.sam_resample
-                )
+                sam2_preprocess(image, **self.sam2_arguments(video=False))
                 for image in pil_images
             ]
         )
@@ -526,9 +543,7 @@ class MaskCMAProcessor(ProcessorMixin):
         features.update(
             {
                 "pixel_values": pixel_values,
-                "sam_pixel_values": sam2_preprocess(
-                    image, self.sam_image_size, self.sam_image_mean, self.sam_image_std, resample=self.sam_resample
-                )[None],
+                "sam_pixel_values": sam2_preprocess(image, **self.sam2_arguments(video=False))[None],
                 "frame_sample_index": torch.zeros(1, dtype=torch.long),
                 "gt_masks": resize_masks([m[0] for m in object_masks], self.gt_mask_size, self.gt_mask_resize),
                 "target_seg_index": seg_index,
@@ -582,8 +597,14 @@ class MaskCMAProcessor(ProcessorMixin):
         pixel_values, num_patches = self._video_text(frames, key_indices)
         ids, mask = self.encode_prompt(prompt, num_patches, is_video=True, name="text")
         self._check_length(len(ids), "text", prompt, reserve=1)
+        arguments = self.sam2_arguments(video=True)
         sam_frames = Sam2FrameSource(
-            frames, self.sam_image_size, self.sam_image_mean, self.sam_image_std, resample=self.sam_resample
+            frames,
+            arguments["image_size"],
+            arguments["image_mean"],
+            arguments["image_std"],
+            resample=arguments["resample"],
+            round_to=arguments.get("round_to"),
         )
         data = {
             "input_ids": torch.tensor([ids], dtype=torch.long),
@@ -613,9 +634,7 @@ class MaskCMAProcessor(ProcessorMixin):
         features = self._training_sequence(prompt, answer, len(object_masks), num_patches, is_video=True)
         sam_pixel_values = torch.stack(
             [
-                sam2_preprocess(
-                    frames[i], self.sam_image_size, self.sam_image_mean, self.sam_image_std, resample=self.sam_resample
-                )
+                sam2_preprocess(frames[i], **self.sam2_arguments(video=True))
                 for i in sam_indices
             ]
         )

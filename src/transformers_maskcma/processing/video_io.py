@@ -373,6 +373,8 @@ class Sam2FrameSource(Sequence):
         image_size (`int`): SAM2's input size `S`.
         image_mean, image_std: normalisation (ImageNet by default).
         resample (`str`): the resize filter, `"bilinear"` (default) or `"bicubic"` (see `image_io.sam2_preprocess`).
+        round_to (`torch.dtype`, *optional*): round each normalised frame to this dtype before `dtype` (Sa2VA's video
+            frames: `torch.bfloat16`).
         device, dtype: where and in which dtype the tensors are returned (`to()` gives a copy with other values).
 
     Attributes:
@@ -388,9 +390,11 @@ class Sam2FrameSource(Sequence):
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
         resample: str = "bilinear",
+        round_to: torch.dtype | None = None,
     ):
         self.frames = frames
         self.resample = check_sam_resample(resample)
+        self.round_to = round_to
         self.image_size = int(image_size)
         self.image_mean = tuple(float(v) for v in image_mean)
         self.image_std = tuple(float(v) for v in image_std)
@@ -402,7 +406,12 @@ class Sam2FrameSource(Sequence):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         pixels = sam2_preprocess(
-            self.frames[index], self.image_size, self.image_mean, self.image_std, resample=self.resample
+            self.frames[index],
+            self.image_size,
+            self.image_mean,
+            self.image_std,
+            resample=self.resample,
+            round_to=self.round_to,
         )
         return pixels.to(device=self.device, dtype=self.dtype)
 
@@ -428,6 +437,7 @@ class Sam2FrameSource(Sequence):
             device=self.device if device is None else device,
             dtype=self.dtype if dtype is None else dtype,
             resample=self.resample,
+            round_to=self.round_to,
         )
 
     def stack(self, indices: Sequence[int] | None = None) -> torch.Tensor:
