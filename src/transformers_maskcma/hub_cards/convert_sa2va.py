@@ -782,8 +782,11 @@ def add_sa2va_parser(convert_subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Convert a Sa2VA release (InternVL + Qwen/Llama LLM + SAM2, e.g. ByteDance/Sa2VA-4B downloaded to a "
             "folder) into a MaskCMA folder loadable with AutoModel.from_pretrained(DIR, trust_remote_code=True). "
-            "The CMA is added with gamma = 0, so the masks equal Sa2VA's until fine-tuning. Every source key is "
-            f"mapped or reported ({CONVERSION_REPORT_NAME})."
+            "The CMA is added with gamma = 0, so the masks equal Sa2VA's until fine-tuning. The folder saves Sa2VA's "
+            "conventions (chat layout without a system turn, 1-12 tiles + thumbnail, 5 unlabelled key frames, "
+            "<image> placeholder, bicubic bfloat16 SAM2 input, masks via 1024x1024) and the tokenizer is read "
+            "without running remote code (no prompt). Every source key is mapped or reported "
+            f"({CONVERSION_REPORT_NAME})."
         ),
     )
     parser.add_argument("source", metavar="SRC_DIR", help="the Sa2VA checkpoint folder")
