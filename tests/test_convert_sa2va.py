@@ -35,7 +35,7 @@ from transformers_maskcma.hub_cards.convert_sa2va import (
     convert_sa2va_checkpoint,
 )
 from transformers_maskcma.hub_cards.convert_sam2 import SAM2_SIZE_PRESETS, sam2_key_rules
-from transformers_maskcma.modeling import MaskCMAModel
+from transformers_maskcma.modeling import MaskCMAConfig, MaskCMAModel
 from transformers_maskcma.modeling.tiny_configs import TINY_IMAGE_SEQ_LENGTH, tiny_vlm_config
 from transformers_maskcma.modeling.video_segmentation import forced_answer_generate_kwargs
 from transformers_maskcma.processing import build_tiny_processor
@@ -521,6 +521,8 @@ def test_converted_folder_run_as_a_user_gives_sa2va_masks(converted, sa2va_dir):
     assert got.masks[0].shape == (2, 128, 192)
     assert torch.equal(got.masks[0], expected)
     assert 0 < int(expected.sum()) < expected.numel()  # a real mask, neither empty nor full
+    one_step = F.interpolate(got.mask_logits[0][:, None], size=(128, 192), mode="bilinear", align_corners=False)
+    assert not torch.equal(got.masks[0], one_step[:, 0] > 0)  # the two chains differ on these logits
     assert torch.equal(processor.post_process_masks(got.mask_logits, user["original_sizes"])[0], expected)
 
 
@@ -539,6 +541,14 @@ def test_converted_video_masks_follow_sa2va_chain_on_every_frame(converted, sa2v
         out = model.segment(**video, answer_ids=[answer])
     assert out.masks[0].shape == (1, 7, 64, 96)
     assert torch.equal(out.masks[0], sa2va_masks(out.mask_logits[0], 128, 64, 96))
+
+
+def test_mask_intermediate_size_is_validated():
+    assert MaskCMAConfig.tiny().mask_intermediate_size is None  # our models: one upsampling step
+    assert MaskCMAConfig.tiny(mask_intermediate_size=1024).mask_intermediate_size == 1024
+    for bad in (0, -3, 2.5, True, "1024"):
+        with pytest.raises(ValueError, match=r"mask_intermediate_size=.* is not valid; use a positive integer"):
+            MaskCMAConfig.tiny(mask_intermediate_size=bad)
 
 
 def test_convert_never_asks_to_run_remote_code(sa2va_dir, sam2_config_file, tmp_path, capsys):
