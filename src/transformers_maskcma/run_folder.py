@@ -9,7 +9,8 @@ it in a manifest, ``maskcma_run.json``::
 Rules (`RunFolder.claim`):
 
 - an absent or empty folder is claimed: the manifest is written before any work, which also proves the folder is
-  writable;
+  writable (a folder holding only a manifest with no recorded file, left by a run that failed before writing, counts
+  as empty);
 - a folder whose manifest names the same command and fingerprint is continued with ``resume=True`` (``--resume``)
   and refused otherwise;
 - a folder whose manifest names another command or fingerprint is refused, naming every key that differs (old
@@ -176,6 +177,8 @@ class RunFolder:
                 )
             return cls._fresh(path, command, fingerprint)
 
+        if not others and not manifest.get("files"):
+            return cls._fresh(path, command, fingerprint)  # a claim that wrote nothing (e.g. a run that failed early)
         same_command = manifest.get("command") == command
         differences = fingerprint_differences(manifest.get("fingerprint") or {}, fingerprint)
         if not same_command:
