@@ -29,8 +29,8 @@ WORKER = textwrap.dedent(
     from transformers_maskcma.trainer.trainer import MaskCMATrainer
 
     class PlainMeanTrainer(MaskCMATrainer):
-        """The negative control: every micro-batch's own mean loss, averaged over micro-batches and processes (the
-        Trainer's default normalisation), instead of the step's token and target counts."""
+        # the negative control: every micro-batch's own mean loss, averaged over micro-batches and processes (the
+        # Trainer's default normalisation), instead of the step's token and target counts
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=None)
@@ -136,5 +136,3 @@ def test_two_process_ddp_equals_one_process_accumulation(tmp_path):
         except AssertionError:
             failing.append(name)
     assert len(failing) > 10, failing
-    plain_log = [entry for entry in json.loads((plain / "log.json").read_text()) if "loss" in entry]
-    assert plain_log[1]["loss"] != pytest.approx(single_log[1]["loss"], rel=1e-4, abs=1e-7)
