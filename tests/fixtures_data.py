@@ -451,3 +451,68 @@ def write_custom(root: Path) -> dict:
         "dog": [dog_expected],
         "car": [np.stack(car)],
     }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ref-YouTube-VOS / Ref-DAVIS17 as distributed: meta files without anno_id, masks keyed by the official index
+
+#: The official index of `write_ref_ytvos_official`'s meta file, written out by hand: one counter over every video
+#: sorted by name ("a_test" and "c_test" have no frames in the split but are counted), expression ids sorted as
+#: strings ("0", "1", "10", "11", "2", ..., "9").
+REF_YTVOS_OFFICIAL_INDEX = {
+    ("a_test", "0"): 0, ("a_test", "1"): 1,
+    ("b_many", "0"): 2, ("b_many", "1"): 3, ("b_many", "10"): 4, ("b_many", "11"): 5, ("b_many", "2"): 6,
+    ("b_many", "3"): 7, ("b_many", "4"): 8, ("b_many", "5"): 9, ("b_many", "6"): 10, ("b_many", "7"): 11,
+    ("b_many", "8"): 12, ("b_many", "9"): 13,
+    ("c_test", "0"): 14,
+    ("d_two", "0"): 15, ("d_two", "1"): 16,
+}
+REF_YTVOS_OFFICIAL_SIZE = (8, 24)  # height, width of every frame; anno k's mask is column k of every frame
+
+
+def ref_ytvos_official_mask(anno: int, num_frames: int = 2) -> np.ndarray:
+    """The mask written for annotation ``anno``: column ``anno`` in every frame, ``(num_frames, 8, 24)``."""
+    height, width = REF_YTVOS_OFFICIAL_SIZE
+    return np.stack([rect(height, width, 0, anno, height, anno + 1)] * num_frames)
+
+
+def write_ref_ytvos_official(root: Path, split: str = "train", dataset_layout: str = "ytvos") -> None:
+    """A Ref-YouTube-VOS (``dataset_layout="ytvos"``) or Ref-DAVIS17 (``"davis"``) split as distributed: the meta
+    file lists four videos *not* in name order, two of them ("a_test", "c_test") without frames in the split (like
+    the test videos listed in the valid meta file); "b_many" has 12 expressions; no expression carries ``anno_id``;
+    ``obj_id`` is written as strings. The mask dict is keyed by the official index
+    (`REF_YTVOS_OFFICIAL_INDEX`), each annotation a different column so a wrong index picks a wrong mask."""
+    frames = ["00000", "00005"]
+    videos = {
+        "d_two": {"frames": frames, "expressions": {"1": {"exp": "d one", "obj_id": "2"}, "0": {"exp": "d zero", "obj_id": "1"}}},
+        "b_many": {
+            "frames": frames,
+            "expressions": {str(i): {"exp": f"b expression {i}", "obj_id": str(i % 3 + 1)} for i in range(12)},
+        },
+        "c_test": {"frames": frames, "expressions": {"0": {"exp": "c zero", "obj_id": "1"}}},
+        "a_test": {"frames": frames, "expressions": {"0": {"exp": "a zero", "obj_id": "1"}, "1": {"exp": "a one", "obj_id": "1"}}},
+    }
+    height, width = REF_YTVOS_OFFICIAL_SIZE
+    if dataset_layout == "ytvos":
+        frames_dir = root / split / "JPEGImages"
+        meta_path = root / "meta_expressions" / split / "meta_expressions.json"
+        mask_path = root / split / "mask_dict.pkl"
+    else:
+        frames_dir = root / split / "JPEGImages"
+        meta_path = root / split / "meta_expressions.json"
+        mask_path = root / split / "mask_dict.json"
+    for video_index, video in enumerate(("b_many", "d_two")):
+        for frame_index, frame in enumerate(frames):
+            write_image(frames_dir / video / f"{frame}.jpg", height, width, seed=700 + 10 * video_index + frame_index)
+    meta_path.parent.mkdir(parents=True, exist_ok=True)
+    meta_path.write_text(json.dumps({"videos": videos}))
+    mask_dict = {
+        str(anno): [compressed_rle(mask) for mask in ref_ytvos_official_mask(anno)]
+        for anno in REF_YTVOS_OFFICIAL_INDEX.values()
+    }
+    mask_path.parent.mkdir(parents=True, exist_ok=True)
+    if mask_path.suffix == ".pkl":
+        with open(mask_path, "wb") as handle:
+            pickle.dump(mask_dict, handle)
+    else:
+        mask_path.write_text(json.dumps(mask_dict))

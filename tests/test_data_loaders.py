@@ -9,15 +9,18 @@ import pickle
 import numpy as np
 import pytest
 from fixtures_data import (
+    REF_YTVOS_OFFICIAL_INDEX,
     VIDEO_SIZES,
     compressed_rle,
     frames_of,
     rect,
+    ref_ytvos_official_mask,
     write_custom,
     write_gcg,
     write_image,
     write_mask_png,
     write_osprey,
+    write_ref_ytvos_official,
     write_refcoco,
     write_video_dataset,
 )
@@ -33,6 +36,7 @@ from transformers_maskcma.data import (
     load_gcg,
     load_mevis,
     load_osprey,
+    load_ref_davis,
     load_ref_ytvos,
     load_refcoco,
     load_revos,
@@ -213,6 +217,83 @@ def test_ref_ytvos_layout_with_pickled_masks(tmp_path, cache):
     objects = write_video_dataset(tmp_path, "train", layout="ytvos")["objects"]
     loaded = by_id(load_ref_ytvos(tmp_path, "train", cache_dir=cache))
     assert_masks_equal(loaded["ref_ytvos/train/vidB/0"], [frames_of(objects, 2, "vidB")])
+
+
+@pytest.mark.parametrize(("layout", "loader"), [("ytvos", load_ref_ytvos), ("davis", load_ref_davis)])
+def test_meta_without_anno_id_loads_with_the_official_index(tmp_path, cache, caplog, layout, loader):
+    write_ref_ytvos_official(tmp_path, "train", dataset_layout=layout)
+    with caplog.at_level("WARNING", logger="transformers_maskcma.data.video_datasets"):
+        loaded = by_id(loader(tmp_path, "train", cache_dir=cache))
+    name = "ref_ytvos" if layout == "ytvos" else "ref_davis"
+    # only the two videos with frames load; the two without are counted in a warning
+    expected = {key: anno for key, anno in REF_YTVOS_OFFICIAL_INDEX.items() if key[0] in ("b_many", "d_two")}
+    assert set(loaded) == {f"{name}/train/{video}/{exp_id}" for video, exp_id in expected}
+    assert "2 of 4 videos" in caplog.text and "a_test, c_test" in caplog.text
+    for (video, exp_id), anno in expected.items():
+        record = loaded[f"{name}/train/{video}/{exp_id}"]
+        meta = json.loads(record["meta"])
+        assert meta["anno_ids"] == [anno] and meta["anno_index"] == "official"
+        assert all(isinstance(obj, int) for obj in meta["obj_ids"])
+        assert_masks_equal(record, [ref_ytvos_official_mask(anno)])
+    # "10" comes right after "1": a numeric order would give expression 2 the mask of anno 4
+    assert json.loads(loaded[f"{name}/train/b_many/2"]["meta"])["anno_ids"] == [6]
+    assert json.loads(loaded[f"{name}/train/b_many/10"]["meta"])["anno_ids"] == [4]
+    assert json.loads(loaded[f"{name}/train/d_two/1"]["meta"])["obj_ids"] == [2]
+
+
+def test_ref_ytvos_valid_meta_listing_test_videos_loads_without_masks(tmp_path, cache, caplog):
+    write_ref_ytvos_official(tmp_path, "valid")
+    (tmp_path / "valid" / "mask_dict.pkl").unlink()  # the valid split is scored by the server
+    with caplog.at_level("WARNING", logger="transformers_maskcma.data.video_datasets"):
+        loaded = load_ref_ytvos(tmp_path, "valid", cache_dir=cache)
+    assert len(loaded) == 14 and set(loaded["media_id"]) == {"b_many", "d_two"}
+    assert all(json.loads(meta)["has_masks"] is False for meta in loaded["meta"])
+    assert "2 of 4 videos" in caplog.text
+
+
+def test_meta_mixing_anno_id_and_none_is_refused(tmp_path, cache):
+    write_ref_ytvos_official(tmp_path, "train")
+    _rewrite_meta(
+        tmp_path / "meta_expressions" / "train" / "meta_expressions.json",
+        lambda m: m["videos"]["b_many"]["expressions"]["3"].update(anno_id=[7]),
+    )
+    with pytest.raises(DataFormatError, match=r"1 expressions carry 'anno_id' and 16 do not"):
+        load_ref_ytvos(tmp_path, "train", cache_dir=cache)
+
+
+def test_mevis_meta_without_anno_id_is_an_error(tmp_path, cache):
+    write_video_dataset(tmp_path, "train", layout="mevis")
+    for expressions in (v["expressions"] for v in json.loads((tmp_path / "train" / "meta_expressions.json").read_text())["videos"].values()):
+        assert all("anno_id" in e for e in expressions.values())
+    _rewrite_meta(
+        tmp_path / "train" / "meta_expressions.json",
+        lambda m: [e.pop("anno_id") for v in m["videos"].values() for e in v["expressions"].values()],
+    )
+    with pytest.raises(DataFormatError, match=r"carry no 'anno_id'; mevis files name the masks"):
+        load_mevis(tmp_path, "train", cache_dir=cache)
+
+
+def test_obj_id_that_is_not_a_number_is_named(tmp_path, cache):
+    write_ref_ytvos_official(tmp_path, "train")
+    _rewrite_meta(
+        tmp_path / "meta_expressions" / "train" / "meta_expressions.json",
+        lambda m: m["videos"]["d_two"]["expressions"]["0"].update(obj_id="first"),
+    )
+    with pytest.raises(DataFormatError, match=r"video 'd_two' expression '0': obj_id must be an integer"):
+        load_ref_ytvos(tmp_path, "train", cache_dir=cache)
+
+
+def test_revos_overlapping_objects_keep_their_overlap(tmp_path, cache):
+    write_video_dataset(tmp_path, "valid", layout="revos")
+    masks = json.loads((tmp_path / "mask_dict.json").read_text())
+    masks["1"][0] = compressed_rle(rect(16, 20, 4, 4, 8, 8))  # overlaps object 0 (rows 1-5, cols 1-5) on 4 pixels
+    (tmp_path / "mask_dict.json").write_text(json.dumps(masks))
+    record = by_id(load_revos(tmp_path, "valid", cache_dir=cache))["revos/valid/vidA/1"]
+    overlap = json.loads(record["meta"])["overlap"]
+    assert list(overlap) == ["0"] and len(overlap["0"]) == 1
+    from transformers_maskcma.data import decode_rle
+
+    np.testing.assert_array_equal(decode_rle(overlap["0"][0]), rect(16, 20, 4, 4, 6, 6))
 
 
 def _rewrite_meta(path, change):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from transformers_maskcma.data.errors import DataFormatError, MalformedJSONError, MaskSizeError
+from transformers_maskcma.data.errors import DataFormatError, DataValidationError, MalformedJSONError, MaskSizeError
 from transformers_maskcma.data.records import make_record
 from transformers_maskcma.data.schema import RECORD_FEATURES, encode_rle
 from transformers_maskcma.evaluation import (
@@ -274,7 +274,7 @@ def test_missing_prediction_is_an_error_or_a_counted_empty_mask(video_case, tmp_
         score_predictions(dataset, tmp_path / "preds", show_progress=False)
 
     with caplog.at_level(logging.WARNING):
-        result = score_predictions(dataset, tmp_path / "preds", skip_missing=True, show_progress=False)
+        result = score_predictions(dataset, tmp_path / "preds", missing="empty", show_progress=False)
     assert skipped in caplog.text
     assert result["n_missing"] == 1 and result["missing_sample_ids"] == [skipped]
     expected = aggregate_video(
@@ -296,11 +296,11 @@ def test_missing_predictions_folder_is_named(video_case, tmp_path):
         score_predictions(dataset, tmp_path / "empty", show_progress=False)
 
 
-def test_model_failure_with_skip_missing_is_counted_and_retried_later(video_case, tmp_path):
+def test_model_failure_with_missing_empty_is_counted_and_retried_later(video_case, tmp_path):
     dataset, truths, predictions = video_case
     failing = list(truths)[2]
     result = evaluate_dataset(
-        dataset, FakeModel(predictions, fail_on=[failing]), tmp_path / "run", skip_missing=True, show_progress=False
+        dataset, FakeModel(predictions, fail_on=[failing]), tmp_path / "run", missing="empty", show_progress=False
     )
     assert result["n_missing"] == 1 and result["missing_sample_ids"] == [failing]
     assert result["failures"] == {failing: "OSError: corrupted frame"}
@@ -330,7 +330,7 @@ def test_ground_truth_rle_of_wrong_size(tmp_path):
         answer="", masks=[[encode_rle(np.ones((H + 1, W), bool))]], meta={}, where="test",
     )
     dataset = to_dataset([record])
-    with pytest.raises(MaskSizeError, match=r"sample 'img/bad' object 0 frame 0: the mask RLE has size \(13, 16\)"):
+    with pytest.raises(DataValidationError, match=r"(?s)1 of 1 records have problems.*sample 'img/bad': object 0 frame 0: mask RLE has size \(13, 16\)"):
         evaluate_dataset(dataset, lambda r: np.zeros((H, W), bool), tmp_path / "run", show_progress=False)
 
 

@@ -15,6 +15,8 @@ from transformers_maskcma.evaluation.metrics import (
     giou_ciou_from_counts,
     image_referring_metrics,
     jaccard_per_frame,
+    official_accuracy_per_frame,
+    official_robustness_per_frame,
     pixel_accuracy_per_frame,
     revos_scores,
     robustness_per_frame,
@@ -310,15 +312,73 @@ def test_revos_overall_is_the_mean_of_subset_means():
     assert result.overall.robustness == pytest.approx((0.3 + 0.3) / 2)
     assert result.overall.n_expressions == 3
     as_dict = result.to_dict()
-    assert set(as_dict) == {"referring", "reasoning", "overall"} and as_dict["overall"]["J&F"] == pytest.approx(0.5)
+    assert set(as_dict) == {"referring", "reasoning", "overall", "n_excluded"}
+    assert as_dict["overall"]["J&F"] == pytest.approx(0.5) and as_dict["n_excluded"] == 0
 
 
 def test_revos_missing_subset_and_bad_input():
     result = revos_scores([_scores(0.2, 0.4, 0.9, 0.5)], [0])
     assert result.reasoning is None and result.overall is None and result.referring.n_expressions == 1
-    with pytest.raises(ValueError, match="type_id must be 0"):
+    with pytest.raises(ValueError, match="all 1 ReVOS expressions have a type_id other than 0"):
         revos_scores([_scores(0.2, 0.4, 0.9, 0.5)], [2])
     with pytest.raises(ValueError, match="lack them"):
         revos_scores([_scores(0.2, 0.4, None, None)], [0])
     with pytest.raises(ValueError, match="must be paired"):
         revos_scores([_scores(0.2, 0.4, 0.9, 0.5)], [0, 1])
+
+
+def test_revos_type_id_2_is_excluded_and_counted():
+    scores = [_scores(0.2, 0.4, 0.9, 0.5), _scores(0.0, 0.0, 0.0, 0.0), _scores(1.0, 0.0, 0.5, 0.3)]
+    result = revos_scores(scores, [0, 2, 1])
+    assert result.n_excluded == 1
+    assert result.referring.j == pytest.approx(0.2) and result.reasoning.j == pytest.approx(1.0)
+    assert result.overall.n_expressions == 2 and result.overall.j == pytest.approx(0.6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ReVOS: the official scorers' uint8-sum ground truth
+
+
+def _overlap_clip():
+    """Five 8x8 frames, two objects of 2x2 pixels; in frames 0-3 they share one pixel, in frame 4 they do not.
+    Returns (object count per pixel, union, foreground = union)."""
+    counts = np.zeros((5, 8, 8), dtype=np.uint8)
+    for t in range(4):
+        counts[t, 2:4, 2:4] += 1
+        counts[t, 3:5, 3:5] += 1  # pixel (3, 3) is covered twice
+    counts[4, 0:2, 0:2] += 1
+    counts[4, 5:7, 5:7] += 1
+    return counts, counts > 0
+
+
+def test_official_revos_a_and_r_on_overlapping_objects_by_hand():
+    counts, union = _overlap_clip()
+    prediction = union.copy()  # a perfect prediction of the union
+    # A: frames 0-3 miss the doubly covered pixel (2 != 1): 63/64; frame 4 agrees everywhere.
+    accuracy = official_accuracy_per_frame(prediction, counts)
+    np.testing.assert_allclose(accuracy, [63 / 64] * 4 + [1.0])
+    # R: in frames 0-3 the predicted overlap pixel gives (1 - 2) mod 256 = 255 false positives against a
+    # foreground of 7 pixels: max(1 - 255 / 7, 0) = 0; frame 4 has none: 1.
+    robustness = official_robustness_per_frame(prediction, counts, foreground_areas=[7, 7, 7, 7, 8])
+    np.testing.assert_allclose(robustness, [0.0] * 4 + [1.0])
+    scores = video_expression_scores(prediction, union, foreground_frames=union, ground_truth_counts=counts)
+    assert scores.accuracy == pytest.approx(0.9875)  # (4 * 63/64 + 1) / 5: the official 98.75
+    assert scores.robustness == pytest.approx(0.2)  # the official 20.0
+    assert scores.j == 1.0 and scores.f == 1.0  # J and F binarise the ground truth
+    union_rule = video_expression_scores(prediction, union, foreground_frames=union)
+    assert union_rule.accuracy == 1.0 and union_rule.robustness == pytest.approx(1.0)  # the union rule: 100 / 100
+    assert union_rule.j == scores.j and union_rule.f == scores.f
+
+
+def test_official_revos_r_wraps_in_uint8_by_hand():
+    counts = np.zeros((1, 4, 4), dtype=np.uint8)
+    counts[0, 0, 0] = 3  # three objects: (1 - 3) mod 256 = 254
+    counts[0, 1, 1] = 1
+    prediction = np.zeros((1, 4, 4), dtype=bool)
+    prediction[0, 0, 0] = prediction[0, 1, 1] = prediction[0, 2, 2] = True  # 254 + 0 + 1 false positives
+    np.testing.assert_allclose(official_robustness_per_frame(prediction, counts, [1000]), [1 - 255 / (1000 + 1e-6)])
+    np.testing.assert_allclose(official_accuracy_per_frame(prediction, counts), [14 / 16])  # (0,0) and (2,2) miss
+    with pytest.raises(ValueError, match="non-negative integers"):
+        official_accuracy_per_frame(prediction, counts.astype(bool))
+    with pytest.raises(ValueError, match="must equal the ground-truth masks"):
+        video_expression_scores(prediction, np.zeros_like(prediction), ground_truth_counts=counts)

@@ -4,6 +4,7 @@ and synthetic data. Every loader returns a `datasets.Dataset` with the record fo
 from .custom import load_custom
 from .errors import (
     DataFormatError,
+    DataValidationError,
     EmptyDatasetError,
     EmptyMediaError,
     MalformedJSONError,
@@ -27,6 +28,7 @@ from .osprey import load_osprey
 from .records import decode_record_masks, pack_masks, unpack_masks
 from .refcoco import load_refcoco
 from .schema import RECORD_FEATURES, decode_rle, empty_rle, encode_rle, make_meta
+from .validation import RecordProblem, ValidationReport, drop_invalid, validate_records
 from .video_datasets import load_mevis, load_ref_davis, load_ref_ytvos, load_referring_video, load_revos
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "DATASET_NAMES",
     "SEED_MIX_PATH",
     "DataFormatError",
+    "DataValidationError",
     "EmptyDatasetError",
     "EmptyMediaError",
     "MalformedJSONError",
@@ -45,9 +48,12 @@ __all__ = [
     "MixConfig",
     "MixSource",
     "Overlap",
+    "RecordProblem",
     "UnknownDatasetError",
+    "ValidationReport",
     "check_leakage",
     "decode_record_masks",
+    "drop_invalid",
     "format_overlaps",
     "interleave_with_repeats",
     "load_custom",
@@ -65,5 +71,6 @@ __all__ = [
     "pack_masks",
     "read_mix",
     "unpack_masks",
+    "validate_records",
     "warn_if_leaking",
 ]

@@ -29,3 +29,9 @@ class EmptyDatasetError(DataFormatError):
 
 class UnknownDatasetError(ValueError):
     """A dataset name in a mix or on the command line is not one the package can load."""
+
+
+class DataValidationError(DataFormatError):
+    """The validation pass found records that cannot be used (missing or unreadable frames, masks of the wrong
+    size or with invalid run-lengths, media types the command does not take, prompts over the length limit). The
+    message lists the first problems, each with its file and line or record id, and the total count."""

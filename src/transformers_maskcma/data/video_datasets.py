@@ -11,7 +11,15 @@ Files (``<root>`` is the dataset folder; the loader tries these places in order)
     foreground    mask_dict_foreground.json next to the mask dict (ReVOS; used by the R metric)
 
 ``meta_expressions.json`` = ``{"videos": {video: {"frames": ["00000", ...], "expressions": {exp_id: {"exp": str,
-"obj_id": [...], "anno_id": [...]}}}}}``; ReVOS adds ``"type_id"`` (0 referring, 1 reasoning) to each expression.
+"obj_id": [...], "anno_id": [...]}}}}}``; ReVOS adds ``"type_id"`` (0 referring, 1 reasoning, 2 excluded by the
+official scorers) to each expression. ``obj_id`` may be written as strings; records carry ints.
+
+Ref-YouTube-VOS and Ref-DAVIS17 meta files as distributed carry no ``anno_id``: the loader then builds the index
+of the official readers (`official_annotation_index`: one running counter over every video of the file sorted by
+name and, inside a video, over the expression ids sorted as strings), which keys the distributed mask dicts.
+Videos listed in the meta file without a frame folder in the split (Ref-YouTube-VOS ``valid`` lists the 305 test
+videos too) are left out *after* indexing, with a warning that counts them. ``meta["anno_index"]`` says which
+index a record used (``"file"`` or ``"official"``).
 Frame names may omit the extension (the file in the video folder with that stem is used). ``mask_dict`` =
 ``{str(anno_id): [COCO RLE or null per frame]}``, aligned to the video's ``frames`` list *in the order given*; a null
 is an empty mask of the frame size. ``mask_dict_foreground.json`` = ``{video: {"masks_rle": [RLE per frame]}}``.
@@ -20,6 +28,8 @@ Several objects in one expression (MeViS, ReVOS): by default (``multi_object="un
 OR-ed into one target per frame, as Sa2VA does for MeViS/ReVOS training (its video dataset merges all ``anno_id``
 masks of an expression into one mask) and as the VISA/MeViS evaluators score (the GT of an expression is the
 union of its objects). ``multi_object="separate"`` keeps one object (one ``[SEG]``) per ``anno_id`` instead.
+With the union, the pixels two or more objects share are kept in ``meta["overlap"]`` (``{frame: [RLE of >= 2
+objects, >= 3, ...]}``, frames with an overlap only), which the official ReVOS A and R need.
 
 Splits without masks (MeViS ``valid``/``test``, Ref-YouTube-VOS ``valid``/``test``: scored by an online server)
 load with ``masks=[]`` and ``meta["has_masks"] = false``. For any other split a missing mask dict is an error.
@@ -35,6 +45,8 @@ import os
 from pathlib import Path
 
 import datasets
+import numpy as np
+from pycocotools import mask as coco_mask
 
 from .errors import DataFormatError, EmptyMediaError
 from .records import (
@@ -50,7 +62,7 @@ from .records import (
     segmentation_to_rle,
     union_rles,
 )
-from .schema import empty_rle
+from .schema import decode_rle, empty_rle, encode_rle
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +70,8 @@ VIDEO_DATASETS = ("mevis", "revos", "ref_ytvos", "ref_davis")
 # splits whose ground truth is withheld (scored by an evaluation server)
 MASKLESS_SPLITS = {"mevis": ("valid", "test"), "ref_ytvos": ("valid", "test"), "revos": (), "ref_davis": ()}
 MULTI_OBJECT_MODES = ("union", "separate")
+# datasets whose meta files may omit anno_id: the masks are then keyed by the official running index
+OFFICIAL_INDEX_DATASETS = ("ref_ytvos", "ref_davis")
 
 
 def resolve_video_layout(
@@ -151,8 +165,70 @@ def _object_masks(mask_dict: dict, anno_id, num_frames: int, size: tuple[int, in
     return masks
 
 
-def _exp_sort_key(exp_id: str):
-    return (0, int(exp_id), "") if str(exp_id).isdigit() else (1, 0, str(exp_id))
+def official_annotation_index(videos: dict) -> dict[tuple[str, str], int]:
+    """The annotation index the official Ref-YouTube-VOS / Ref-DAVIS17 readers build for a meta file without
+    ``anno_id``: one running counter over **every** video of the file sorted by name and, inside each video, over
+    the expression ids sorted **as strings** (``"0", "1", "10", "11", "2", ...``). The mask dicts distributed for
+    these datasets are keyed by this counter. Videos that have no frames on disk still advance the counter.
+
+    Returns:
+        ``{(video, exp_id): anno_id}``.
+    """
+    index: dict[tuple[str, str], int] = {}
+    counter = 0
+    for video in sorted(videos):
+        expressions = videos[video].get("expressions") or {}
+        for exp_id in sorted(str(key) for key in expressions):
+            index[(video, exp_id)] = counter
+            counter += 1
+    return index
+
+
+def _obj_ids(value, where: str) -> list[int] | None:
+    """``obj_id`` as a list of ints (the files write ``"1"`` or ``1`` or a list of either)."""
+    if value is None:
+        return None
+    values = value if isinstance(value, list) else [value]
+    result = []
+    for item in values:
+        if isinstance(item, bool) or not (isinstance(item, int) or (isinstance(item, str) and item.strip().isdigit())):
+            raise DataFormatError(f"{where}: obj_id must be an integer or a string of digits, got {item!r}")
+        result.append(int(item))
+    return result
+
+
+def _anno_id_mode(name: str, videos: dict, meta_file: str, needs_masks: bool) -> str:
+    """``"file"`` when every expression carries ``anno_id``, ``"official"`` when none does (Ref-YouTube-VOS and
+    Ref-DAVIS17), ``"none"`` when none does and no masks are loaded (other datasets); a file mixing both is an
+    error."""
+    with_ids = without_ids = 0
+    for info in videos.values():
+        for expression in (info.get("expressions") or {}).values():
+            if isinstance(expression, dict) and expression.get("anno_id") is not None:
+                with_ids += 1
+            else:
+                without_ids += 1
+    if without_ids == 0:
+        return "file"
+    if with_ids:
+        raise DataFormatError(
+            f"{meta_file}: {with_ids} expressions carry 'anno_id' and {without_ids} do not; give it for every "
+            "expression or for none (then the official index is used)"
+        )
+    if name not in OFFICIAL_INDEX_DATASETS:
+        if not needs_masks:
+            return "none"
+        raise DataFormatError(
+            f"{meta_file}: the expressions carry no 'anno_id'; {name} files name the masks of each expression "
+            f"explicitly (only {', '.join(OFFICIAL_INDEX_DATASETS)} use the official running index)"
+        )
+    return "official"
+
+
+def videos_without_frames(videos: dict, frames_root: Path) -> list[str]:
+    """The videos of a meta file whose frame folder is absent under ``frames_root`` (e.g. the 305 test videos
+    listed in Ref-YouTube-VOS's ``valid`` meta file, whose frames are not in the valid folder)."""
+    return sorted(video for video in videos if not (frames_root / video).is_dir())
 
 
 def _generate_video(
@@ -172,13 +248,20 @@ def _generate_video(
         raise DataFormatError(
             f"{meta_file}: expected {{'videos': {{video: {{'frames': [...], 'expressions': {{...}}}}}}}}"
         )
+    videos = meta["videos"]
+    anno_mode = _anno_id_mode(name, videos, meta_file, needs_masks=mask_file is not None)
+    official_index = official_annotation_index(videos) if anno_mode == "official" else None
     mask_dict = _read_mask_dict(mask_file) if mask_file is not None else None
     foreground = None
     if include_foreground and foreground_file is not None:
         foreground = read_json(foreground_file, "foreground mask dict")
     frames_root = Path(frames_dir)
-    for video in sorted(meta["videos"]):
-        info = meta["videos"][video]
+    # indexing above covers every video; videos without frames in this split are left out only now
+    absent = set(videos_without_frames(videos, frames_root))
+    for video in sorted(videos):
+        if video in absent:
+            continue
+        info = videos[video]
         where = f"{meta_file} video {video!r}"
         frames = info.get("frames")
         if not frames:
@@ -195,20 +278,25 @@ def _generate_video(
             video_foreground = _video_foreground(
                 video, info, foreground, foreground_file, mask_dict, mask_file, size, where
             )
-        for exp_id in sorted(expressions, key=_exp_sort_key):
+        for exp_id in sorted(expressions, key=str):
             expression = expressions[exp_id]
             exp_where = f"{where} expression {exp_id!r}"
-            if "exp" not in expression:
+            if not isinstance(expression, dict) or "exp" not in expression:
                 raise DataFormatError(f"{exp_where}: missing the 'exp' text")
-            anno_ids = expression.get("anno_id")
-            obj_ids = expression.get("obj_id")
-            if mask_dict is not None:
-                if anno_ids is None:
-                    raise DataFormatError(f"{exp_where}: no 'anno_id' although masks are loaded from {mask_file}")
+            if official_index is not None:
+                anno_ids = [official_index[(video, str(exp_id))]]
+            elif anno_mode == "file":
+                anno_ids = expression["anno_id"]
                 anno_ids = anno_ids if isinstance(anno_ids, list) else [anno_ids]
+            else:
+                anno_ids = None
+            obj_ids = _obj_ids(expression.get("obj_id"), exp_where)
+            overlap = None
+            if mask_dict is not None:
                 per_object = [_object_masks(mask_dict, a, len(frames), size, exp_where, mask_file) for a in anno_ids]
                 if multi_object == "union":
                     masks = [[union_rles([obj[t] for obj in per_object], *size) for t in range(len(frames))]]
+                    overlap = _overlap_levels(per_object, size)
                 else:
                     masks = per_object
             else:
@@ -218,16 +306,21 @@ def _generate_video(
                 "split": split,
                 "video": video,
                 "exp_id": str(exp_id),
-                "obj_ids": obj_ids if isinstance(obj_ids, list) or obj_ids is None else [obj_ids],
-                "anno_ids": anno_ids if isinstance(anno_ids, list) or anno_ids is None else [anno_ids],
+                "obj_ids": obj_ids,
+                "anno_ids": anno_ids,
+                "anno_index": anno_mode,
                 "frame_names": [str(f) for f in frames],
                 "has_masks": mask_dict is not None,
                 "multi_object": multi_object,
             }
+            if overlap:
+                record_meta["overlap"] = overlap
             if "type_id" in expression:
                 record_meta["type_id"] = int(expression["type_id"])
             if video_foreground is not None:
-                record_meta["foreground"] = video_foreground
+                record_meta["foreground"], foreground_area = video_foreground
+                if foreground_area is not None:
+                    record_meta["foreground_area"] = foreground_area
             yield make_record(
                 sample_id=f"{name}/{split}/{video}/{exp_id}",
                 source=name,
@@ -242,9 +335,43 @@ def _generate_video(
             )
 
 
-def _video_foreground(video, info, foreground, foreground_file, mask_dict, mask_file, size, where) -> list[dict]:
+def _overlap_levels(per_object: list[list[dict]], size: tuple[int, int]) -> dict[str, list[dict]]:
+    """Where the objects of one expression overlap, which the union target loses: ``{str(frame): [RLE of the
+    pixels covered by at least 2 objects, by at least 3, ...]}`` for the frames with an overlap (empty for one
+    object). With the union it gives the per-pixel object count, the ground truth of the official ReVOS scorers
+    (the uint8 sum of the objects' masks)."""
+    if len(per_object) < 2:
+        return {}
+    levels: dict[str, list[dict]] = {}
+    for frame in range(len(per_object[0])):
+        rles = [obj[frame] for obj in per_object]
+        if sum(int(coco_mask.area(_as_bytes(rle))) for rle in rles) == int(
+            coco_mask.area(_as_bytes(union_rles(rles, *size)))
+        ):
+            continue  # no pixel is covered twice
+        count = np.zeros(size, dtype=np.int64)
+        for rle in rles:
+            count += decode_rle(rle)
+        levels[str(frame)] = [encode_rle((count >= level).astype(np.uint8)) for level in range(2, int(count.max()) + 1)]
+    return levels
+
+
+def _as_bytes(rle: dict) -> dict:
+    counts = rle["counts"]
+    return {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+
+
+def _video_foreground(
+    video, info, foreground, foreground_file, mask_dict, mask_file, size, where
+) -> tuple[list[dict], list[int] | None]:
     """The per-frame union of all objects of the video (ReVOS R metric): from mask_dict_foreground.json when
-    given, else the union of every anno_id any expression of the video uses."""
+    given, else the union of every anno_id any expression of the video uses.
+
+    Returns:
+        ``(rles, areas)``: one union RLE per frame, and, when the file stores a frame's foreground as a list of
+        per-object RLEs, the official scorers' foreground area of every frame (the sum of the objects' areas,
+        which counts overlapping pixels once per object); ``None`` otherwise.
+    """
     num_frames = len(info["frames"])
     if foreground is not None:
         entry = foreground.get(video)
@@ -255,14 +382,19 @@ def _video_foreground(video, info, foreground, foreground_file, mask_dict, mask_
             raise DataFormatError(
                 f"{foreground_file}: video {video!r} has {len(rles)} foreground masks, {num_frames} frames"
             )
-        result = []
+        result, areas = [], []
         for index, rle in enumerate(rles):
             frame_where = f"{foreground_file} video {video!r} frame {index}"
             result.append(empty_rle(*size) if rle is None else segmentation_to_rle(rle, size[0], size[1], frame_where))
-        return result
+            parts = [] if rle is None else rle if isinstance(rle, list) else [rle]
+            areas.append(
+                sum(int(coco_mask.area(_as_bytes(segmentation_to_rle(p, size[0], size[1], frame_where)))) for p in parts)
+            )
+        has_lists = any(isinstance(rle, list) for rle in rles)
+        return result, areas if has_lists else None
     anno_ids = sorted({str(a) for exp in info["expressions"].values() for a in (exp.get("anno_id") or [])})
     per_object = [_object_masks(mask_dict, a, num_frames, size, where, mask_file) for a in anno_ids]
-    return [union_rles([obj[t] for obj in per_object], *size) for t in range(num_frames)]
+    return [union_rles([obj[t] for obj in per_object], *size) for t in range(num_frames)], None
 
 
 def load_referring_video(
@@ -310,6 +442,15 @@ def load_referring_video(
         foreground_path = mask_path.parent / "mask_dict_foreground.json"
     if mask_path is None:
         logger.info("%s split %r: no mask dict, records have masks=[] (meta has_masks=false)", name, split)
+    meta = read_json(meta_path, "meta_expressions file")
+    if isinstance(meta, dict) and isinstance(meta.get("videos"), dict):
+        absent = videos_without_frames(meta["videos"], frames_path)
+        if absent:
+            logger.warning(
+                "%s split %r: %d of %d videos of %s have no frames under %s and are left out (e.g. %s); the "
+                "annotation index still counts them",
+                name, split, len(absent), len(meta["videos"]), meta_path, frames_path, ", ".join(absent[:3]),
+            )
     return build_dataset(
         _generate_video,
         {

@@ -366,8 +366,8 @@ def write_submission_zip(
     if missing_ids and not skip_missing:
         raise KeyError(
             f"no prediction for sample {missing_ids[0]!r} (and {len(missing_ids) - 1} more) in {store.path}; "
-            "finish the predictions (re-run `maskcma evaluate --model ...`, it resumes) or pass --skip-missing to "
-            "write empty masks for them"
+            "finish the predictions (re-run `maskcma evaluate --model ...`, it resumes) or pass --missing "
+            "zero|empty|drop (skip_missing=True) to write empty masks for them"
         )
     for sample_id in missing_ids:
         logger.warning("submission: no prediction for sample %r; writing empty masks", sample_id)

@@ -15,16 +15,18 @@ import datasets
 import numpy as np
 from PIL import Image
 
-from ..data.errors import DataFormatError, MaskSizeError
+from ..data.errors import DataFormatError
 from ..data.records import unpack_masks
 from ..data.schema import decode_rle
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "dataset_has_ground_truth",
+    "foreground_areas",
     "foreground_frames",
     "frame_names",
     "frame_size",
+    "ground_truth_counts",
     "ground_truth_frames",
     "has_ground_truth",
     "iter_undecoded",
@@ -98,13 +100,7 @@ def frame_size(record: dict) -> tuple[int, int]:
 
 
 def _decode_checked(rle: dict, size: tuple[int, int], where: str) -> np.ndarray:
-    rle_size = (int(rle["size"][0]), int(rle["size"][1]))
-    if rle_size != tuple(size):
-        raise MaskSizeError(
-            f"{where}: the mask RLE has size {rle_size} (height, width) but the frame is {tuple(size)}; the mask "
-            "belongs to another image or the frames were resized"
-        )
-    return decode_rle(rle)
+    return decode_rle(rle, expected_size=size, where=where)
 
 
 def ground_truth_frames(record: dict, size: tuple[int, int]) -> np.ndarray:
@@ -128,6 +124,56 @@ def ground_truth_frames(record: dict, size: tuple[int, int]) -> np.ndarray:
         for frame, rle in enumerate(frames):
             union[frame] |= _decode_checked(rle, size, f"sample {sample_id!r} object {index} frame {frame}")
     return union
+
+
+def ground_truth_counts(record: dict, meta: dict, size: tuple[int, int]) -> np.ndarray:
+    """How many of the record's objects cover each pixel of each frame: the ground truth of the official ReVOS
+    scorers (the sum of the objects' masks).
+
+    Records loaded with ``multi_object="separate"`` hold every object: their masks are summed. Records with one
+    union target (the default) carry the pixels shared by several objects in ``meta["overlap"]`` (``{frame:
+    [RLE of >= 2 objects, >= 3, ...]}``): the count is the union plus one per level.
+
+    Returns:
+        ``uint8`` array of shape ``(num_frames, height, width)``.
+    """
+    sample_id = record["sample_id"]
+    num_frames = len(record["frames"])
+    objects = unpack_masks(record["masks"])
+    counts = np.zeros((num_frames, *size), dtype=np.uint8)
+    for index, frames in enumerate(objects):
+        if len(frames) != num_frames:
+            raise DataFormatError(f"sample {sample_id!r}: object {index} has {len(frames)} masks for {num_frames} frames")
+        for frame, rle in enumerate(frames):
+            counts[frame] += _decode_checked(rle, size, f"sample {sample_id!r} object {index} frame {frame}")
+    overlap = meta.get("overlap") or {}
+    if overlap and len(objects) != 1:
+        raise DataFormatError(
+            f"sample {sample_id!r}: meta['overlap'] belongs to a single union target but the record has "
+            f"{len(objects)} objects"
+        )
+    for frame_key, levels in overlap.items():
+        frame = int(frame_key)
+        if not 0 <= frame < num_frames:
+            raise DataFormatError(f"sample {sample_id!r}: meta['overlap'] names frame {frame} of {num_frames}")
+        for level, rle in enumerate(levels, start=2):
+            counts[frame] += _decode_checked(rle, size, f"sample {sample_id!r} overlap level {level} frame {frame}")
+    return counts
+
+
+def foreground_areas(meta: dict, foreground: np.ndarray) -> np.ndarray:
+    """The official ReVOS foreground sum of each frame: ``meta["foreground_area"]`` when the foreground file listed
+    the objects separately (overlaps counted once per object), else the pixel count of ``foreground``.
+
+    Returns:
+        ``int64`` array of shape ``(num_frames,)``.
+    """
+    areas = meta.get("foreground_area")
+    if areas is None:
+        return np.count_nonzero(foreground, axis=(-2, -1)).astype(np.int64)
+    if len(areas) != foreground.shape[0]:
+        raise DataFormatError(f"meta['foreground_area'] has {len(areas)} values for {foreground.shape[0]} frames")
+    return np.asarray(areas, dtype=np.int64)
 
 
 def foreground_frames(record: dict, meta: dict, size: tuple[int, int]) -> np.ndarray:

@@ -1,20 +1,33 @@
 """Run a model over a benchmark split, store the predictions as it goes, and score them.
 
-:func:`evaluate_dataset` predicts every record not yet in the prediction store (so a re-run after an interruption
-only predicts the rest), then :func:`score_predictions` computes the metrics of the dataset kind:
+:func:`evaluate_dataset` claims the output folder for this run (one folder = one run: its manifest records the
+run's fingerprint, and a folder holding another model's predictions is refused), checks the whole split before
+the first prediction (:func:`transformers_maskcma.data.validation.validate_records`), predicts every record not
+yet in the prediction store (so a re-run after an interruption only predicts the rest), then
+:func:`score_predictions` computes the metrics of the dataset kind:
 
 =========  ===================================  ==========================================================
-kind       records                              metrics (DESIGN.md §6)
+kind       records                              metrics
 =========  ===================================  ==========================================================
 ``image``  ``media_type == "image"``            gIoU, cIoU
 ``video``  ``media_type == "video"``            J, F, J&F (MeViS / Ref-DAVIS17 / Ref-YouTube-VOS)
 ``revos``  videos with ``source == "revos"``    J, F, J&F, A, R for referring, reasoning and overall
 =========  ===================================  ==========================================================
 
-The metrics JSON (``metrics.json`` by default) holds the numbers (fractions in ``[0, 1]``) and the counts:
-``n_samples``, ``n_missing`` with the ``missing_sample_ids`` (scored as empty masks, only with
-``skip_missing=True``), ``n_unused_predictions`` (stored predictions of samples not in the dataset). Per-sample
-scores go to ``scores.jsonl`` next to it.
+Rules (docs/evaluation.md says which published numbers each setting reproduces):
+
+- ``missing``: what a sample without a prediction (or on which the model failed) counts as: ``"error"`` (stop,
+  the default), ``"zero"`` (0 on every metric, as VISA's scorer), ``"empty"`` (an empty mask) or ``"drop"``
+  (left out of the means, as Sa2VA's scorer);
+- ``revos_ground_truth``: ``"official"`` (default: A and R on the uint8 sum of the expression's objects, as the
+  official ReVOS scripts) or ``"union"`` (each pixel counted once); ReVOS ``type_id`` 2 expressions are excluded
+  and counted, as the official scripts do.
+
+The metrics JSON (``metrics.json`` by default) holds the numbers (fractions in ``[0, 1]``), ``dataset``,
+``split``, the run's ``fingerprint`` (model, processor and generation settings, data), the rules used and
+``counts`` = ``{"samples", "scored", "excluded", "missing"}`` (also ``n_samples`` and ``n_missing``), with
+``missing_sample_ids`` and ``n_unused_predictions`` (stored predictions of samples not in the dataset).
+Per-sample scores go to ``scores.jsonl`` next to it.
 """
 
 from __future__ import annotations
@@ -22,6 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,18 +45,25 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..data.errors import DataFormatError
+from ..data.validation import validate_records
+from ..run_folder import RunFolder, RunFolderError
 from .metrics import (
     BOUNDARY_THRESHOLD,
+    REVOS_REASONING,
+    REVOS_REFERRING,
+    ExpressionScores,
     aggregate_video,
     giou_ciou_from_counts,
     revos_scores,
     video_expression_scores,
 )
-from .predictions import PredictionStore, prediction_to_frames
+from .predictions import PREDICTIONS_FILENAME, PredictionStore, prediction_to_frames
 from .records import (
     dataset_has_ground_truth,
+    foreground_areas,
     foreground_frames,
     frame_size,
+    ground_truth_counts,
     ground_truth_frames,
     has_ground_truth,
     iter_undecoded,
@@ -51,11 +72,23 @@ from .records import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DATASET_KINDS", "detect_kind", "evaluate_dataset", "score_predictions"]
+__all__ = [
+    "DATASET_KINDS",
+    "MISSING_POLICIES",
+    "REVOS_GROUND_TRUTHS",
+    "detect_kind",
+    "evaluate_dataset",
+    "score_predictions",
+]
 
 DATASET_KINDS = ("image", "video", "revos")
+#: What a sample without a prediction counts as (see the module docstring).
+MISSING_POLICIES = ("error", "zero", "empty", "drop")
+#: How the ReVOS A and R see pixels covered by several of an expression's objects.
+REVOS_GROUND_TRUTHS = ("official", "union")
 METRICS_FILENAME = "metrics.json"
 SCORES_FILENAME = "scores.jsonl"
+RUN_COMMAND = "evaluate"
 
 PredictFn = Callable[[dict], Any]
 
@@ -72,6 +105,11 @@ def detect_kind(dataset: datasets.Dataset) -> str:
     )
 
 
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid; use one of {list(choices)}")
+
+
 def _sample_ids(dataset: datasets.Dataset) -> list[str]:
     ids = list(dataset["sample_id"])
     if len(ids) == 0:
@@ -85,24 +123,73 @@ def _sample_ids(dataset: datasets.Dataset) -> list[str]:
     return ids
 
 
-def _decoded_frame_size(record: dict) -> tuple[int, int]:
-    frames = record["frames"]
-    if len(frames) == 0:
-        raise DataFormatError(f"sample {record['sample_id']!r} has no frames; an expression with no frames cannot be predicted")
-    return frame_size(record)
+def _expected_media(dataset: datasets.Dataset, kind: str | None) -> str:
+    """The media type the evaluation takes: from ``kind``, else the type most records have (the others are
+    reported by the validation pass)."""
+    if kind is not None:
+        return "image" if kind == "image" else "video"
+    counts = Counter(dataset["media_type"])
+    return max(("image", "video"), key=lambda media: counts.get(media, 0))
+
+
+def check_evaluation_set(
+    dataset: datasets.Dataset, kind: str | None = None, show_progress: bool = True
+) -> None:
+    """The validation pass over the whole split, before any prediction or score: every frame exists and decodes,
+    one media type (the one of ``kind``), masks are valid RLEs of the frame size, sample ids are unique. Raises
+    `DataValidationError` with the count of problems and the first ones (file and line or record id)."""
+    report = validate_records(
+        dataset,
+        expected_media=_expected_media(dataset, kind),
+        check_files=True,
+        check_masks=True,
+        progress=show_progress,
+        description="Checking the evaluation set",
+        require_unique_ids=True,
+    )
+    report.raise_if_problems()
+
+
+def _claim_folder(
+    output_dir: Path, fingerprint: dict | None, overwrite: bool
+) -> RunFolder:
+    """Claim ``output_dir`` for this evaluation: a folder holding another run's predictions is refused, a folder
+    of the same run is resumed."""
+    fingerprint = {} if fingerprint is None else fingerprint
+    try:
+        folder = RunFolder.claim(output_dir, command=RUN_COMMAND, fingerprint=fingerprint, resume=not overwrite,
+                                 overwrite=overwrite)
+    except RunFolderError as error:
+        raise RunFolderError(
+            f"{error}. The predictions in it were made by another model or with other settings, and resuming "
+            "would score them as this run's."
+        ) from None
+    if PREDICTIONS_FILENAME not in folder.files and (output_dir / PREDICTIONS_FILENAME).exists():
+        raise RunFolderError(
+            f"output folder {output_dir} holds a {PREDICTIONS_FILENAME} that no recorded run wrote, so it cannot be "
+            "told which model made it; move it away or choose another output folder"
+        )
+    folder.record(PREDICTIONS_FILENAME)
+    return folder
 
 
 def evaluate_dataset(
     dataset: datasets.Dataset,
     predict_fn: PredictFn,
     output_dir: str | os.PathLike,
-    skip_missing: bool = False,
+    missing: str = "error",
     kind: str | None = None,
     metrics_path: str | os.PathLike | None = None,
     bound_th: float = BOUNDARY_THRESHOLD,
     show_progress: bool = True,
+    *,
+    fingerprint: dict | None = None,
+    overwrite: bool = False,
+    revos_ground_truth: str = "official",
+    dataset_name: str | None = None,
+    split: str | None = None,
 ) -> dict:
-    """Predict every record of ``dataset`` (resuming from ``output_dir``) and score the predictions.
+    """Check the split, predict every record of ``dataset`` (resuming from ``output_dir``) and score.
 
     Args:
         dataset: records in the format of ``transformers_maskcma.data.schema.RECORD_FEATURES``.
@@ -110,56 +197,76 @@ def evaluate_dataset(
             union of the answer's masks per frame (``(T, H, W)`` array or list of ``T`` ``(H, W)`` masks), or the
             masks per object (``(N, T, H, W)`` / list of ``(T, H, W)``; for an image ``(H, W)``, ``(N, H, W)`` or a
             list of ``(H, W)``), or ``[]`` when the answer has no mask. See :func:`prediction_to_frames`.
-        output_dir: where ``predictions.jsonl``, ``metrics.json`` and ``scores.jsonl`` are written. Samples
-            already in ``predictions.jsonl`` are not predicted again.
-        skip_missing: when ``predict_fn`` raises on a sample, log a warning and score that sample as an empty mask
-            (counted in ``n_missing``; it is not stored, so a re-run tries it again). Without it the error is
-            raised, naming the sample; the predictions done so far are kept.
+        output_dir: the run folder: ``predictions.jsonl``, ``metrics.json``, ``scores.jsonl`` and the manifest
+            ``maskcma_run.json``. A folder of the same run (same ``fingerprint``) is resumed: samples already in
+            ``predictions.jsonl`` are not predicted again. A folder of another run is refused (`RunFolderError`
+            naming what differs) unless ``overwrite=True``, which removes the files that run recorded.
+        missing: ``"error"`` (default): a failing ``predict_fn`` stops the run, naming the sample (the
+            predictions so far are kept); ``"zero"``, ``"empty"``, ``"drop"``: the failure is logged and the sample
+            is scored by that rule (see :func:`score_predictions`); it is not stored, so a re-run tries it again.
         kind: ``"image"``, ``"video"`` or ``"revos"``; default :func:`detect_kind`.
         metrics_path: the metrics JSON (default ``output_dir/metrics.json``).
         bound_th: boundary tolerance of ``F``.
-        show_progress: show tqdm bars.
+        show_progress: show tqdm bars (the check of the split, the predictions, the scoring).
+        fingerprint: what identifies the run (model, processor and generation settings, dataset, split, data
+            root, package version); ``maskcma evaluate`` builds it with
+            :func:`transformers_maskcma.evaluation.fingerprint.evaluation_fingerprint`. ``None`` records ``{}``:
+            such folders are then only safe for one model.
+        overwrite: replace the files another run recorded in ``output_dir``.
+        revos_ground_truth: ``"official"`` or ``"union"`` (ReVOS A and R, see :func:`score_predictions`).
+        dataset_name, split: written to the metrics JSON (default: from ``fingerprint``).
 
     Returns:
         The metrics dict that is written to the metrics JSON. For splits without ground truth
         (``meta["has_masks"] = false``) only the predictions are written and ``"metrics"`` is ``None``.
     """
+    _check_choice("missing", missing, MISSING_POLICIES)
+    _check_choice("revos_ground_truth", revos_ground_truth, REVOS_GROUND_TRUTHS)
     output_dir = Path(output_dir)
     sample_ids = _sample_ids(dataset)
+    folder = _claim_folder(output_dir, fingerprint, overwrite)
+    check_evaluation_set(dataset, kind, show_progress)
     failures: dict[str, str] = {}
     with PredictionStore(output_dir, writable=True) as store:
         todo = [index for index, sample_id in enumerate(sample_ids) if sample_id not in store]
         if len(todo) < len(sample_ids):
             logger.info(
-                "%s: %d of %d samples already predicted, predicting the other %d",
+                "%s: %d of %d samples already predicted by this run, predicting the other %d",
                 store.path, len(sample_ids) - len(todo), len(sample_ids), len(todo),
             )
         for index in tqdm(todo, desc="Predicting", disable=not show_progress):
             sample_id = sample_ids[index]
             try:
-                record = dataset[index]  # decodes the frames: a corrupted image fails here
+                record = dataset[index]  # decodes the frames
                 raw = predict_fn(record)
             except Exception as error:
-                if not skip_missing:
+                if missing == "error":
                     raise RuntimeError(
                         f"predicting sample {sample_id!r} failed ({type(error).__name__}: {error}); the "
                         f"{len(store)} predictions done so far are saved in {store.path} and a re-run resumes from "
-                        "there (or pass skip_missing=True to score failed samples as empty masks)"
+                        "there (or pass missing='zero'|'empty'|'drop' / --missing to score failed samples by that "
+                        "rule)"
                     ) from error
                 logger.warning(
-                    "predicting sample %r failed (%s: %s); it is scored as an empty mask",
-                    sample_id, type(error).__name__, error,
+                    "predicting sample %r failed (%s: %s); it is scored as missing (%s)",
+                    sample_id, type(error).__name__, error, missing,
                 )
                 failures[sample_id] = f"{type(error).__name__}: {error}"
                 continue
-            masks = prediction_to_frames(
-                raw, len(record["frames"]), _decoded_frame_size(record), record["media_type"], sample_id
-            )
+            masks = prediction_to_frames(raw, len(record["frames"]), frame_size(record), record["media_type"], sample_id)
             store.add(sample_id, masks)
 
+    fingerprint = {} if fingerprint is None else fingerprint
+    dataset_name = dataset_name or fingerprint.get("dataset")
+    split = split or fingerprint.get("split")
+    metrics_file = Path(metrics_path) if metrics_path else output_dir / METRICS_FILENAME
     if not dataset_has_ground_truth(dataset):
         result = {
             "kind": kind or detect_kind(dataset),
+            "dataset": dataset_name,
+            "split": split,
+            "fingerprint": fingerprint,
+            "counts": {"samples": len(sample_ids), "scored": 0, "excluded": 0, "missing": len(failures)},
             "n_samples": len(sample_ids),
             "n_missing": len(failures),
             "missing_sample_ids": sorted(failures),
@@ -167,67 +274,117 @@ def evaluate_dataset(
             "metrics": None,
             "note": "this split has no ground-truth masks (meta has_masks=false): submit the predictions to the "
             "evaluation server (maskcma evaluate --submission-zip)",
-            "predictions": str(output_dir / "predictions.jsonl"),
-            "metrics_file": str(Path(metrics_path) if metrics_path else output_dir / METRICS_FILENAME),
+            "predictions": str(output_dir / PREDICTIONS_FILENAME),
+            "metrics_file": str(metrics_file),
         }
-        _write_json(Path(result["metrics_file"]), result)
+        _write_json(metrics_file, result)
+        _record_outputs(folder, metrics_file)
         return result
     result = score_predictions(
         dataset,
         output_dir,
-        skip_missing=skip_missing,
+        missing=missing,
         kind=kind,
         metrics_path=metrics_path,
         bound_th=bound_th,
         show_progress=show_progress,
+        revos_ground_truth=revos_ground_truth,
+        fingerprint=fingerprint,
+        dataset_name=dataset_name,
+        split=split,
+        validate=False,  # checked above, before the first prediction
+        treat_as_missing=set(failures),
     )
     if failures:
         result["failures"] = failures
         _write_json(Path(result["metrics_file"]), result)
+    _record_outputs(folder, Path(result["metrics_file"]))
     return result
+
+
+def _record_outputs(folder: RunFolder, metrics_file: Path) -> None:
+    """Record the metrics and scores files in the run's manifest when they are inside its folder."""
+    root = folder.path.resolve()
+    inside = [
+        path for path in (metrics_file, metrics_file.parent / SCORES_FILENAME)
+        if path.exists() and root in path.resolve().parents
+    ]
+    if inside:
+        folder.record(*inside)
+
+
+def _zero_scores(num_frames: int, with_robustness: bool) -> ExpressionScores:
+    zeros = np.zeros(num_frames)
+    return ExpressionScores(
+        j=0.0, f=0.0, j_per_frame=zeros, f_per_frame=zeros, accuracy=0.0, robustness=0.0 if with_robustness else None
+    )
 
 
 def score_predictions(
     dataset: datasets.Dataset,
     predictions_dir: str | os.PathLike,
-    skip_missing: bool = False,
+    missing: str = "error",
     kind: str | None = None,
     metrics_path: str | os.PathLike | None = None,
     bound_th: float = BOUNDARY_THRESHOLD,
     show_progress: bool = True,
+    *,
+    revos_ground_truth: str = "official",
+    fingerprint: dict | None = None,
+    dataset_name: str | None = None,
+    split: str | None = None,
+    validate: bool = True,
+    treat_as_missing: set[str] | None = None,
 ) -> dict:
     """Score stored predictions against the dataset's ground truth, without a model.
 
     Args:
         dataset: the records that were predicted.
         predictions_dir: folder with ``predictions.jsonl``.
-        skip_missing: score samples without a prediction as empty masks (DESIGN.md §6), with a warning and
-            counted in ``n_missing``. Without it a missing prediction raises ``KeyError`` naming the sample and
-            the folder.
+        missing: what a sample without a prediction counts as: ``"error"`` (default: raise ``KeyError`` naming the
+            sample and the folder), ``"zero"`` (0 on every metric: IoU 0, J = F = A = R = 0, as VISA's scorer),
+            ``"empty"`` (an empty mask) or ``"drop"`` (left out of the means, as Sa2VA's scorer). Every missing
+            sample is counted (``counts.missing``) and logged.
         kind: ``"image"``, ``"video"`` or ``"revos"``; default :func:`detect_kind`.
         metrics_path: where to write the metrics JSON (default ``predictions_dir/metrics.json``); per-sample
             scores go to ``scores.jsonl`` in the same folder.
         bound_th: boundary tolerance of ``F``.
-        show_progress: show a tqdm bar.
+        show_progress: show tqdm bars.
+        revos_ground_truth: ``"official"`` (default): ReVOS A and R on the uint8 sum of the expression's objects,
+            as the official ReVOS scripts; ``"union"``: each pixel once. J and F are the same under both.
+        fingerprint: the run that made the predictions (default: the one recorded in the folder's manifest).
+        dataset_name, split: written to the metrics JSON (default: from the fingerprint).
+        validate: run the validation pass over the dataset first (frames, media types, masks).
+        treat_as_missing: sample ids scored as missing even if stored (used by :func:`evaluate_dataset`).
 
     Returns:
         The metrics dict (also written as JSON).
     """
+    _check_choice("missing", missing, MISSING_POLICIES)
+    _check_choice("revos_ground_truth", revos_ground_truth, REVOS_GROUND_TRUTHS)
     predictions_dir = Path(predictions_dir)
     store = PredictionStore(predictions_dir)
     kind = kind or detect_kind(dataset)
     if kind not in DATASET_KINDS:
         raise ValueError(f"unknown dataset kind {kind!r}; use one of {DATASET_KINDS}")
     sample_ids = _sample_ids(dataset)
-    missing = [sample_id for sample_id in sample_ids if sample_id not in store]
-    if missing and not skip_missing:
+    if validate:
+        check_evaluation_set(dataset, kind, show_progress)
+    if fingerprint is None:
+        fingerprint = RunFolder.read_fingerprint(predictions_dir)
+    dataset_name = dataset_name or (fingerprint or {}).get("dataset")
+    split = split or (fingerprint or {}).get("split")
+    treat_as_missing = treat_as_missing or set()
+    missing_ids = [s for s in sample_ids if s not in store or s in treat_as_missing]
+    if missing_ids and missing == "error":
         raise KeyError(
-            f"no prediction for sample {missing[0]!r} (and {len(missing) - 1} more) in {store.path}; run the model "
-            "on them (`maskcma evaluate --model ...` resumes where it stopped) or pass --skip-missing / "
-            "skip_missing=True to score them as empty masks"
+            f"no prediction for sample {missing_ids[0]!r} (and {len(missing_ids) - 1} more) in {store.path}; run the "
+            "model on them (`maskcma evaluate --model ...` resumes where it stopped) or choose how to count them "
+            "with --missing zero|empty|drop (missing='zero'|'empty'|'drop')"
         )
-    for sample_id in missing:
-        logger.warning("no prediction for sample %r in %s; scored as an empty mask", sample_id, store.path)
+    for sample_id in missing_ids:
+        logger.warning("no prediction for sample %r in %s; scored as %s", sample_id, store.path, missing)
+    missing_set = set(missing_ids)
     known = set(sample_ids)
     unused = [sample_id for sample_id in store.sample_ids() if sample_id not in known]
     if unused:
@@ -240,6 +397,7 @@ def score_predictions(
     counts: list[tuple[int, int]] = []
     expression_scores = []
     type_ids: list[int] = []
+    excluded: list[str] = []
     records = iter_undecoded(dataset)
     for record in tqdm(records, total=len(dataset), desc=f"Scoring ({kind})", disable=not show_progress):
         sample_id = record["sample_id"]
@@ -251,41 +409,62 @@ def score_predictions(
             )
         if kind == "image" and len(record["frames"]) != 1:
             raise DataFormatError(f"sample {sample_id!r}: an image sample has one frame, got {len(record['frames'])}")
+        is_missing = sample_id in missing_set
+        entry: dict[str, Any] = {"sample_id": sample_id, "missing": is_missing}
+        if kind == "revos":
+            if "type_id" not in meta:
+                raise DataFormatError(f"sample {sample_id!r}: ReVOS records need meta['type_id'] (0, 1 or 2)")
+            entry["type_id"] = int(meta["type_id"])
+            if entry["type_id"] not in (REVOS_REFERRING, REVOS_REASONING):
+                excluded.append(sample_id)
+                entry["excluded"] = True
+                per_sample.append(entry)
+                continue
+        if is_missing and missing == "drop":
+            entry["dropped"] = True
+            per_sample.append(entry)
+            continue
         size = frame_size(record)
         truth = ground_truth_frames(record, size)
-        if sample_id in store:
+        if is_missing:
+            prediction = np.zeros_like(truth)
+        else:
             prediction = store.masks(sample_id, size=size)
             if prediction.shape[0] != truth.shape[0]:
                 raise DataFormatError(
                     f"{store.path}: sample {sample_id!r} has {prediction.shape[0]} predicted frames but "
                     f"{truth.shape[0]} frames in the dataset"
                 )
-        else:
-            prediction = np.zeros_like(truth)
-        entry: dict[str, Any] = {"sample_id": sample_id, "missing": sample_id not in store}
         if kind == "image":
             intersection = int(np.count_nonzero(prediction & truth))
             union = int(np.count_nonzero(prediction | truth))
+            if is_missing and missing == "zero":
+                union = max(union, 1)  # IoU 0 even when the ground truth is empty too
             counts.append((intersection, union))
             entry.update(intersection=intersection, union=union)
         else:
-            foreground = None
-            if kind == "revos":
-                if "type_id" not in meta:
-                    raise DataFormatError(f"sample {sample_id!r}: ReVOS records need meta['type_id'] (0 or 1)")
-                type_ids.append(int(meta["type_id"]))
-                foreground = foreground_frames(record, meta, size)
-            scores = video_expression_scores(prediction, truth, foreground_frames=foreground, bound_th=bound_th)
+            if is_missing and missing == "zero":
+                scores = _zero_scores(truth.shape[0], with_robustness=kind == "revos")
+            else:
+                scores = _video_scores(record, meta, kind, prediction, truth, size, bound_th, revos_ground_truth)
             expression_scores.append(scores)
             entry.update(scores.to_dict())
             if kind == "revos":
-                entry["type_id"] = type_ids[-1]
+                type_ids.append(entry["type_id"])
         per_sample.append(entry)
 
+    n_dropped = sum(1 for entry in per_sample if entry.get("dropped"))
+    n_scored = len(per_sample) - n_dropped - len(excluded)
+    if n_scored == 0:
+        raise ValueError(
+            f"no sample is left to score ({len(excluded)} excluded, {n_dropped} dropped as missing); check the "
+            "predictions folder and the --missing rule"
+        )
     if kind == "image":
         intersections, unions = zip(*counts)
         giou, ciou, per_sample_iou = giou_ciou_from_counts(intersections, unions)
-        for entry, value in zip(per_sample, per_sample_iou):
+        scored_entries = [entry for entry in per_sample if not entry.get("dropped")]
+        for entry, value in zip(scored_entries, per_sample_iou):
             entry["iou"] = float(value)
         metrics: dict = {"gIoU": giou, "cIoU": ciou}
     elif kind == "video":
@@ -296,13 +475,20 @@ def score_predictions(
     metrics_file = Path(metrics_path) if metrics_path else predictions_dir / METRICS_FILENAME
     result = {
         "kind": kind,
+        "dataset": dataset_name,
+        "split": split,
         "sources": sorted(set(dataset["source"])),
+        "fingerprint": fingerprint,
+        "counts": {"samples": len(sample_ids), "scored": n_scored, "excluded": len(excluded), "missing": len(missing_ids)},
         "n_samples": len(sample_ids),
-        "n_missing": len(missing),
-        "missing_sample_ids": missing,
+        "n_missing": len(missing_ids),
+        "missing_sample_ids": missing_ids,
+        "missing_policy": missing,
+        "excluded_sample_ids": excluded,
         "n_unused_predictions": len(unused),
         "metrics": metrics,
         "bound_th": bound_th if kind != "image" else None,
+        "revos_ground_truth": revos_ground_truth if kind == "revos" else None,
         "predictions": str(store.path),
         "metrics_file": str(metrics_file),
     }
@@ -311,6 +497,22 @@ def score_predictions(
         for entry in per_sample:
             handle.write(json.dumps(entry) + "\n")
     return result
+
+
+def _video_scores(record, meta, kind, prediction, truth, size, bound_th, revos_ground_truth) -> ExpressionScores:
+    if kind != "revos":
+        return video_expression_scores(prediction, truth, bound_th=bound_th)
+    foreground = foreground_frames(record, meta, size)
+    if revos_ground_truth == "union":
+        return video_expression_scores(prediction, truth, foreground_frames=foreground, bound_th=bound_th)
+    return video_expression_scores(
+        prediction,
+        truth,
+        foreground_frames=foreground,
+        bound_th=bound_th,
+        ground_truth_counts=ground_truth_counts(record, meta, size),
+        foreground_areas=foreground_areas(meta, foreground),
+    )
 
 
 def _write_json(path: Path, payload: dict) -> None:

@@ -21,6 +21,8 @@ module writes, without the network:
 The metrics JSON of `maskcma evaluate` (`evaluation/runner.py`) looks like::
 
     {"kind": "image" | "video" | "revos", "sources": ["refcoco"], "n_samples": 1500, "n_missing": 0,
+     "counts": {"samples": 1500, "scored": 1500, "excluded": 0, "missing": 0},   # scored = samples in the means
+     "fingerprint": {"model": {...}, ...},                                     # the run that made the predictions
      "metrics": {"gIoU": 0.81, "cIoU": 0.79}                                   # kind "image" (fractions)
               | {"J": ..., "F": ..., "J&F": ..., "n_expressions": ...}         # kind "video"
               | {"referring": {...}, "reasoning": {...}, "overall": {...}},    # kind "revos" (J, F, J&F, A, R)
@@ -258,7 +260,8 @@ def load_benchmark_results(
     if not isinstance(metrics, Mapping):
         raise ValueError(f"{path}: 'metrics' must be an object, got {type(metrics).__name__}")
     dataset, split = _benchmark_name(path, payload, dataset, split)
-    num_samples = payload.get("n_samples")
+    counts = payload.get("counts")
+    num_samples = counts.get("scored") if isinstance(counts, Mapping) else payload.get("n_samples")
     common = {"dataset": dataset, "split": split, "kind": kind, "source_file": str(path), "num_samples": num_samples}
     if kind != "revos":
         return [BenchmarkResult(metrics=_metric_values(metrics, f"{path}: metrics"), **common)]

@@ -13,6 +13,18 @@ Over a dataset: ``J`` and ``F`` are the means over expressions and ``J&F = (J + 
 number for the referring (``type_id`` 0) and the reasoning (``type_id`` 1) subsets, and ``overall`` as the mean of
 the two subset means (not the mean over all expressions).
 
+**The official ReVOS scorers' ground truth.** VISA's and Sa2VA's ReVOS scripts build the ground truth of an
+expression as the *uint8 sum* of its objects' masks, so a pixel two objects share is ``2``, then per frame
+``A_t = mean(gt == pred)`` and ``R_t = max(1 - sum((1 - gt) * pred) / (sum(fg) + 1e-6), 0)`` in uint8 arithmetic
+(``1 - 2`` wraps to ``255``, ``1 - 3`` to ``254``). With a 0/1 prediction an overlap pixel is therefore always an
+``A`` miss and, when predicted, ``255`` false positives. :func:`official_accuracy_per_frame` and
+:func:`official_robustness_per_frame` reproduce this from the per-pixel object count; ``J`` and ``F`` binarise
+the ground truth and are the same under both rules. :func:`pixel_accuracy_per_frame` and
+:func:`robustness_per_frame` are the union rule (a pixel is foreground once).
+
+``type_id`` 2 expressions belong to neither subset: the official scripts average only ``type_id`` 0 and 1, and
+:func:`revos_scores` leaves the others out and counts them (``n_excluded``).
+
 Values are fractions in ``[0, 1]`` (the published tables show them ×100). The official ReVOS script rounds each
 expression's scores to 0.01 % before averaging; these functions do not round (the difference is below 0.005 points).
 """
@@ -40,6 +52,8 @@ __all__ = [
     "VideoMetrics",
     "aggregate_video",
     "jaccard_per_frame",
+    "official_accuracy_per_frame",
+    "official_robustness_per_frame",
     "pixel_accuracy_per_frame",
     "revos_scores",
     "robustness_per_frame",
@@ -110,6 +124,58 @@ def robustness_per_frame(predictions: np.ndarray, ground_truths: np.ndarray, for
     return np.maximum(1.0 - false_positives / (foreground_area + ROBUSTNESS_EPSILON), 0.0)
 
 
+def _check_counts(predictions: np.ndarray, counts) -> np.ndarray:
+    counts = np.asarray(counts)
+    if counts.shape != predictions.shape:
+        raise ValueError(f"ground-truth counts have shape {counts.shape}, expected {predictions.shape}")
+    if counts.dtype == bool or not np.issubdtype(counts.dtype, np.integer) or counts.min(initial=0) < 0:
+        raise ValueError("ground-truth counts must be non-negative integers (objects covering each pixel)")
+    return counts.astype(np.uint8)  # the official scorers accumulate the objects in uint8
+
+
+def official_accuracy_per_frame(predictions: np.ndarray, ground_truth_counts: np.ndarray) -> np.ndarray:
+    """ReVOS ``A`` of each frame as the official scorers compute it: ``mean(gt == pred)`` with ``gt`` the uint8
+    sum of the expression's object masks and ``pred`` 0/1, so a pixel covered by two objects never agrees.
+
+    Args:
+        predictions: ``(num_frames, height, width)`` binary masks.
+        ground_truth_counts: ``(num_frames, height, width)`` integers: how many of the expression's objects cover
+            each pixel.
+
+    Returns:
+        ``float64`` array of shape ``(num_frames,)``.
+    """
+    predictions = as_frame_stack(predictions, "predictions")
+    counts = _check_counts(predictions, ground_truth_counts)
+    return (counts == predictions.astype(np.uint8)).mean(axis=(-2, -1), dtype=np.float64)
+
+
+def official_robustness_per_frame(
+    predictions: np.ndarray, ground_truth_counts: np.ndarray, foreground_areas
+) -> np.ndarray:
+    """ReVOS ``R`` of each frame as the official scorers compute it:
+    ``max(1 - sum((1 - gt) * pred) / (area_t + 1e-6), 0)`` with ``gt`` the uint8 object count, where ``1 - gt``
+    wraps modulo 256 (``1 - 2 = 255``): a predicted pixel of two overlapping objects counts 255 false positives.
+
+    Args:
+        predictions: ``(num_frames, height, width)`` binary masks.
+        ground_truth_counts: ``(num_frames, height, width)`` object counts of the referred objects.
+        foreground_areas: ``(num_frames,)`` the official foreground sum of each frame (the foreground pixels, or
+            the sum of the objects' areas when the foreground file lists the objects separately).
+
+    Returns:
+        ``float64`` array of shape ``(num_frames,)``.
+    """
+    predictions = as_frame_stack(predictions, "predictions")
+    counts = _check_counts(predictions, ground_truth_counts)
+    areas = np.asarray(foreground_areas, dtype=np.float64)
+    if areas.shape != (predictions.shape[0],):
+        raise ValueError(f"foreground_areas must have shape ({predictions.shape[0]},), got {areas.shape}")
+    wrapped = np.uint8(1) - counts  # uint8 wrap-around, as in the official scripts
+    false_positives = (wrapped.astype(np.int64) * predictions.astype(np.int64)).sum(axis=(-2, -1))
+    return np.maximum(1.0 - false_positives / (areas + ROBUSTNESS_EPSILON), 0.0)
+
+
 @dataclass(frozen=True)
 class ExpressionScores:
     """Scores of one referring expression over its clip.
@@ -145,6 +211,8 @@ def video_expression_scores(
     gt_frames,
     foreground_frames=None,
     bound_th: float = BOUNDARY_THRESHOLD,
+    ground_truth_counts=None,
+    foreground_areas=None,
 ) -> ExpressionScores:
     """J and F (and ReVOS A, R) of one expression.
 
@@ -155,6 +223,11 @@ def video_expression_scores(
         foreground_frames: optional ``(num_frames, height, width)`` union of all annotated objects of each frame;
             when given, ReVOS ``R`` is computed. ``A`` is always computed.
         bound_th: boundary tolerance for ``F`` (see :func:`.boundary.boundary_radius`).
+        ground_truth_counts: optional ``(num_frames, height, width)`` count of the referred objects covering each
+            pixel; when given, ``A`` and ``R`` follow the official ReVOS scorers (module docstring) instead of the
+            union rule. ``gt_frames`` must then be ``ground_truth_counts > 0``.
+        foreground_areas: optional ``(num_frames,)`` official foreground sums for ``R`` with
+            ``ground_truth_counts`` (default: the pixel count of ``foreground_frames``).
 
     Returns:
         :class:`ExpressionScores`.
@@ -162,10 +235,21 @@ def video_expression_scores(
     predictions, ground_truths = _check_pair(pred_frames, gt_frames)
     j_per_frame = jaccard_per_frame(predictions, ground_truths)
     f_per_frame = boundary_f_measure(predictions, ground_truths, bound_th=bound_th)
-    accuracy = float(pixel_accuracy_per_frame(predictions, ground_truths).mean())
     robustness = None
-    if foreground_frames is not None:
-        robustness = float(robustness_per_frame(predictions, ground_truths, foreground_frames).mean())
+    if ground_truth_counts is not None:
+        if not np.array_equal(np.asarray(ground_truth_counts) > 0, ground_truths):
+            raise ValueError("ground_truth_counts > 0 must equal the ground-truth masks gt_frames")
+        accuracy = float(official_accuracy_per_frame(predictions, ground_truth_counts).mean())
+        if foreground_frames is not None or foreground_areas is not None:
+            if foreground_areas is None:
+                foreground_areas = np.count_nonzero(as_frame_stack(foreground_frames, "foreground"), axis=(-2, -1))
+            robustness = float(
+                official_robustness_per_frame(predictions, ground_truth_counts, foreground_areas).mean()
+            )
+    else:
+        accuracy = float(pixel_accuracy_per_frame(predictions, ground_truths).mean())
+        if foreground_frames is not None:
+            robustness = float(robustness_per_frame(predictions, ground_truths, foreground_frames).mean())
     return ExpressionScores(
         j=float(j_per_frame.mean()),
         f=float(f_per_frame.mean()),
@@ -237,12 +321,15 @@ class ReVOSMetrics:
     referring: ReVOSSubsetMetrics | None
     reasoning: ReVOSSubsetMetrics | None
     overall: ReVOSSubsetMetrics | None
+    n_excluded: int = 0
 
-    def to_dict(self) -> dict[str, dict | None]:
-        return {
+    def to_dict(self) -> dict[str, dict | int | None]:
+        result: dict[str, dict | int | None] = {
             name: (None if subset is None else subset.to_dict())
             for name, subset in (("referring", self.referring), ("reasoning", self.reasoning), ("overall", self.overall))
         }
+        result["n_excluded"] = self.n_excluded
+        return result
 
 
 def _subset_means(scores: Sequence[ExpressionScores]) -> ReVOSSubsetMetrics | None:
@@ -271,7 +358,9 @@ def revos_scores(scores: Sequence[ExpressionScores], type_ids: Sequence[int]) ->
 
     Args:
         scores: per-expression scores, each with ``accuracy`` and ``robustness``.
-        type_ids: ``0`` (referring) or ``1`` (reasoning) for each expression, same order.
+        type_ids: ``0`` (referring) or ``1`` (reasoning) for each expression, same order. Other values (``2`` in
+            the ReVOS files) belong to neither subset: they are left out, as the official scripts do, and counted
+            in ``n_excluded``.
 
     Returns:
         :class:`ReVOSMetrics`; ``overall`` averages the two subset means field by field.
@@ -280,9 +369,12 @@ def revos_scores(scores: Sequence[ExpressionScores], type_ids: Sequence[int]) ->
         raise ValueError(f"got {len(scores)} expression scores but {len(type_ids)} type_ids; they must be paired")
     if len(scores) == 0:
         raise ValueError("cannot compute ReVOS metrics over zero expressions: the evaluation set is empty")
-    unknown = sorted({int(type_id) for type_id in type_ids} - {REVOS_REFERRING, REVOS_REASONING})
-    if unknown:
-        raise ValueError(f"ReVOS type_id must be 0 (referring) or 1 (reasoning), found {unknown}")
+    n_excluded = sum(int(type_id) not in (REVOS_REFERRING, REVOS_REASONING) for type_id in type_ids)
+    if n_excluded == len(scores):
+        raise ValueError(
+            f"all {n_excluded} ReVOS expressions have a type_id other than 0 (referring) or 1 (reasoning); "
+            "nothing to score"
+        )
     referring = _subset_means([s for s, t in zip(scores, type_ids) if int(t) == REVOS_REFERRING])
     reasoning = _subset_means([s for s, t in zip(scores, type_ids) if int(t) == REVOS_REASONING])
     overall = None
@@ -300,4 +392,4 @@ def revos_scores(scores: Sequence[ExpressionScores], type_ids: Sequence[int]) ->
             robustness=(referring.robustness + reasoning.robustness) / 2.0,
             n_expressions=referring.n_expressions + reasoning.n_expressions,
         )
-    return ReVOSMetrics(referring=referring, reasoning=reasoning, overall=overall)
+    return ReVOSMetrics(referring=referring, reasoning=reasoning, overall=overall, n_excluded=n_excluded)
