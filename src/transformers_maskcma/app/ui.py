@@ -574,13 +574,15 @@ def _page_errors() -> Iterator[None]:
     try:
         yield
     except (InputRejected, JobCancelled) as error:
-        raise gr.Error(str(error), print_exception=False) from error
+        raise gr.Error(html.escape(str(error), quote=False), duration=None, print_exception=False) from error
     except gr.Error:
         raise
     except Exception as error:
         traceback.print_exc()
-        message = " ".join(str(error).split()) or "no message"
-        raise gr.Error(f"The model failed on this input: {type(error).__name__}: {message}", print_exception=False) from error
+        message = html.escape(" ".join(str(error).split()) or "no message", quote=False)
+        raise gr.Error(
+            f"The model failed on this input: {type(error).__name__}: {message}", duration=None, print_exception=False
+        ) from error
 
 
 def difference_image(image: Image.Image, masks_on: np.ndarray, masks_off: np.ndarray) -> Image.Image:

@@ -24,7 +24,7 @@ BROWSER_VIDEO_CODECS: tuple[tuple[str, str], ...] = (
 
 # fast settings per encoder: the overlays are previews, written while the user waits
 _ENCODER_OPTIONS = {
-    "libvpx-vp9": {"deadline": "realtime", "cpu-used": "8", "crf": "30", "b": "0", "row-mt": "1"},
+    "libvpx-vp9": {"deadline": "realtime", "cpu-used": "8", "crf": "20", "b": "0", "row-mt": "1"},
     "libx264": {"preset": "veryfast", "crf": "23"},
     "libopenh264": {},
 }
