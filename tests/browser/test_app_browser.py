@@ -19,7 +19,7 @@ from urllib.parse import urljoin, urlparse
 import numpy as np
 import pytest
 from app_fixtures import IMAGE_PROMPT, build_app_model, decode_video, reference_segment, save_app_model
-from conftest import (
+from browser_support import (
     CHROMIUM_FLAGS,
     ensure_space_venv,
     free_port,
@@ -34,6 +34,8 @@ from transformers_maskcma.app.examples import VIDEO_FPS, VIDEO_FRAMES, VIDEO_PRO
 from transformers_maskcma.cli import main
 from transformers_maskcma.processing.samples import ASSETS_DIR
 from transformers_maskcma.processing.visualize import overlay_masks
+
+pytestmark = pytest.mark.browser
 
 SHAPES = ASSETS_DIR / "shapes.png"
 TIMEOUT_MS = 180_000  # one model call on a busy 2-core machine, generously
