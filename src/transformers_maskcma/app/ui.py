@@ -681,16 +681,16 @@ def build_blocks(demo: MaskCMADemo, examples: Sequence[Example] = ()) -> gr.Bloc
                     masks_out = gr.File(label="Masks (PNG per object)", file_count="multiple", elem_id="mask-files")
                     scores_out = gr.Markdown(elem_id="scores-output")
                     timing_out = gr.Markdown(elem_id="timing-output")
-            run_event = run_button.click(
+            run_button.click(
                 demo.run_handler,
                 inputs=[image_in, video_in, prompt_in],
                 outputs=[answer_out, overlay_out, video_out, masks_out, scores_out, timing_out],
                 concurrency_limit=1,
                 concurrency_id="model",
             )
-            # not queued: it must reach the server while the job it cancels holds the queue
+            # not queued: it must reach the server while the job it cancels holds the queue; the job stops itself at
+            # its next frame (Gradio's own `cancels=` would drop the event while its thread kept computing)
             cancel_button.click(demo.cancel_handler, outputs=[status], queue=False)
-            del run_event
         with gr.Tab("CMA comparison"):
             gr.Markdown(
                 "The same image segmented twice: with the CMA as trained, and with its residual scale γ forced to 0 "
@@ -700,15 +700,16 @@ def build_blocks(demo: MaskCMADemo, examples: Sequence[Example] = ()) -> gr.Bloc
             with gr.Row():
                 with gr.Column():
                     compare_image = gr.Image(type="filepath", label="Image", sources=["upload"], elem_id="compare-input")
+                with gr.Column():
                     compare_prompt = gr.Textbox(label="Prompt", elem_id="compare-prompt")
                     compare_button = gr.Button("Compare", variant="primary", elem_id="compare-button")
-                    if image_examples:
-                        gr.Examples(image_examples, inputs=[compare_image, compare_prompt], label="Example images")
+                    summary = gr.Markdown(elem_id="compare-summary")
             with gr.Row():
                 with_cma = gr.Image(label="With CMA", format="png", interactive=False, elem_id="with-cma")
                 without_cma = gr.Image(label="CMA off (γ = 0)", format="png", interactive=False, elem_id="without-cma")
                 difference = gr.Image(label="Difference", format="png", interactive=False, elem_id="difference")
-            summary = gr.Markdown(elem_id="compare-summary")
+            if image_examples:
+                gr.Examples(image_examples, inputs=[compare_image, compare_prompt], label="Example images")
             compare_button.click(
                 demo.compare_handler,
                 inputs=[compare_image, compare_prompt],
@@ -722,14 +723,7 @@ def build_blocks(demo: MaskCMADemo, examples: Sequence[Example] = ()) -> gr.Bloc
 
 def launch(blocks: gr.Blocks, host: str | None = None, port: int | None = None, **kwargs):
     """Serve the page (blocking unless `prevent_thread_lock=True`), offline: system fonts, no analytics."""
-    return blocks.launch(
-        server_name=host,
-        server_port=port,
-        theme=offline_theme(),
-        show_error=True,
-        allowed_paths=kwargs.pop("allowed_paths", None),
-        **kwargs,
-    )
+    return blocks.launch(server_name=host, server_port=port, theme=offline_theme(), show_error=True, **kwargs)
 
 
 def read_examples(folder: str | os.PathLike) -> list[Example]:
