@@ -33,7 +33,7 @@ from PIL import Image
 
 from transformers_maskcma.app import ui
 from transformers_maskcma.app.commands import DEFAULT_MODEL_DIR, resolve_model
-from transformers_maskcma.app.examples import VIDEO_FPS, VIDEO_PROMPT, moving_circle_frames, write_examples
+from transformers_maskcma.app.examples import VIDEO_FPS, VIDEO_PROMPT, write_examples
 from transformers_maskcma.cli import main
 from transformers_maskcma.processing.samples import ASSETS_DIR
 from transformers_maskcma.processing.visualize import BROWSER_VIDEO_CODECS, overlay_masks, write_video
@@ -78,7 +78,8 @@ def count_model_calls(model):
     """A list that gets an entry for every forward call of the model or its VLM inside the block."""
     calls = []
     handles = [
-        module.register_forward_pre_hook(lambda module, args: calls.append(1)) for module in (model, model.vlm, model.sam2)
+        module.register_forward_pre_hook(lambda module, args: calls.append(1))
+        for module in (model, model.vlm, model.sam2)
     ]
     try:
         yield calls
@@ -201,7 +202,9 @@ def test_cancel_from_the_page_reaches_the_running_job(demo, examples):
     errors = []
     try:
         thread = threading.Thread(
-            target=lambda: _capture(errors, demo.run_handler, None, str(examples / "moving_circle.webm"), VIDEO_PROMPT, request)
+            target=lambda: _capture(
+                errors, demo.run_handler, None, str(examples / "moving_circle.webm"), VIDEO_PROMPT, request
+            )
         )
         thread.start()
         assert started.wait(10)
@@ -245,7 +248,10 @@ def test_bad_files_give_one_line_in_the_page(demo, tmp_path):
 def test_limits_are_checked_before_any_model_work(model_and_processor, examples, tmp_path):
     model, processor = model_and_processor
     limited = ui.MaskCMADemo(
-        model, processor, limits=ui.AppLimits(max_pixels=192 * 127, max_frames=11, max_prompt_chars=20), output_dir=tmp_path
+        model,
+        processor,
+        limits=ui.AppLimits(max_pixels=192 * 127, max_frames=11, max_prompt_chars=20),
+        output_dir=tmp_path,
     )
     frames_limited = ui.MaskCMADemo(model, processor, limits=ui.AppLimits(max_frames=11), output_dir=tmp_path)
     with count_model_calls(model) as calls:

@@ -46,7 +46,9 @@ def wait_for_server(process: subprocess.Popen, url: str, log: Path) -> None:
                     return
         except OSError:
             time.sleep(1.0)
-    raise RuntimeError(f"the server did not answer on {url} within {SERVER_START_TIMEOUT} s:\n{log.read_text()[-4000:]}")
+    raise RuntimeError(
+        f"the server did not answer on {url} within {SERVER_START_TIMEOUT} s:\n{log.read_text()[-4000:]}"
+    )
 
 
 def start_server(command: list[str], env: dict, log: Path, port: int) -> subprocess.Popen:
@@ -108,4 +110,3 @@ def ensure_space_venv(requirements: Path) -> Path:
         raise RuntimeError(f"the Space venv {SPACE_VENV} has transformers_maskcma installed; it must not")
     stamp.write_text(digest)
     return python
-

@@ -1,7 +1,8 @@
 """Real-browser tests of the web demo (`make test-browser`): Debian's Chromium driven by Playwright's Python API.
 
-Every test here is marked `browser` (`pytestmark`); `make test` deselects them (`-m "not browser"` in pytest's options) and
-`make test-browser` runs them. Nothing is skipped: a missing Chromium or a server that does not start fails.
+Every test here is marked `browser` (`pytestmark`); `make test` deselects them (`-m "not browser"` in pytest's
+options) and `make test-browser` runs them. Nothing is skipped: a missing Chromium or a server that does not start
+fails.
 
 Two servers are tested with the same browser steps:
 

@@ -56,14 +56,19 @@ READ_IMAGE_JS = """async (selector) => {
 PLAY_AND_READ_VIDEO_JS = """async ({selector, time}) => {
   const video = document.querySelector(selector);
   video.muted = true;
-  if (video.readyState < 1) { await new Promise((resolve) => video.addEventListener('loadedmetadata', resolve, {once: true})); }
+  if (video.readyState < 1) {
+    await new Promise((resolve) => video.addEventListener('loadedmetadata', resolve, {once: true}));
+  }
   const duration = video.duration;
   await video.play();
   const start = performance.now();
   while (video.currentTime === 0 && performance.now() - start < 20000) { await new Promise((r) => setTimeout(r, 50)); }
   const played = video.currentTime;
   video.pause();
-  await new Promise((resolve) => { video.addEventListener('seeked', resolve, {once: true}); video.currentTime = time; });
+  await new Promise((resolve) => {
+    video.addEventListener('seeked', resolve, {once: true});
+    video.currentTime = time;
+  });
   const canvas = document.createElement('canvas');
   canvas.width = video.videoWidth; canvas.height = video.videoHeight;
   const context = canvas.getContext('2d');
@@ -268,4 +273,3 @@ def test_cma_comparison_in_the_page(page, reference):
     for token in reference["routed_tokens"]:
         assert f"{token.token} ({token.probability:.2f})" in summary
     screenshot(page, "cma_comparison", kind)
-

@@ -86,7 +86,9 @@ def _gradio_version() -> str:
         ) from error
 
 
-def write_space(space_dir: str | Path, repo_id: str, title: str | None = None, license: str = "apache-2.0") -> SpaceFiles:
+def write_space(
+    space_dir: str | Path, repo_id: str, title: str | None = None, license: str = "apache-2.0"
+) -> SpaceFiles:
     """Write the Space folder for the model repository `repo_id` (module docstring).
 
     Args:
@@ -130,7 +132,8 @@ def write_space(space_dir: str | Path, repo_id: str, title: str | None = None, l
     readme = (
         f"---\n{yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True)}---\n\n"
         f"# {metadata['title']}\n\n"
-        f"Referring image and video segmentation with [{repo_id}](https://huggingface.co/{repo_id}): upload an image or "
+        f"Referring image and video segmentation with [{repo_id}](https://huggingface.co/{repo_id}): upload an "
+        "image or "
         "a video, type what to segment, and get the model's answer, the overlay, one PNG mask per object, the scores "
         "and the time taken. The **CMA comparison** tab segments the same image with the Mask-guided Cross-Modal "
         "Attention on and off (γ = 0), highlights the pixels where the masks differ and lists the prompt tokens the "
@@ -165,11 +168,11 @@ def render_example_overlays(model, processor, output_dir: str | Path, max_new_to
         `list[ExampleOverlay]` (paths relative to `output_dir`) for the model card.
     """
     import torch
+    from PIL import Image
 
     from ..hub_cards.model_card import ExampleOverlay
     from ..processing.samples import ASSETS_DIR
     from ..processing.visualize import overlay_masks
-    from PIL import Image
 
     output_dir = Path(output_dir)
     (output_dir / "examples").mkdir(parents=True, exist_ok=True)

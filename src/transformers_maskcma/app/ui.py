@@ -287,7 +287,9 @@ class MaskCMADemo:
             ) from error
         return image
 
-    def load_video(self, path: str | os.PathLike, check: Callable[[], None] = lambda: None) -> tuple[list[np.ndarray], float]:
+    def load_video(
+        self, path: str | os.PathLike, check: Callable[[], None] = lambda: None
+    ) -> tuple[list[np.ndarray], float]:
         """Decode every frame of a video file with PyAV, checking the frame size and count as it goes.
 
         Returns:
@@ -311,6 +313,8 @@ class MaskCMADemo:
                     check()
                     if len(frames) == self.limits.max_frames:
                         raise self._too_many_frames(f"more than {self.limits.max_frames}")
+                    if not frames:  # the header's size can be missing: check the first decoded frame too
+                        self._check_pixels(frame.width, frame.height, "video frame")
                     frames.append(frame.to_ndarray(format="rgb24"))
         except (av.error.FFmpegError, UnicodeDecodeError) as error:
             raise InputRejected(
@@ -661,7 +665,10 @@ def build_blocks(demo: MaskCMADemo, examples: Sequence[Example] = ()) -> gr.Bloc
                 with gr.Column():
                     image_in = gr.Image(type="filepath", label="Image", sources=["upload"], elem_id="image-input")
                     video_in = gr.Video(
-                        label="Video (instead of an image)", sources=["upload"], include_audio=True, elem_id="video-input"
+                        label="Video (instead of an image)",
+                        sources=["upload"],
+                        include_audio=True,
+                        elem_id="video-input",
                     )
                     prompt_in = gr.Textbox(
                         label="Prompt", placeholder="Please segment the red circle.", elem_id="prompt-input"
@@ -699,7 +706,9 @@ def build_blocks(demo: MaskCMADemo, examples: Sequence[Example] = ()) -> gr.Bloc
             )
             with gr.Row():
                 with gr.Column():
-                    compare_image = gr.Image(type="filepath", label="Image", sources=["upload"], elem_id="compare-input")
+                    compare_image = gr.Image(
+                        type="filepath", label="Image", sources=["upload"], elem_id="compare-input"
+                    )
                 with gr.Column():
                     compare_prompt = gr.Textbox(label="Prompt", elem_id="compare-prompt")
                     compare_button = gr.Button("Compare", variant="primary", elem_id="compare-button")

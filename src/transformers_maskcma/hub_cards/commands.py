@@ -71,7 +71,9 @@ def _register_export(subparsers: argparse._SubParsersAction) -> None:
         help="also write a Hugging Face Space folder (app.py, requirements.txt, README) running the web demo on the "
         "exported repo through remote code; the card then links the Space and shows example overlays",
     )
-    parser.add_argument("--space-id", default=None, help="Hub id of the Space for the card's link (default REPO_ID-demo)")
+    parser.add_argument(
+        "--space-id", default=None, help="Hub id of the Space for the card's link (default REPO_ID-demo)"
+    )
     parser.set_defaults(func=run_export)
 
 

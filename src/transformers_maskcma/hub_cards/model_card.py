@@ -456,8 +456,9 @@ def _demo_section(inputs: CardInputs) -> str:
         return ""
     lines = ["## Demo", ""]
     if inputs.space_id is not None:
+        link = f"[{inputs.space_id}](https://huggingface.co/spaces/{inputs.space_id})"
         lines.append(
-            f"Try the model in its web demo, the Space [{inputs.space_id}](https://huggingface.co/spaces/{inputs.space_id}): "
+            f"Try the model in its web demo, the Space {link}: "
             "an image or a video and a prompt in, the answer, overlay, masks and scores out, and a view of what the "
             "CMA changes (CMA on vs. off)."
         )

@@ -91,11 +91,14 @@ def browser_video_codec() -> tuple[str, str]:
             return codec, suffix
     raise RuntimeError(
         f"the installed PyAV {av.__version__} has no encoder browsers play ({[c for c, _ in BROWSER_VIDEO_CODECS]}); "
-        "install a PyAV wheel built with libvpx or an H.264 encoder (the PyPI wheels of av>=12 have libvpx-vp9)"
+        "install a PyAV wheel built with libvpx or an H.264 encoder (the PyPI wheels are: av 18.1 has libvpx-vp9 "
+        "and libx264)"
     )
 
 
-def write_video(frames: Iterable[Image.Image | np.ndarray], path: str | Path, fps: float, codec: str | None = None) -> Path:
+def write_video(
+    frames: Iterable[Image.Image | np.ndarray], path: str | Path, fps: float, codec: str | None = None
+) -> Path:
     """Encode RGB frames into a video a browser plays (VP9 in WebM, else H.264 in MP4).
 
     Args:
