@@ -6,7 +6,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test test-browser demo bench clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,20 @@ $(VENV)/.installed: pyproject.toml Makefile
 test: setup
 	$(PY) -m pytest -n 2 -q
 
+# The web demo in a real browser: Debian's Chromium (installed here when missing) driven by Playwright's Python API,
+# against `maskcma app` and against the exported Space run from a venv without this package (.cache/space-venv,
+# built on first use). Never skipped: without Chromium it fails.
+CHROMIUM ?= /usr/bin/chromium
+test-browser: setup $(VENV)/.browser-installed
+	@test -x $(CHROMIUM) || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; } \
+		|| { echo "test-browser: Chromium is missing at $(CHROMIUM) and apt-get could not install it (run as root: apt-get install -y chromium chromium-driver)"; exit 1; }
+	@test -x $(CHROMIUM) || { echo "test-browser: still no Chromium at $(CHROMIUM)"; exit 1; }
+	MASKCMA_CHROMIUM=$(CHROMIUM) $(PY) -m pytest tests/browser -m browser -n 0 -q -p no:cacheprovider
+
+$(VENV)/.browser-installed: $(VENV)/.installed
+	$(PIP) install -q -e ".[test,app,browser]"
+	touch $@
+
 demo: setup
 	$(VENV)/bin/maskcma demo --output demo_output
 
@@ -29,4 +43,4 @@ bench: setup
 	$(PY) -m benchmarks.run_all
 
 clean:
-	rm -rf $(VENV) demo_output .pytest_cache
+	rm -rf $(VENV) demo_output .pytest_cache .cache

@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "transformers_maskcma.data.commands",
     "transformers_maskcma.evaluation.commands",
     "transformers_maskcma.hub_cards.commands",
+    "transformers_maskcma.app.commands",
 )
 
 THREADS_HELP = (

@@ -64,6 +64,16 @@ def _register_export(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--no-verify", action="store_true", help="skip the strict reload that compares every exported tensor"
     )
+    parser.add_argument(
+        "--space",
+        default=None,
+        metavar="DIR",
+        help="also write a Hugging Face Space folder (app.py, requirements.txt, README) running the web demo on the "
+        "exported repo through remote code; the card then links the Space and shows example overlays",
+    )
+    parser.add_argument(
+        "--space-id", default=None, help="Hub id of the Space for the card's link (default REPO_ID-demo)"
+    )
     parser.set_defaults(func=run_export)
 
 
@@ -114,6 +124,8 @@ def run_export(args: argparse.Namespace) -> int:
             dtype=_dtype(args.dtype),
             overwrite=args.overwrite,
             verify=not args.no_verify,
+            space_dir=args.space,
+            space_id=args.space_id,
         )
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"maskcma export: error: {error}", file=sys.stderr)
@@ -124,6 +136,8 @@ def run_export(args: argparse.Namespace) -> int:
         f"Exported {result.num_parameters:,} parameters{merged} to {result.output_dir}: "
         f"{len(result.weight_files)} weight shard(s), {len(result.files)} files{verified}."
     )
+    if args.space:
+        print(f"Wrote the Space folder {args.space} (run it with `python {args.space}/app.py`).")
     return 0
 
 

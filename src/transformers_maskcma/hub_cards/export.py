@@ -301,6 +301,8 @@ def export_model(
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
     verify: bool = True,
+    space_dir: str | os.PathLike | None = None,
+    space_id: str | None = None,
 ) -> ExportResult:
     """Write the Hub-ready folder of a trained model (module docstring).
 
@@ -318,6 +320,10 @@ def export_model(
         overwrite: replace a non-empty `output_dir`.
         verify: load the trained model again from disk and the export strictly, and compare every tensor
             (`verify_export`).
+        space_dir: also write a Hugging Face Space folder here (`app.space.write_space`): the web demo running this
+            model through remote code. The card then links the Space and shows the overlays of the demo's example
+            images, made now and stored in `output_dir/examples/`.
+        space_id: the Space's Hub id in the card's link (default `<repo_id>-demo`).
     """
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
@@ -325,14 +331,25 @@ def export_model(
             raise FileExistsError(f"{output_dir} is not empty; pass --overwrite to replace its contents")
         shutil.rmtree(output_dir)
     # read every input before writing anything, so that a bad argument leaves no half-written folder
+    if space_dir is not None:
+        from ..app.space import check_space_dir
+
+        check_space_dir(space_dir)
     benchmarks = collect_benchmarks(metrics)
     recipe = _load_training_recipe(training_config)
     model, files_dir, merged = load_trained_model(model_path, base_model=base_model_path, dtype=dtype)
     processor = load_processor(files_dir, model)
     model_name = model_name or output_dir.resolve().name
+    repo_id = repo_id or f"your-username/{model_name}"
+    example_overlays = []
+    if space_dir is not None:
+        from ..app.space import default_space_id, render_example_overlays
+
+        space_id = space_id or default_space_id(repo_id)
+        example_overlays = render_example_overlays(model, processor, output_dir)
     card_inputs = CardInputs(
         model_name=model_name,
-        repo_id=repo_id or f"your-username/{model_name}",
+        repo_id=repo_id,
         license=license,
         base_models=list(base_models),
         datasets=list(datasets),
@@ -341,6 +358,8 @@ def export_model(
         training_recipe=recipe,
         cma_gamma=float(model.cma.gamma.detach().float().item()),
         notes=["LoRA adapters were merged into the base weights for this export."] if merged else [],
+        space_id=space_id if space_dir is not None else None,
+        example_overlays=example_overlays,
     )
     card = build_model_card(model.config, card_inputs)
 
@@ -350,6 +369,10 @@ def export_model(
     if verify:
         del model  # the comparison loads the trained model again from disk: keep two copies in memory, not three
         verify_export(output_dir, model_path, base_model_path=base_model_path, dtype=dtype)
+    if space_dir is not None:
+        from ..app.space import write_space
+
+        write_space(space_dir, repo_id=repo_id, license=license)
     files = sorted(str(path.relative_to(output_dir)) for path in output_dir.rglob("*") if path.is_file())
     return ExportResult(
         output_dir=output_dir,

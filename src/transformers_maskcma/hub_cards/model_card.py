@@ -335,6 +335,17 @@ class CardInputs:
     license_name: str | None = None
     license_link: str | None = None
     notes: list[str] = field(default_factory=list)
+    space_id: str | None = None
+    example_overlays: list[ExampleOverlay] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ExampleOverlay:
+    """An overlay image stored in the exported folder (`path`, relative), with the prompt and answer that made it."""
+
+    path: str
+    prompt: str
+    answer: str
 
 
 _SWITCH_DOCS = (
@@ -442,6 +453,31 @@ result = segmenter("example.jpg", text="Please segment the red circle.")
 ```'''
 
 
+def _demo_section(inputs: CardInputs) -> str:
+    """`## Demo`: the Space link and the example overlays made at export; empty when there is neither."""
+    if inputs.space_id is None and not inputs.example_overlays:
+        return ""
+    lines = ["## Demo", ""]
+    if inputs.space_id is not None:
+        link = f"[{inputs.space_id}](https://huggingface.co/spaces/{inputs.space_id})"
+        lines.append(
+            f"Try the model in its web demo, the Space {link}: "
+            "an image or a video and a prompt in, the answer, overlay, masks and scores out, and a view of what the "
+            "CMA changes (CMA on vs. off)."
+        )
+        lines.append("")
+    if inputs.example_overlays:
+        lines.append("Outputs of this model on the demo's example inputs, made at export:")
+        lines.append("")
+        lines.append("| prompt | answer | overlay |")
+        lines.append("|---|---|---|")
+        for example in inputs.example_overlays:
+            answer = example.answer.replace("|", "\\|")
+            lines.append(f"| {example.prompt} | {answer} | ![overlay]({example.path}) |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
 def _body(config: Any, inputs: CardInputs) -> str:
     uses_cma = bool(config.use_cma)
     vlm_type = getattr(config.vlm_config, "model_type", "?")
@@ -464,6 +500,7 @@ The defaults reproduce the research code; the paper's variants are config values
 
 CMA is {"on" if uses_cma else "off (plain Sa2VA decoding)"}.
 
+{_demo_section(inputs)}
 {USAGE_HEADING}
 
 {usage_snippet(inputs.repo_id)}
