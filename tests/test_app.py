@@ -501,6 +501,6 @@ def test_export_space_refuses_a_used_folder_before_writing(exported_with_space, 
     (used / "keep.txt").write_text("mine")
     code = main(["export", "--model", str(exported_with_space / "trained"), "--output", str(tmp_path / "out"),
                  "--space", str(used)])  # fmt: skip
-    assert code == 1
+    assert code == 2
     assert f"{used} is not empty; give --space an empty or new folder" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
