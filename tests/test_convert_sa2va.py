@@ -29,9 +29,7 @@ from transformers_maskcma.hub_cards.convert_sa2va import (
 )
 from transformers_maskcma.hub_cards.convert_sam2 import SAM2_SIZE_PRESETS, sam2_key_rules
 from transformers_maskcma.modeling import MaskCMAModel
-from transformers_maskcma.modeling.tiny_configs import tiny_vlm_config
-from transformers_maskcma.processing import build_tiny_processor
-from transformers_maskcma.tiny import build_tiny_model
+from transformers_maskcma.tiny import build_tiny_model, build_tiny_processor, tiny_vlm_config
 
 VIT = "vlm.model.vision_tower"
 
