@@ -180,6 +180,11 @@ class MaskGuidedCrossModalAttention(nn.Module):
 
     def __init__(self, config: MaskCMAAttentionConfig, embed_dim: int = 256, top_k: int | None = 2):
         super().__init__()
+        if type(self) is MaskGuidedCrossModalAttention:
+            raise TypeError(
+                "MaskGuidedCrossModalAttention is the base of the two directions; build VisualToTextAttention or "
+                "TextToVisualAttention, or resolve_cross_modal_attention(config)"
+            )
         if embed_dim % config.num_heads != 0:
             raise ValueError(f"num_heads={config.num_heads} must divide embed_dim={embed_dim}")
         self.config = config

@@ -124,7 +124,7 @@ class MaskCMAConfig(PreTrainedConfig):
             Temperature τ of the contrastive loss.
         prior_loss_weight (`float`, *optional*, defaults to 0.0):
             Weight of the BCE + Dice loss on the mask prior (pass 1 or the conv head). 0 trains the prior only
-            through the final mask, as the research code did.
+            through the final mask.
         bce_loss_weight (`float`, *optional*, defaults to 2.0):
             Weight of the per-pixel binary cross-entropy on the 256×256 (low-resolution) mask logits.
         dice_loss_weight (`float`, *optional*, defaults to 0.5):

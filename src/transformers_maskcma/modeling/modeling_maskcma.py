@@ -723,7 +723,7 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """Load a saved MaskCMA model strictly: any missing or unexpected weight raises a `ValueError` that names
-        the keys (the research code's export silently dropped the CMA weights). The tokenizer saved beside the
+        the keys (see docs/design_notes.md, "Strict loading"). The tokenizer saved beside the
         weights, when present, is attached so that `segment()` returns decoded answers."""
         wants_info = kwargs.pop("output_loading_info", False)
         model, loading_info = super().from_pretrained(
