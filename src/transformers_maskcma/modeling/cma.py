@@ -30,35 +30,8 @@ logger = logging.get_logger(__name__)
 
 
 @dataclass
-class RoutedTokens(ModelOutput):
-    """
-    The candidate tokens the [`TextTokenRouter`] keeps for each object.
-
-    Args:
-        tokens (`torch.FloatTensor` of shape `(num_objects, num_selected, embed_dim)`):
-            The kept tokens, best router score first (in candidate order when all are kept).
-        token_mask (`torch.BoolTensor` of shape `(num_objects, num_selected)`):
-            `False` where fewer valid tokens than K existed and the slot holds padding.
-        routing_weights (`torch.FloatTensor` of shape `(num_objects, num_selected)`):
-            Exactly 1 on valid slots and 0 on padding in the forward pass; their gradient trains the router.
-        indices (`torch.LongTensor` of shape `(num_objects, num_selected)`):
-            Indices of the kept tokens among the candidates.
-        scores (`torch.FloatTensor` of shape `(num_objects, num_tokens)`):
-            Router score of every candidate token (``-inf`` at padding).
-    """
-
-    tokens: torch.Tensor | None = None
-    token_mask: torch.Tensor | None = None
-    routing_weights: torch.Tensor | None = None
-    indices: torch.Tensor | None = None
-    scores: torch.Tensor | None = None
-
-
-@dataclass
 class CrossModalAttentionOutput(ModelOutput):
     """
-    Output of the CMA.
-
     Args:
         image_embeddings (`torch.FloatTensor` of shape `(num_objects, embed_dim, height, width)`):
             The refined image embedding ``F'``.
@@ -75,7 +48,7 @@ class CrossModalAttentionOutput(ModelOutput):
             (SDPA) computed the attention.
     """
 
-    image_embeddings: torch.Tensor | None = None
+    image_embeddings: torch.Tensor
     router_scores: torch.Tensor | None = None
     selected_token_indices: torch.Tensor | None = None
     selected_token_mask: torch.Tensor | None = None
@@ -112,6 +85,31 @@ def eager_attention_forward(
     probs = logits.softmax(dim=-1)
     probs = nn.functional.dropout(probs, p=dropout, training=dropout > 0.0)
     return (probs @ value).transpose(1, 2).contiguous(), probs
+
+
+@dataclass
+class RoutedTokens(ModelOutput):
+    """
+    The candidate tokens the [`TextTokenRouter`] keeps for each object (K slots).
+
+    Args:
+        tokens (`torch.FloatTensor` of shape `(num_objects, num_selected, embed_dim)`):
+            The kept tokens, best router score first (in candidate order when all are kept).
+        token_mask (`torch.BoolTensor` of shape `(num_objects, num_selected)`):
+            `False` where fewer valid tokens than K existed and the slot holds padding.
+        routing_weights (`torch.FloatTensor` of shape `(num_objects, num_selected)`):
+            Exactly 1 on valid slots and 0 on padding in the forward pass; their gradient trains the router.
+        indices (`torch.LongTensor` of shape `(num_objects, num_selected)`):
+            Indices of the kept tokens among the candidates.
+        scores (`torch.FloatTensor` of shape `(num_objects, num_tokens)`):
+            Router score of every candidate token (``-inf`` at padding).
+    """
+
+    tokens: torch.Tensor
+    token_mask: torch.Tensor | None = None
+    routing_weights: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
 
 
 class TextTokenRouter(nn.Module):
@@ -231,15 +229,9 @@ class MaskGuidedCrossModalAttention(nn.Module):
     def attend(
         self, visual: torch.Tensor, routed: RoutedTokens, gate: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The attention between image positions and routed tokens.
-
-        Args:
-            visual (`(N, h*w, D)`): image positions. routed ([`RoutedTokens`]): the kept tokens.
-            gate (`(N, h*w, 1)`): the mask gate, for the attention gate position.
-
-        Returns:
-            `(attended (N, h*w, D)` before the output projection, `attention_probs` or `None`).
-        """
+        """Attention between the image positions `visual (N, h*w, D)` and the routed tokens, with the gate
+        `(N, h*w, 1)` applied when it sits on the attention. Returns `(attended (N, h*w, D)` before the output
+        projection, `attention_probs` or `None`)."""
         raise NotImplementedError(f"{type(self).__name__} must implement attend()")
 
     def forward(

@@ -1,13 +1,7 @@
-"""The mask prior ``G`` that gates the CMA, as small strategy objects shared by the image and video paths.
-
-One strategy is chosen when the model is built ([`resolve_mask_prior`] from `MaskCMAConfig.mask_source`, and
-[`resolve_propagation_mask_prior`] for frames produced by SAM2 memory propagation); every strategy is called the
-same way and returns a [`MaskPriorOutput`]:
-
-- [`PredictedMaskPrior`] (`"pred"`): a first SAM2 decoder pass with the ``[SEG]`` prompt;
-- [`ConvHeadMaskPrior`] (`"conv"`): the [`ConvMaskPriorHead`] over the image embedding and ``[SEG]``;
-- [`GroundTruthMaskPrior`] (`"gt"`): the ground-truth mask in training, the predicted prior otherwise;
-- [`PreviousFrameMaskPrior`]: the object's mask logits on the previous frame in propagation order.
+"""The mask prior ``G`` that gates the CMA, as strategy objects shared by the image and video paths: predicted
+(`"pred"`), conv head (`"conv"`), ground truth (`"gt"`) and previous frame (frames produced by SAM2 propagation).
+The model picks one when it is built ([`resolve_mask_prior`], [`resolve_propagation_mask_prior`]); all are called
+the same way and return a [`MaskPriorOutput`].
 
 This file imports only torch and transformers (it is copied flat into Hub repositories as remote code).
 """
@@ -24,7 +18,8 @@ from transformers.utils import ModelOutput
 
 from .configuration_maskcma import MaskCMAConfig
 
-# `decoder_pass(image_embeddings (N, D, h, w), high_res_features, seg_embeds (N, D))` → `(logits (N, 1, 4h, 4w), iou (N,))`
+# `decoder_pass(image_embeddings (N, D, h, w), high_res_features, seg_embeds (N, D))`
+#     → `(mask_logits (N, 1, 4h, 4w), iou_scores (N,))`
 DecoderPass = Callable[[torch.Tensor, list, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 # `conv_head(image_embeddings (N, D, h, w), seg_embeds (N, D))` → prior logits `(N, 1, h, w)`
 ConvHead = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -33,8 +28,6 @@ ConvHead = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 @dataclass
 class MaskPriorOutput(ModelOutput):
     """
-    A mask prior.
-
     Args:
         embedding_logits (`torch.FloatTensor` of shape `(num_objects, 1, height, width)`):
             The prior ``G`` as logits at the image embedding's resolution: the CMA's gate input.
@@ -44,7 +37,7 @@ class MaskPriorOutput(ModelOutput):
             truth and the previous frame.
     """
 
-    embedding_logits: torch.Tensor | None = None
+    embedding_logits: torch.Tensor
     mask_logits: torch.Tensor | None = None
 
 
@@ -183,16 +176,3 @@ def resolve_propagation_mask_prior(config: MaskCMAConfig, conv_head: ConvHead) -
     """The strategy for frames produced by SAM2 memory propagation: the conv head with `mask_source="conv"`, the
     previous frame's mask otherwise."""
     return ConvHeadMaskPrior(conv_head) if config.mask_source == "conv" else PreviousFrameMaskPrior()
-
-
-__all__ = [
-    "ConvHeadMaskPrior",
-    "ConvMaskPriorHead",
-    "GroundTruthMaskPrior",
-    "MaskPrior",
-    "MaskPriorOutput",
-    "PredictedMaskPrior",
-    "PreviousFrameMaskPrior",
-    "resolve_mask_prior",
-    "resolve_propagation_mask_prior",
-]
