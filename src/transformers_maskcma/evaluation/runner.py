@@ -4,7 +4,7 @@
 only predicts the rest), then :func:`score_predictions` computes the metrics of the dataset kind:
 
 =========  ===================================  ==========================================================
-kind       records                              metrics (DESIGN.md §6)
+kind       records                              metrics (docs/evaluation.md)
 =========  ===================================  ==========================================================
 ``image``  ``media_type == "image"``            gIoU, cIoU
 ``video``  ``media_type == "video"``            J, F, J&F (MeViS / Ref-DAVIS17 / Ref-YouTube-VOS)
@@ -201,7 +201,7 @@ def score_predictions(
     Args:
         dataset: the records that were predicted.
         predictions_dir: folder with ``predictions.jsonl``.
-        skip_missing: score samples without a prediction as empty masks (DESIGN.md §6), with a warning and
+        skip_missing: score samples without a prediction as empty masks (docs/evaluation.md), with a warning and
             counted in ``n_missing``. Without it a missing prediction raises ``KeyError`` naming the sample and
             the folder.
         kind: ``"image"``, ``"video"`` or ``"revos"``; default :func:`detect_kind`.

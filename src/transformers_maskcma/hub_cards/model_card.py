@@ -351,7 +351,7 @@ _SWITCH_DOCS = (
     ("dice_loss_weight", "mask Dice weight"),
 )
 
-# facts of the research recipe this package reproduces (DESIGN.md §1)
+# facts of the research recipe this package reproduces (docs/training.md, `maskcma train`)
 REFERENCE_RECIPE = {
     "optimizer": "AdamW, lr 4e-5, weight decay 0.05, gradient clipping 1.0",
     "schedule": "cosine, 5% linear LR warm-up, 1 epoch",
