@@ -40,7 +40,7 @@ from .common import (
 NAME = "cma_attention"
 EMBED_DIM, HEADS, MAP_SIDE, PROMPT_TOKENS = 256, 8, 64, 32
 QUICK_MAP_SIDE = 8
-CPU_REPEATS, GPU_REPEATS, QUICK_REPEATS = 20, 100, 2
+CPU_REPEATS, GPU_REPEATS, QUICK_REPEATS = 10, 100, 2
 WORKLOADS = [(objects, top_k) for objects in (1, 4) for top_k in (2, None)]
 
 

@@ -13,7 +13,7 @@ from transformers import AutoProcessor
 from transformers_maskcma.data.schema import encode_rle
 from transformers_maskcma.modeling import MaskCMAConfig
 from transformers_maskcma.modeling.mask_decoding import upsample_mask_logits
-from transformers_maskcma.tiny import TINY_IMAGE_SEQ_LENGTH, TINY_SEG_TOKEN_ID, tiny_config
+from transformers_maskcma.tiny import TINY_IMAGE_SEQ_LENGTH, TINY_SEG_TOKEN_ID, build_tiny_processor, tiny_config
 from transformers_maskcma.processing import MaskCMAProcessor, default_answer
 from transformers_maskcma.processing.samples import draw_sample_shapes
 
