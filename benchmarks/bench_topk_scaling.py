@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from transformers_maskcma.modeling.cma import MaskGuidedCrossModalAttention
+from transformers_maskcma.modeling import MaskCMAAttentionConfig, MaskGuidedCrossModalAttention, VisualToTextAttention
 
 from .common import (
     BenchSettings,
@@ -44,10 +44,11 @@ CPU_REPEATS, GPU_REPEATS, QUICK_REPEATS = 30, 100, 2
 
 
 def build_cma(top_k: int | None, settings: BenchSettings, seed: int) -> MaskGuidedCrossModalAttention:
-    """The model's CMA with its default switches (`MaskCMAConfig` defaults), random weights and γ = 0.5."""
+    """The model's CMA with its default switches (`MaskCMAConfig` defaults, eager attention), random weights and
+    γ = 0.5."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        module = MaskGuidedCrossModalAttention(embed_dim=EMBED_DIM, num_heads=8, top_k=top_k)
+        module = VisualToTextAttention(MaskCMAAttentionConfig(num_heads=8), embed_dim=EMBED_DIM, top_k=top_k)
     with torch.no_grad():
         module.gamma.fill_(0.5)
     return module.to(device=settings.device, dtype=settings.dtype).eval()
@@ -85,8 +86,9 @@ def count_flops(token_counts: tuple[int, ...], settings: BenchSettings) -> dict[
     """FLOPs of the CMA at K = 2 and K = all for every token count (meta device, exact)."""
     flops: dict[str, dict[int, int]] = {"top2": {}, "all": {}}
     with torch.device("meta"):
-        modules = {"top2": MaskGuidedCrossModalAttention(EMBED_DIM, 8, top_k=TOP_K),
-                   "all": MaskGuidedCrossModalAttention(EMBED_DIM, 8, top_k=None)}
+        config = MaskCMAAttentionConfig(num_heads=8)
+        modules = {"top2": VisualToTextAttention(config, EMBED_DIM, top_k=TOP_K),
+                   "all": VisualToTextAttention(config, EMBED_DIM, top_k=None)}
     for label, module in modules.items():
         for count in token_counts:
             inputs = make_inputs(count, settings, 0, device="meta")

@@ -22,8 +22,7 @@ from typing import Any
 
 import torch
 
-from transformers_maskcma.modeling.tiny_configs import TINY_IMAGE_SEQ_LENGTH, TINY_SAM2_IMAGE_SIZE, TINY_VLM_IMAGE_SIZE
-from transformers_maskcma.tiny import build_tiny_model
+from transformers_maskcma.tiny import TINY_IMAGE_SEQ_LENGTH, TINY_SAM2_IMAGE_SIZE, TINY_VLM_IMAGE_SIZE, build_tiny_model
 
 from .common import (
     BenchSettings,

@@ -13,8 +13,7 @@ import torch
 from transformers import Sam2VideoConfig
 
 from transformers_maskcma.modeling import MaskCMAModel
-from transformers_maskcma.modeling.tiny_configs import TINY_SAM2_IMAGE_SIZE, tiny_sam2_config
-from transformers_maskcma.tiny import tiny_config
+from transformers_maskcma.tiny import TINY_SAM2_IMAGE_SIZE, tiny_config, tiny_sam2_config
 
 SAM2_BENCH_SIZES = ("tiny", "hiera_tiny", "hiera_large")
 REAL_IMAGE_SIZE = 1024

@@ -11,6 +11,6 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from transformers_maskcma.processing.tiny_tokenizer import build_tiny_tokenizer
+    from transformers_maskcma.tiny import build_tiny_tokenizer
 
     return build_tiny_tokenizer()

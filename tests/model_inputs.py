@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from transformers_maskcma.modeling.tiny_configs import (
+from transformers_maskcma.tiny import (
     TINY_IMAGE_SEQ_LENGTH,
     TINY_SAM2_IMAGE_SIZE,
     TINY_VLM_IMAGE_SIZE,

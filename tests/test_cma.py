@@ -6,14 +6,22 @@ import pytest
 import torch
 from torch import nn
 
-from transformers_maskcma.modeling.cma import ConvMaskPriorHead, MaskGuidedCrossModalAttention
+from transformers_maskcma.modeling.cma import (
+    CROSS_MODAL_ATTENTION_CLASSES,
+    MaskGuidedCrossModalAttention,
+    TextTokenRouter,
+)
+from transformers_maskcma.modeling.configuration_maskcma import MaskCMAAttentionConfig
+from transformers_maskcma.modeling.mask_prior import ConvMaskPriorHead
 
 EMBED, HEADS, SIDE = 32, 4, 5
 
 
-def make_cma(**kwargs) -> MaskGuidedCrossModalAttention:
+def make_cma(top_k=2, attn_implementation="eager", **switches) -> MaskGuidedCrossModalAttention:
+    """A CMA of the class its `direction` resolves to; `switches` are `MaskCMAAttentionConfig` fields."""
     torch.manual_seed(0)
-    cma = MaskGuidedCrossModalAttention(embed_dim=EMBED, num_heads=HEADS, **kwargs)
+    config = MaskCMAAttentionConfig(num_heads=HEADS, attn_implementation=attn_implementation, **switches)
+    cma = CROSS_MODAL_ATTENTION_CLASSES[config.direction](config, embed_dim=EMBED, top_k=top_k)
     for parameter in cma.parameters():
         nn.init.normal_(parameter, std=0.3)
     with torch.no_grad():
@@ -109,8 +117,6 @@ def test_router_scores_receive_gradient(top_k):
 
 
 def test_routing_weights_are_one_with_the_gradient_of_log_p_even_when_p_underflows():
-    from transformers_maskcma.modeling.cma import TextTokenRouter
-
     torch.manual_seed(0)
     router = TextTokenRouter(EMBED)
     tokens = torch.randn(2, 5, EMBED)
@@ -119,7 +125,8 @@ def test_routing_weights_are_one_with_the_gradient_of_log_p_even_when_p_underflo
     with torch.no_grad():  # token 3 of object 0 points against the object's query: its softmax weight underflows
         direction = router.key_proj.weight.T @ router.query_proj(seg)[0]
         tokens[0, 3] = -400.0 * direction / direction.norm()
-    _, selected_mask, weights, _, scores = router(tokens, mask, seg, top_k=None)
+    routed = router(tokens, mask, seg, top_k=None)
+    selected_mask, weights, scores = routed.token_mask, routed.routing_weights, routed.scores
     # p underflows to 0 in float32: p / stop_gradient(p) is NaN there (or weighted 0 when special-cased)
     assert scores.softmax(-1)[0, 3] == 0.0
     torch.testing.assert_close(weights, selected_mask.float(), rtol=0, atol=0)  # exactly 1 on valid tokens
@@ -209,3 +216,89 @@ def test_conv_prior_head_shape_and_conditioning():
     logits = head(image, seg)
     assert logits.shape == (2, 1, SIDE, SIDE)
     assert not torch.allclose(head(image, seg + 1.0), logits)
+
+
+SWITCHES = [
+    {"gate": gate, "warmup_target": target} for gate in ("output", "attention") for target in ("residual", "mask")
+]
+
+
+@pytest.mark.parametrize("switches", SWITCHES)
+@pytest.mark.parametrize("top_k", [1, 3, None])
+def test_sdpa_equals_the_eager_reference_with_the_same_router_gradient(switches, top_k):
+    """Visual→text runs through `ALL_ATTENTION_FUNCTIONS["sdpa"]`: same refined embedding and the same gradients
+    (router included: its `exp(log p − sg(log p))` weights reach SDPA through the values) as the eager reference."""
+    eager = make_cma(top_k=top_k, attn_implementation="eager", **switches)
+    sdpa = make_cma(top_k=top_k, attn_implementation="sdpa", **switches)
+    sdpa.load_state_dict(eager.state_dict())
+    eager.warmup_factor = sdpa.warmup_factor = 0.6
+    image, text, mask, seg, prior = make_inputs(padding=(3, 1))
+    by_eager, by_sdpa = eager(image, text, mask, seg, prior), sdpa(image, text, mask, seg, prior)
+    assert by_eager.attention_probs is not None and by_sdpa.attention_probs is None
+    torch.testing.assert_close(by_sdpa.image_embeddings, by_eager.image_embeddings, atol=1e-5, rtol=1e-5)
+    upstream = torch.randn(by_eager.image_embeddings.shape, generator=torch.Generator().manual_seed(3))
+    (by_eager.image_embeddings * upstream).sum().backward()
+    (by_sdpa.image_embeddings * upstream).sum().backward()
+    for (name, expected), got in zip(eager.named_parameters(), sdpa.parameters()):
+        assert expected.grad is not None, name
+        torch.testing.assert_close(got.grad, expected.grad, atol=1e-4, rtol=1e-4, msg=name)
+    assert eager.router.key_proj.weight.grad.abs().sum() > 0
+
+
+def test_text_to_visual_reads_the_attention_map_under_every_implementation():
+    eager = make_cma(top_k=None, direction="text_to_visual", gate="attention", attn_implementation="eager")
+    sdpa = make_cma(top_k=None, direction="text_to_visual", gate="attention", attn_implementation="sdpa")
+    sdpa.load_state_dict(eager.state_dict())
+    image, text, mask, seg, prior = make_inputs()
+    by_eager, by_sdpa = eager(image, text, mask, seg, prior), sdpa(image, text, mask, seg, prior)
+    assert torch.equal(by_sdpa.image_embeddings, by_eager.image_embeddings)
+    assert by_sdpa.attention_probs is not None
+
+
+def test_text_to_visual_matches_a_hand_written_scatter_back():
+    """Independent computation of the paper's direction, one head at a time, without the shared helpers."""
+    cma = make_cma(top_k=None, direction="text_to_visual")
+    image, text, mask, seg, prior = make_inputs(padding=(0, 2))
+    got = cma(image, text, mask, seg, prior).image_embeddings
+    head_dim = EMBED // HEADS
+    for row in range(image.shape[0]):
+        tokens = torch.cat([text[row][mask[row]], seg[row : row + 1]])  # valid tokens only
+        visual = image[row].flatten(1).T  # (hw, D)
+        query, key, value = cma.q_proj(cma.query_norm(tokens)), cma.k_proj(visual), cma.v_proj(visual)
+        heads = []
+        for h in range(HEADS):
+            part = slice(h * head_dim, (h + 1) * head_dim)
+            probs = (query[:, part] @ key[:, part].T / math.sqrt(head_dim)).softmax(-1)  # (T, hw)
+            token_features = probs @ value[:, part]  # (T, d)
+            received = probs.T / probs.T.sum(-1, keepdim=True)  # (hw, T)
+            heads.append(received @ token_features)
+        update = cma.out_proj(torch.cat(heads, dim=-1)) * torch.sigmoid(prior[row, 0]).reshape(-1, 1)
+        expected = visual + 0.7 * update
+        torch.testing.assert_close(got[row].flatten(1).T, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_dropout_acts_in_training_only():
+    cma = make_cma(top_k=None, dropout=0.5)
+    image, text, mask, seg, prior = make_inputs()
+    cma.eval()
+    first, second = cma(image, text, mask, seg, prior), cma(image, text, mask, seg, prior)
+    assert torch.equal(first.image_embeddings, second.image_embeddings)
+    without = make_cma(top_k=None, dropout=0.0).eval()
+    assert torch.equal(without(image, text, mask, seg, prior).image_embeddings, first.image_embeddings)
+    cma.train()
+    torch.manual_seed(1)
+    trained = cma(image, text, mask, seg, prior)
+    assert not torch.allclose(trained.image_embeddings, first.image_embeddings)
+    assert (trained.attention_probs == 0).any()  # dropped probabilities
+
+
+def test_the_direction_is_resolved_once_into_a_class():
+    from transformers_maskcma.modeling.cma import resolve_cross_modal_attention
+    from transformers_maskcma.tiny import tiny_config
+
+    for direction, cls in CROSS_MODAL_ATTENTION_CLASSES.items():
+        config = tiny_config(cma_config={"direction": direction, "num_heads": 4}, cma_topk_tokens=3)
+        cma = resolve_cross_modal_attention(config)
+        assert type(cma) is cls and isinstance(cma, MaskGuidedCrossModalAttention)
+        assert (cma.num_heads, cma.top_k, cma.embed_dim) == (4, 3, config.seg_embed_dim)
+        assert cma.config is config.cma_config

@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from transformers_maskcma.processing import build_tiny_processor
+from transformers_maskcma.tiny import build_tiny_model, build_tiny_processor
 from transformers_maskcma.processing.samples import draw_sample_shapes
-from transformers_maskcma.tiny import build_tiny_model
 from transformers_maskcma.trainer.collator import MaskCMADataCollator
 
 

@@ -36,12 +36,10 @@ from transformers_maskcma.hub_cards.convert_sa2va import (
 )
 from transformers_maskcma.hub_cards.convert_sam2 import SAM2_SIZE_PRESETS, sam2_key_rules
 from transformers_maskcma.modeling import MaskCMAConfig, MaskCMAModel
-from transformers_maskcma.modeling.tiny_configs import TINY_IMAGE_SEQ_LENGTH, tiny_vlm_config
 from transformers_maskcma.modeling.video_segmentation import forced_answer_generate_kwargs
-from transformers_maskcma.processing import build_tiny_processor
 from transformers_maskcma.processing.processing_maskcma import DEFAULT_CHAT_TEMPLATE
 from transformers_maskcma.processing.samples import draw_sample_shapes
-from transformers_maskcma.tiny import build_tiny_model
+from transformers_maskcma.tiny import TINY_IMAGE_SEQ_LENGTH, build_tiny_model, build_tiny_processor, tiny_vlm_config
 
 from sa2va_reference import (
     gradient_image,

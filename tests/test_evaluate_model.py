@@ -7,8 +7,8 @@ import numpy as np
 from transformers_maskcma.data.synthetic import SyntheticConfig, generate_synthetic
 from transformers_maskcma.evaluation.model_predict import model_predict_fn
 from transformers_maskcma.evaluation.runner import evaluate_dataset, score_predictions
-from transformers_maskcma.processing import build_tiny_processor, save_model_folder
-from transformers_maskcma.tiny import build_tiny_model
+from transformers_maskcma.processing import save_model_folder
+from transformers_maskcma.tiny import build_tiny_model, build_tiny_processor
 
 
 def test_saved_model_predicts_and_scores_images_and_videos(tmp_path):

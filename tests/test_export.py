@@ -20,8 +20,7 @@ from transformers_maskcma.cli import main
 from transformers_maskcma.hub_cards.export import ExportError, export_model
 from transformers_maskcma.hub_cards.model_card import validate_model_card
 from transformers_maskcma.modeling import MaskCMAModel
-from transformers_maskcma.processing import build_tiny_processor
-from transformers_maskcma.tiny import build_tiny_model
+from transformers_maskcma.tiny import build_tiny_model, build_tiny_processor
 from transformers_maskcma.trainer.lora import apply_lora, default_lora_config, merge_lora
 
 PROMPT = "Please segment the red circle."

@@ -123,11 +123,11 @@ def test_card_metadata_is_valid_and_the_model_index_carries_the_numbers(metrics_
 
 
 def test_card_body_states_the_cma_switches_recipe_and_usage(metrics_files):
-    card = card_for(metrics_files, mask_source="conv", cma_topk_tokens=None, cma_gate="attention")
+    card = card_for(metrics_files, mask_source="conv", cma_topk_tokens=None, cma_config={"gate": "attention"})
     text = str(card)
     assert "| `mask_source` | `conv` |" in text
     assert "| `cma_topk_tokens` | null |" in text
-    assert "| `cma_gate` | `attention` |" in text
+    assert "| `cma_config.gate` | `attention` |" in text
     assert "| γ (`cma.gamma`, weight) | 0.125 | learned residual scale |" in text
     assert yaml.safe_load(text.split("```yaml\n")[1].split("```")[0]) == {"learning_rate": 4e-5, "lora": {"r": 128}}
     assert "| RefCOCO+ | testA | cIoU | 75.01 | 20 |" in text

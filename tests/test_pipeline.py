@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 from transformers import AutoModel, AutoProcessor, pipeline
 
-from transformers_maskcma.processing import ReferringSegmentationPipeline, build_tiny_processor, save_model_folder
+from transformers_maskcma.processing import ReferringSegmentationPipeline, save_model_folder
+from transformers_maskcma.tiny import build_tiny_model, build_tiny_processor
 from transformers_maskcma.processing.samples import draw_sample_shapes, sample_image_path
-from transformers_maskcma.tiny import build_tiny_model
 
 IMAGE_PROMPT = "Please segment the red circle."
 VIDEO_PROMPT = "Please segment the circle that moves right."

@@ -13,8 +13,8 @@ from transformers import AutoProcessor
 from transformers_maskcma.data.schema import encode_rle
 from transformers_maskcma.modeling import MaskCMAConfig
 from transformers_maskcma.modeling.mask_decoding import upsample_mask_logits
-from transformers_maskcma.modeling.tiny_configs import TINY_IMAGE_SEQ_LENGTH, TINY_SEG_TOKEN_ID
-from transformers_maskcma.processing import MaskCMAProcessor, build_tiny_processor, default_answer
+from transformers_maskcma.tiny import TINY_IMAGE_SEQ_LENGTH, TINY_SEG_TOKEN_ID, build_tiny_processor, tiny_config
+from transformers_maskcma.processing import MaskCMAProcessor, default_answer
 from transformers_maskcma.processing.samples import draw_sample_shapes
 from sa2va_reference import (
     IMAGENET_MEAN,
@@ -147,7 +147,7 @@ def test_area_resize_stores_the_covered_share_of_each_cell(tiny_tokenizer, shape
     """`gt_mask_resize="area"`: each 32×32 target is the mean of its 4×6 footprint of the 128×192 mask (an
     independent block average in numpy)."""
     image, masks = shapes
-    area = MaskCMAProcessor.from_model_config(MaskCMAConfig.tiny(), tiny_tokenizer, gt_mask_resize="area")
+    area = MaskCMAProcessor.from_model_config(tiny_config(), tiny_tokenizer, gt_mask_resize="area")
     mask = masks["green triangle"]
     gt = area(images=image, text=PROMPT, masks=[mask])["gt_masks"][0]
     expected = mask.astype(np.float64).reshape(32, 4, 32, 6).mean(axis=(1, 3))
@@ -185,7 +185,7 @@ def test_nearest_targets_are_shifted_and_area_targets_are_not(name):
 
 def test_an_unknown_gt_mask_resize_is_rejected(tiny_tokenizer):
     with pytest.raises(ValueError, match=r"gt_mask_resize='bilinear' is not valid; use one of \['nearest', 'area'\]"):
-        MaskCMAProcessor.from_model_config(MaskCMAConfig.tiny(), tiny_tokenizer, gt_mask_resize="bilinear")
+        MaskCMAProcessor.from_model_config(tiny_config(), tiny_tokenizer, gt_mask_resize="bilinear")
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from transformers_maskcma.processing import build_tiny_processor
+from transformers_maskcma.tiny import build_tiny_processor
 from transformers_maskcma.processing.video_io import (
     FolderFrameSource,
     ImageListFrameSource,

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from transformers_maskcma.modeling.mask_decoding import upsample_mask_logits
-from transformers_maskcma.modeling.tiny_configs import (
+from transformers_maskcma.tiny import (
     TINY_IMAGE_SEQ_LENGTH,
     TINY_SAM2_IMAGE_SIZE,
     TINY_VLM_IMAGE_SIZE,

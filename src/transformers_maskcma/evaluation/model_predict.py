@@ -2,7 +2,7 @@
 
 The model and processor are loaded with the Auto classes (``trust_remote_code=True``, so an exported Hub folder
 works without this package's modeling code), and each record goes through ``processor(...)`` and
-``model.segment(...)`` as in DESIGN.md §4.
+``model.segment(...)`` as in docs/architecture.md (image inference).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ yet in the prediction store (so a re-run after an interruption only predicts the
 :func:`score_predictions` computes the metrics of the dataset kind:
 
 =========  ===================================  ==========================================================
-kind       records                              metrics
+kind       records                              metrics (docs/evaluation.md)
 =========  ===================================  ==========================================================
 ``image``  ``media_type == "image"``            gIoU, cIoU
 ``video``  ``media_type == "video"``            J, F, J&F (MeViS / Ref-DAVIS17 / Ref-YouTube-VOS)

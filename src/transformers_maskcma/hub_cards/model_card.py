@@ -351,12 +351,12 @@ class ExampleOverlay:
 _SWITCH_DOCS = (
     ("use_cma", "CMA on (`False` = plain Sa2VA: one decoder pass)"),
     ("mask_source", "where the mask prior comes from (`pred`: first decoder pass; `conv`: 1×1 conv head; `gt`)"),
-    ("cma_direction", "queries/keys of the attention"),
+    ("cma_config.direction", "queries/keys of the attention"),
     ("cma_topk_tokens", "text tokens kept by the router (`null` = all)"),
-    ("cma_gate", "how the prior gates the attention (`output` or `attention`)"),
-    ("cma_warmup_target", "what the warm-up scales (`residual` γ or the `mask` gate)"),
+    ("cma_config.gate", "how the prior gates the attention (`output` or `attention`)"),
+    ("cma_config.warmup_target", "what the warm-up scales (`residual` γ or the `mask` gate)"),
     ("warmup_ratio", "fraction of training steps of the warm-up"),
-    ("cma_num_heads", "attention heads on the 256-d SAM2 embedding"),
+    ("cma_config.num_heads", "attention heads on the 256-d SAM2 embedding"),
     ("cma_on_propagation", "CMA also on frames produced by SAM2 memory propagation"),
     ("tmc_weight", "weight of the text–mask contrastive loss"),
     ("tmc_temperature", "temperature of the contrastive loss"),
@@ -365,7 +365,7 @@ _SWITCH_DOCS = (
     ("dice_loss_weight", "mask Dice weight"),
 )
 
-# facts of the research recipe this package reproduces (DESIGN.md §1)
+# facts of the research recipe this package reproduces (docs/training.md, `maskcma train`)
 REFERENCE_RECIPE = {
     "optimizer": "AdamW, lr 4e-5, weight decay 0.05, gradient clipping 1.0",
     "schedule": "cosine, 5% linear LR warm-up, 1 epoch",
@@ -384,7 +384,10 @@ def _yaml_value(value: Any) -> str:
 def _switch_table(config: Any, gamma: float | None) -> str:
     lines = ["| config field | value | meaning |", "|---|---|---|"]
     for name, meaning in _SWITCH_DOCS:
-        lines.append(f"| `{name}` | {_yaml_value(getattr(config, name))} | {meaning} |")
+        value = config
+        for part in name.split("."):  # `cma_config.gate`: a field of the CMA sub-config
+            value = getattr(value, part)
+        lines.append(f"| `{name}` | {_yaml_value(value)} | {meaning} |")
     if gamma is not None:
         state = "CMA inactive: the masks equal the plain Sa2VA path" if gamma == 0.0 else "learned residual scale"
         lines.append(f"| γ (`cma.gamma`, weight) | {gamma:.6g} | {state} |")

@@ -1,4 +1,4 @@
-"""Mask-guided Cross-Modal Attention (CMA) and the convolutional mask-prior head.
+"""Mask-guided Cross-Modal Attention (CMA).
 
 The CMA refines SAM2's image embedding ``F`` (``(num_objects, 256, h, w)``, 64×64 for released SAM2) with the
 prompt's text tokens before the second mask-decoder pass:
@@ -6,23 +6,31 @@ prompt's text tokens before the second mask-decoder pass:
     F' = F + scale · gate(G) ⊙ Attention(query = LayerNorm(F), key = value = top-K(T ∪ {s}))
 
 ``T`` are the projected hidden states of the prompt's text tokens, ``s`` the object's ``[SEG]`` embedding, ``G``
-the mask prior (logits at the embedding's resolution) and ``scale`` the zero-initialised residual scale γ times a
-warm-up factor. See `MaskCMAConfig` for the switches (direction, gate position, warm-up target, top-K).
+the mask prior (logits at the embedding's resolution, from a `MaskPrior` strategy) and ``scale`` the
+zero-initialised residual scale γ times a warm-up factor. The attention direction is a class
+([`VisualToTextAttention`], [`TextToVisualAttention`]) chosen once from `MaskCMAAttentionConfig.direction` by
+[`resolve_cross_modal_attention`]; the gate position and the warm-up target are read from the same config at
+construction.
 
-This file imports only torch (it is copied flat into Hub repositories as remote code).
+This file imports only torch and transformers (it is copied flat into Hub repositories as remote code).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput, logging
+
+from .configuration_maskcma import MaskCMAAttentionConfig, MaskCMAConfig
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
-class CrossModalAttentionOutput:
+class CrossModalAttentionOutput(ModelOutput):
     """
     Args:
         image_embeddings (`torch.FloatTensor` of shape `(num_objects, embed_dim, height, width)`):
@@ -33,16 +41,75 @@ class CrossModalAttentionOutput:
             Indices into the candidate tokens kept by top-K routing.
         selected_token_mask (`torch.BoolTensor` of shape `(num_objects, num_selected)`):
             `False` where fewer valid tokens than K existed and the slot holds padding.
-        attention_probs (`torch.FloatTensor`):
-            Attention probabilities, `(num_objects, heads, height*width, num_selected)` for `"visual_to_text"`,
-            `(num_objects, heads, num_selected, height*width)` for `"text_to_visual"`, after gating.
+        attention_probs (`torch.FloatTensor`, *optional*):
+            Attention probabilities, `(num_objects, heads, height*width, num_selected)` for
+            [`VisualToTextAttention`] (before the per-position attention gate), `(num_objects, heads,
+            num_selected, height*width)` for [`TextToVisualAttention`] (after the gate). `None` when a fused kernel
+            (SDPA) computed the attention.
     """
 
     image_embeddings: torch.Tensor
-    router_scores: torch.Tensor
-    selected_token_indices: torch.Tensor
-    selected_token_mask: torch.Tensor
-    attention_probs: torch.Tensor
+    router_scores: torch.Tensor | None = None
+    selected_token_indices: torch.Tensor | None = None
+    selected_token_mask: torch.Tensor | None = None
+    attention_probs: torch.Tensor | None = None
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference attention, with the signature of transformers' attention functions.
+
+    Args:
+        module (`nn.Module`): the calling attention module (unused here; part of the shared signature).
+        query (`(batch, heads, query_len, head_dim)`), key and value (`(batch, heads, key_len, head_dim)`).
+        attention_mask (`torch.Tensor`, *optional*): boolean (`True` = may attend) or an additive float bias,
+            broadcastable to `(batch, heads, query_len, key_len)`.
+        scaling (`float`): factor on ``q·k``.
+        dropout (`float`): dropout probability on the attention probabilities (pass 0.0 at evaluation).
+
+    Returns:
+        `(output (batch, query_len, heads, head_dim), probabilities (batch, heads, query_len, key_len))`.
+    """
+    logits = (query @ key.transpose(-1, -2)) * scaling
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        logits = logits.masked_fill(~attention_mask, float("-inf"))
+    elif attention_mask is not None:
+        logits = logits + attention_mask
+    probs = logits.softmax(dim=-1)
+    probs = nn.functional.dropout(probs, p=dropout, training=dropout > 0.0)
+    return (probs @ value).transpose(1, 2).contiguous(), probs
+
+
+@dataclass
+class RoutedTokens(ModelOutput):
+    """
+    The candidate tokens the [`TextTokenRouter`] keeps for each object (K slots).
+
+    Args:
+        tokens (`torch.FloatTensor` of shape `(num_objects, num_selected, embed_dim)`):
+            The kept tokens, best router score first (in candidate order when all are kept).
+        token_mask (`torch.BoolTensor` of shape `(num_objects, num_selected)`):
+            `False` where fewer valid tokens than K existed and the slot holds padding.
+        routing_weights (`torch.FloatTensor` of shape `(num_objects, num_selected)`):
+            Exactly 1 on valid slots and 0 on padding in the forward pass; their gradient trains the router.
+        indices (`torch.LongTensor` of shape `(num_objects, num_selected)`):
+            Indices of the kept tokens among the candidates.
+        scores (`torch.FloatTensor` of shape `(num_objects, num_tokens)`):
+            Router score of every candidate token (``-inf`` at padding).
+    """
+
+    tokens: torch.Tensor
+    token_mask: torch.Tensor | None = None
+    routing_weights: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
 
 
 class TextTokenRouter(nn.Module):
@@ -58,11 +125,11 @@ class TextTokenRouter(nn.Module):
         super().__init__()
         self.query_proj = nn.Linear(embed_dim, embed_dim)
         self.key_proj = nn.Linear(embed_dim, embed_dim)
-        self.scale = 1.0 / math.sqrt(embed_dim)
+        self.scale = embed_dim**-0.5
 
     def forward(
         self, tokens: torch.Tensor, token_mask: torch.Tensor, seg_embeds: torch.Tensor, top_k: int | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> RoutedTokens:
         """
         Args:
             tokens (`(num_objects, num_tokens, embed_dim)`): candidate tokens (text tokens and the ``[SEG]`` one).
@@ -71,77 +138,68 @@ class TextTokenRouter(nn.Module):
             top_k (`int` or `None`): number of tokens to keep, `None` for all.
 
         Returns:
-            `(selected_tokens (N, K, D), selected_mask (N, K), routing_weights (N, K), selected_indices (N, K),
-            scores (N, T))`.
+            [`RoutedTokens`] with `K = min(top_k, num_tokens)` slots per object.
         """
         scores = torch.einsum("nd,ntd->nt", self.query_proj(seg_embeds), self.key_proj(tokens)) * self.scale
         scores = scores.masked_fill(~token_mask, float("-inf"))
         num_tokens = tokens.shape[1]
         keep = num_tokens if top_k is None else min(top_k, num_tokens)
         if keep == num_tokens:
-            selected_indices = torch.arange(num_tokens, device=tokens.device).expand(tokens.shape[0], num_tokens)
+            indices = torch.arange(num_tokens, device=tokens.device).expand(tokens.shape[0], num_tokens)
         else:
-            selected_indices = scores.topk(keep, dim=-1).indices
-        selected_mask = token_mask.gather(1, selected_indices)
+            indices = scores.topk(keep, dim=-1).indices
+        selected_mask = token_mask.gather(1, indices)
         # log-softmax over the valid tokens; an object with no valid token at all cannot occur (its [SEG] always is).
         # p / stop_gradient(p) is computed as exp(log p - stop_gradient(log p)): the same value (exactly 1) and the
         # same gradient, without the 1/p factor that overflows to inf (and then NaN) when a token's p underflows.
-        log_probs = scores.log_softmax(dim=-1).gather(1, selected_indices)
+        log_probs = scores.log_softmax(dim=-1).gather(1, indices)
         log_probs = torch.where(selected_mask, log_probs, torch.zeros_like(log_probs))
         routing_weights = torch.exp(log_probs - log_probs.detach()) * selected_mask
-        selected_tokens = tokens.gather(1, selected_indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-        return selected_tokens, selected_mask, routing_weights, selected_indices, scores
+        selected = tokens.gather(1, indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        return RoutedTokens(
+            tokens=selected, token_mask=selected_mask, routing_weights=routing_weights, indices=indices, scores=scores
+        )
 
 
 class MaskGuidedCrossModalAttention(nn.Module):
-    """Multi-head cross-attention between SAM2's image embedding and routed text tokens, gated by a mask prior.
+    """Base of the two CMA directions: the router, the projections, the mask gate and the gated residual update.
+    A subclass implements `attend`, the multi-head attention between image positions and routed tokens.
 
     Args:
+        config ([`MaskCMAAttentionConfig`]): gate position, warm-up target, heads, dropout; its
+            `_attn_implementation` (set by the model) selects the attention function.
         embed_dim (`int`): width of SAM2's image embedding and of the projected tokens (256).
-        num_heads (`int`): attention heads; must divide `embed_dim`.
-        direction (`str`): `"visual_to_text"` (queries are image positions) or `"text_to_visual"` (queries are
-            tokens; their attended features return to the image through the same attention map, each position
-            receiving the tokens' features weighted by the attention it got from each token).
-        gate (`str`): `"output"` multiplies the projected attention output by the gate; `"attention"` re-weights the
-            attention probabilities (per query position when the queries are visual, and renormalised over image
-            positions when the keys are visual).
-        warmup_target (`str`): `"residual"` scales γ by the warm-up factor; `"mask"` warms the gate up instead:
-            ``gate = 1 + ω (sigmoid(G) − 1)``.
         top_k (`int` or `None`): tokens kept by the router (`None`: all).
-        dropout (`float`): dropout on the attention probabilities.
 
     The residual scale `gamma` is a learnable scalar initialised to 0, so a freshly added CMA leaves SAM2's masks
     unchanged. `warmup_factor` is a plain attribute (not saved), set by `GammaWarmupCallback` during training and
     1.0 otherwise.
     """
 
-    def __init__(
-        self,
-        embed_dim: int = 256,
-        num_heads: int = 8,
-        direction: str = "visual_to_text",
-        gate: str = "output",
-        warmup_target: str = "residual",
-        top_k: int | None = 2,
-        dropout: float = 0.0,
-    ):
+    def __init__(self, config: MaskCMAAttentionConfig, embed_dim: int = 256, top_k: int | None = 2):
         super().__init__()
-        if embed_dim % num_heads != 0:
-            raise ValueError(f"num_heads={num_heads} must divide embed_dim={embed_dim}")
+        if type(self) is MaskGuidedCrossModalAttention:
+            raise TypeError(
+                "MaskGuidedCrossModalAttention is the base of the two directions; build VisualToTextAttention or "
+                "TextToVisualAttention, or resolve_cross_modal_attention(config)"
+            )
+        if embed_dim % config.num_heads != 0:
+            raise ValueError(f"num_heads={config.num_heads} must divide embed_dim={embed_dim}")
+        self.config = config
         self.embed_dim = embed_dim
-        self.num_heads = num_heads
-        self.head_dim = embed_dim // num_heads
-        self.direction = direction
-        self.gate = gate
-        self.warmup_target = warmup_target
+        self.num_heads = config.num_heads
+        self.head_dim = embed_dim // config.num_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
         self.top_k = top_k
+        self.gate_on_attention = config.gate == "attention"
+        self.warmup_on_gate = config.warmup_target == "mask"
         self.router = TextTokenRouter(embed_dim)
         self.query_norm = nn.LayerNorm(embed_dim)
         self.q_proj = nn.Linear(embed_dim, embed_dim)
         self.k_proj = nn.Linear(embed_dim, embed_dim)
         self.v_proj = nn.Linear(embed_dim, embed_dim)
         self.out_proj = nn.Linear(embed_dim, embed_dim)
-        self.attention_dropout = nn.Dropout(dropout)
         self.gamma = nn.Parameter(torch.zeros(1))
         self.warmup_factor = 1.0
 
@@ -149,23 +207,32 @@ class MaskGuidedCrossModalAttention(nn.Module):
         batch, length, _ = states.shape
         return states.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def _merge_heads(self, states: torch.Tensor) -> torch.Tensor:
-        batch, _, length, _ = states.shape
-        return states.transpose(1, 2).reshape(batch, length, self.embed_dim)
+    @property
+    def attention_dropout(self) -> float:
+        """Dropout probability for the attention function: the configured one in training, 0 at evaluation."""
+        return float(self.config.dropout) if self.training else 0.0
 
     def gate_values(self, mask_prior_logits: torch.Tensor) -> torch.Tensor:
         """Gate per image position from the prior logits `(N, 1, h, w)` → `(N, h*w, 1)`, with the warm-up applied
         when it targets the mask."""
         gate = torch.sigmoid(mask_prior_logits.flatten(2).transpose(1, 2))
-        if self.warmup_target == "mask":
+        if self.warmup_on_gate:
             gate = 1.0 + self.warmup_factor * (gate - 1.0)
         return gate
 
     def residual_scale(self) -> torch.Tensor:
         """γ times the warm-up factor when the warm-up targets the residual, else γ."""
-        if self.warmup_target == "residual":
-            return self.gamma * self.warmup_factor
-        return self.gamma
+        if self.warmup_on_gate:
+            return self.gamma
+        return self.gamma * self.warmup_factor
+
+    def attend(
+        self, visual: torch.Tensor, routed: RoutedTokens, gate: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention between the image positions `visual (N, h*w, D)` and the routed tokens, with the gate
+        `(N, h*w, 1)` applied when it sits on the attention. Returns `(attended (N, h*w, D)` before the output
+        projection, `attention_probs` or `None`)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement attend()")
 
     def forward(
         self,
@@ -195,70 +262,100 @@ class MaskGuidedCrossModalAttention(nn.Module):
         tokens = torch.cat([text_tokens, seg_embeds.unsqueeze(1)], dim=1)
         seg_valid = torch.ones(num_objects, 1, dtype=torch.bool, device=text_token_mask.device)
         token_mask = torch.cat([text_token_mask.bool(), seg_valid], dim=1)
-        selected, selected_mask, routing_weights, selected_indices, scores = self.router(
-            tokens, token_mask, seg_embeds, self.top_k
-        )
+        routed = self.router(tokens, token_mask, seg_embeds, self.top_k)
 
         visual = image_embeddings.flatten(2).transpose(1, 2)  # (N, h*w, D)
         gate = self.gate_values(mask_prior_logits.to(visual.dtype))  # (N, h*w, 1)
-        weighted_values = selected * routing_weights.unsqueeze(-1).to(selected.dtype)
-
-        if self.direction == "visual_to_text":
-            query = self._split_heads(self.q_proj(self.query_norm(visual)))  # (N, H, hw, d)
-            key = self._split_heads(self.k_proj(selected))  # (N, H, K, d)
-            value = self._split_heads(self.v_proj(weighted_values))
-            logits = query @ key.transpose(-1, -2) / math.sqrt(self.head_dim)  # (N, H, hw, K)
-            logits = logits.masked_fill(~selected_mask[:, None, None, :], float("-inf"))
-            probs = logits.softmax(dim=-1)
-            if self.gate == "attention":
-                probs = probs * gate.unsqueeze(1)
-            probs = self.attention_dropout(probs)
-            attended = self._merge_heads(probs @ value)  # (N, hw, D)
-        else:
-            query = self._split_heads(self.q_proj(self.query_norm(selected)))  # (N, H, K, d)
-            key = self._split_heads(self.k_proj(visual))  # (N, H, hw, d)
-            value = self._split_heads(self.v_proj(visual))
-            logits = query @ key.transpose(-1, -2) / math.sqrt(self.head_dim)  # (N, H, K, hw)
-            probs = logits.softmax(dim=-1)
-            if self.gate == "attention":
-                probs = probs * gate.transpose(1, 2).unsqueeze(1)
-                probs = probs / probs.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
-            probs = probs * selected_mask[:, None, :, None]
-            probs = self.attention_dropout(probs)
-            token_features = (probs @ value) * routing_weights[:, None, :, None].to(value.dtype)  # (N, H, K, d)
-            # each image position receives the tokens' features in proportion to the attention it got from them
-            received = probs.transpose(-1, -2)  # (N, H, hw, K)
-            received = received / received.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(received.dtype).tiny)
-            attended = self._merge_heads(received @ token_features)
+        attended, probs = self.attend(visual, routed, gate)
         update = self.out_proj(attended)
-        if self.gate == "output":
+        if not self.gate_on_attention:
             update = update * gate
         refined = visual + self.residual_scale().to(visual.dtype) * update
         refined = refined.transpose(1, 2).reshape(num_objects, embed_dim, height, width)
         return CrossModalAttentionOutput(
             image_embeddings=refined,
-            router_scores=scores,
-            selected_token_indices=selected_indices,
-            selected_token_mask=selected_mask,
+            router_scores=routed.scores,
+            selected_token_indices=routed.indices,
+            selected_token_mask=routed.token_mask,
             attention_probs=probs,
         )
 
 
-class ConvMaskPriorHead(nn.Module):
-    """The paper's mask prior: two 1×1 convolutions over SAM2's image embedding concatenated with the object's
-    ``[SEG]`` embedding broadcast to every position.
+class VisualToTextAttention(MaskGuidedCrossModalAttention):
+    """CMA with image positions as queries and the routed tokens as keys and values (the research code's variant).
 
-    Input `(num_objects, embed_dim, h, w)` and `(num_objects, embed_dim)`; output prior logits `(num_objects, 1, h, w)`.
+    The attention runs through transformers' attention functions: `eager_attention_forward` under
+    `attn_implementation="eager"`, `ALL_ATTENTION_FUNCTIONS["sdpa"]` otherwise (flash and flex kernels take no
+    broadcast key mask, so the CMA uses SDPA under them, as SAM2 does for its biased attention). The attention
+    gate scales each query position's output by its gate value, which equals scaling its row of probabilities.
     """
 
-    def __init__(self, embed_dim: int = 256):
-        super().__init__()
-        self.conv1 = nn.Conv2d(2 * embed_dim, embed_dim, kernel_size=1)
-        self.activation = nn.ReLU()
-        self.conv2 = nn.Conv2d(embed_dim, 1, kernel_size=1)
+    def attention_function(self):
+        implementation = self.config._attn_implementation or "eager"  # standalone module: the reference
+        if implementation == "eager":
+            return eager_attention_forward
+        if implementation != "sdpa":
+            logger.warning_once(f"the CMA uses SDPA under attn_implementation={implementation!r} (it takes a key mask)")
+        return ALL_ATTENTION_FUNCTIONS["sdpa"]
 
-    def forward(self, image_embeddings: torch.Tensor, seg_embeds: torch.Tensor) -> torch.Tensor:
-        height, width = image_embeddings.shape[-2:]
-        seg_map = seg_embeds[:, :, None, None].expand(-1, -1, height, width)
-        hidden = self.activation(self.conv1(torch.cat([image_embeddings, seg_map.to(image_embeddings.dtype)], dim=1)))
-        return self.conv2(hidden)
+    def attend(
+        self, visual: torch.Tensor, routed: RoutedTokens, gate: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        num_objects, num_positions, _ = visual.shape
+        weighted = routed.tokens * routed.routing_weights.unsqueeze(-1).to(routed.tokens.dtype)
+        query = self._split_heads(self.q_proj(self.query_norm(visual)))  # (N, H, hw, d)
+        key = self._split_heads(self.k_proj(routed.tokens))  # (N, H, K, d)
+        value = self._split_heads(self.v_proj(weighted))
+        attended, probs = self.attention_function()(
+            self,
+            query,
+            key,
+            value,
+            attention_mask=routed.token_mask[:, None, None, :],
+            scaling=self.scaling,
+            dropout=self.attention_dropout,
+        )
+        attended = attended.reshape(num_objects, num_positions, self.embed_dim)
+        if self.gate_on_attention:
+            attended = attended * gate
+        return attended, probs
+
+
+class TextToVisualAttention(MaskGuidedCrossModalAttention):
+    """CMA with the routed tokens as queries and image positions as keys and values (the paper's variant). The
+    attended token features return to the image through the same attention map: each position receives the
+    tokens' features in proportion to the attention it got from each token.
+
+    Returning the features reads the attention probabilities, which fused kernels do not expose, so this direction
+    always uses `eager_attention_forward`. The attention gate adds ``log gate`` to the logits over image positions,
+    which re-weights the probabilities by the gate and renormalises them.
+    """
+
+    def attend(
+        self, visual: torch.Tensor, routed: RoutedTokens, gate: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        num_objects, num_positions, _ = visual.shape
+        query = self._split_heads(self.q_proj(self.query_norm(routed.tokens)))  # (N, H, K, d)
+        key = self._split_heads(self.k_proj(visual))  # (N, H, hw, d)
+        value = self._split_heads(self.v_proj(visual))
+        bias = None
+        if self.gate_on_attention:
+            bias = gate.clamp_min(torch.finfo(gate.dtype).tiny).log().transpose(1, 2).unsqueeze(1)  # (N, 1, 1, hw)
+        token_features, probs = eager_attention_forward(
+            self, query, key, value, attention_mask=bias, scaling=self.scaling, dropout=self.attention_dropout
+        )
+        probs = probs * routed.token_mask[:, None, :, None]  # padding slots attend nowhere
+        token_features = token_features.transpose(1, 2) * routed.routing_weights[:, None, :, None].to(value.dtype)
+        received = probs.transpose(-1, -2)  # (N, H, hw, K)
+        received = received / received.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(received.dtype).tiny)
+        attended = (received @ token_features).transpose(1, 2).reshape(num_objects, num_positions, self.embed_dim)
+        return attended, probs
+
+
+CROSS_MODAL_ATTENTION_CLASSES = {"visual_to_text": VisualToTextAttention, "text_to_visual": TextToVisualAttention}
+
+
+def resolve_cross_modal_attention(config: MaskCMAConfig) -> MaskGuidedCrossModalAttention:
+    """The CMA of a model: the class of `config.cma_config.direction`, at SAM2's width, with `cma_topk_tokens`."""
+    attention_class = CROSS_MODAL_ATTENTION_CLASSES[config.cma_config.direction]
+    return attention_class(config.cma_config, embed_dim=config.seg_embed_dim, top_k=config.cma_topk_tokens)

@@ -1,4 +1,5 @@
-"""Configuration of the MaskCMA referring-segmentation model.
+"""Configuration of the MaskCMA referring-segmentation model: [`MaskCMAConfig`] and its CMA sub-configuration
+[`MaskCMAAttentionConfig`].
 
 This file is copied flat into Hub repositories as remote code: it imports only ``transformers`` (and the standard
 library), never the ``transformers_maskcma`` package.
@@ -6,15 +7,78 @@ library), never the ``transformers_maskcma`` package.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal, get_args
 
 from transformers import AutoConfig, PreTrainedConfig, Sam2VideoConfig
 from transformers.configuration_utils import SubConfigSpec
 
-MASK_SOURCES = ("pred", "conv", "gt")
-CMA_DIRECTIONS = ("visual_to_text", "text_to_visual")
-CMA_GATES = ("output", "attention")
-CMA_WARMUP_TARGETS = ("residual", "mask")
+MaskSource = Literal["pred", "conv", "gt"]
+CmaDirection = Literal["visual_to_text", "text_to_visual"]
+CmaGate = Literal["output", "attention"]
+CmaWarmupTarget = Literal["residual", "mask"]
+
+# flat fields of configs saved before `cma_config` existed → their field in `MaskCMAAttentionConfig`
+LEGACY_CMA_FIELDS = {
+    "cma_direction": "direction",
+    "cma_gate": "gate",
+    "cma_warmup_target": "warmup_target",
+    "cma_num_heads": "num_heads",
+    "cma_dropout": "dropout",
+}
+
+
+def check_choice(config: PreTrainedConfig, field: str, choices: object) -> None:
+    """Raise a `ValueError` naming the field, its value and the allowed values when `config.<field>` is not one of
+    the values of the `Literal` type `choices`."""
+    value = getattr(config, field)
+    allowed = list(get_args(choices))
+    if value not in allowed:
+        raise ValueError(f"{type(config).__name__}.{field}={value!r} is not valid; allowed values are {allowed}")
+
+
+class MaskCMAAttentionConfig(PreTrainedConfig):
+    r"""
+    Configuration of the Mask-guided Cross-Modal Attention ([`VisualToTextAttention`] or [`TextToVisualAttention`]),
+    the `cma_config` of [`MaskCMAConfig`]. The attention runs at SAM2's embedding width (256); how many text tokens
+    it sees (`cma_topk_tokens`) and where its gate comes from (`mask_source`) are fields of `MaskCMAConfig`.
+
+    Args:
+        direction (`str`, *optional*, defaults to `"visual_to_text"`):
+            `"visual_to_text"`: queries are image positions, keys/values the routed text tokens (code).
+            `"text_to_visual"`: queries are the routed text tokens, keys/values image positions; the attended
+            tokens return to the image through the same attention map (paper).
+        gate (`str`, *optional*, defaults to `"output"`):
+            `"output"`: the projected attention output is multiplied by ``sigmoid(G)`` (code). `"attention"`: the
+            attention is re-weighted by ``sigmoid(G)`` (paper): per query position when the queries are visual,
+            renormalised over image positions when the keys are visual.
+        warmup_target (`str`, *optional*, defaults to `"residual"`):
+            `"residual"`: the residual scale γ is multiplied by a warm-up factor going 0 → 1 (code). `"mask"`: the
+            gate is warmed up instead, ``gate = 1 + ω (sigmoid(G) − 1)`` with ω going 0 → 1 (paper).
+        num_heads (`int`, *optional*, defaults to 8):
+            Attention heads; must divide SAM2's embedding width (256).
+        dropout (`float`, *optional*, defaults to 0.0):
+            Dropout on the attention probabilities during training.
+    """
+
+    model_type: ClassVar[str] = "maskcma_attention"
+    base_config_key: ClassVar[str] = "cma_config"
+
+    direction: CmaDirection = "visual_to_text"
+    gate: CmaGate = "output"
+    warmup_target: CmaWarmupTarget = "residual"
+    num_heads: int = 8
+    dropout: float = 0.0
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        check_choice(self, "direction", CmaDirection)
+        check_choice(self, "gate", CmaGate)
+        check_choice(self, "warmup_target", CmaWarmupTarget)
+        heads = self.num_heads
+        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+            raise ValueError(f"MaskCMAAttentionConfig.num_heads={heads!r} is not valid; use an integer >= 1")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"MaskCMAAttentionConfig.dropout={self.dropout!r} is not valid; it must lie in [0, 1)")
 
 
 class MaskCMAConfig(PreTrainedConfig):
@@ -23,8 +87,8 @@ class MaskCMAConfig(PreTrainedConfig):
     ``[SEG]`` into a mask, and a Mask-guided Cross-Modal Attention (CMA) module between SAM2's image embedding and
     the prompt's text tokens.
 
-    The defaults reproduce the behaviour of the original research code; the research paper's variants are values
-    of the switches below, so that every ablation is a config change.
+    The defaults are the research code's variant; the research paper's variants are values of the switches below
+    (see docs/cma_ablation.md), so that every ablation is a config change.
 
     Args:
         vlm_config (`dict` or `PreTrainedConfig`, *optional*):
@@ -38,27 +102,19 @@ class MaskCMAConfig(PreTrainedConfig):
         use_cma (`bool`, *optional*, defaults to `True`):
             `False` gives the plain Sa2VA path: one decoder pass, no mask prior, no CMA.
         mask_source (`str`, *optional*, defaults to `"pred"`):
-            Where the mask prior G comes from. `"pred"`: a first SAM2 decoder pass (code). `"conv"`: two 1×1
-            convolutions over the SAM2 image embedding conditioned on the ``[SEG]`` embedding (paper). `"gt"`:
-            the ground-truth mask during training; at inference, where no ground truth exists, `"pred"` is used.
-        cma_direction (`str`, *optional*, defaults to `"visual_to_text"`):
-            `"visual_to_text"`: queries are image positions, keys/values the routed text tokens (code).
-            `"text_to_visual"`: queries are the routed text tokens, keys/values image positions; the attended
-            tokens are scattered back to the image through the same attention map (paper).
+            Where the mask prior G comes from (a [`MaskPrior`] strategy). `"pred"`: a first SAM2 decoder pass (code).
+            `"conv"`: two 1×1 convolutions over the SAM2 image embedding conditioned on the ``[SEG]`` embedding
+            (paper). `"gt"`: the ground-truth mask during training; at inference, where no ground truth exists,
+            `"pred"` is used. On video frames produced by SAM2 propagation the prior is the previous frame's mask,
+            except with `"conv"`.
+        cma_config (`dict` or `MaskCMAAttentionConfig`, *optional*):
+            The CMA's variant and size: attention direction, gate position, warm-up target, heads, dropout. The flat
+            keys of configs saved before this field existed (`cma_direction`, `cma_gate`, `cma_warmup_target`,
+            `cma_num_heads`, `cma_dropout`) are still accepted and moved here.
         cma_topk_tokens (`int` or `None`, *optional*, defaults to 2):
             Number of text tokens the router keeps per object; `None` keeps all of them.
-        cma_gate (`str`, *optional*, defaults to `"output"`):
-            `"output"`: the attention output is multiplied by ``sigmoid(G)`` (code). `"attention"`: the attention
-            probabilities are re-weighted by ``sigmoid(G)`` (paper).
-        cma_warmup_target (`str`, *optional*, defaults to `"residual"`):
-            `"residual"`: the residual scale γ is multiplied by a warm-up factor going 0 → 1 (code). `"mask"`: the
-            gate is warmed up instead, ``gate = 1 + ω (sigmoid(G) − 1)`` with ω going 0 → 1 (paper).
         warmup_ratio (`float`, *optional*, defaults to 0.1):
             Fraction of the training steps over which the warm-up factor goes from 0 to 1.
-        cma_num_heads (`int`, *optional*, defaults to 8):
-            Attention heads of the CMA; must divide SAM2's embedding width (256).
-        cma_dropout (`float`, *optional*, defaults to 0.0):
-            Dropout on the CMA attention probabilities.
         cma_on_propagation (`bool`, *optional*, defaults to `True`):
             Also apply the CMA on video frames produced by SAM2 memory propagation, with the previous frame's mask
             as prior.
@@ -68,7 +124,7 @@ class MaskCMAConfig(PreTrainedConfig):
             Temperature τ of the contrastive loss.
         prior_loss_weight (`float`, *optional*, defaults to 0.0):
             Weight of the BCE + Dice loss on the mask prior (pass 1 or the conv head). 0 trains the prior only
-            through the final mask, as the research code did.
+            through the final mask.
         bce_loss_weight (`float`, *optional*, defaults to 2.0):
             Weight of the per-pixel binary cross-entropy on the 256×256 (low-resolution) mask logits.
         dice_loss_weight (`float`, *optional*, defaults to 0.5):
@@ -88,9 +144,10 @@ class MaskCMAConfig(PreTrainedConfig):
     Example:
 
     ```python
-    >>> from transformers_maskcma import MaskCMAConfig, MaskCMAModel
-    >>> config = MaskCMAConfig.tiny()
-    >>> model = MaskCMAModel(config)
+    >>> from transformers_maskcma import MaskCMAConfig
+    >>> config = MaskCMAConfig(mask_source="conv", cma_config={"direction": "text_to_visual", "gate": "attention"})
+    >>> config.cma_config.direction
+    'text_to_visual'
     ```
     """
 
@@ -98,20 +155,17 @@ class MaskCMAConfig(PreTrainedConfig):
     sub_configs_defaults: ClassVar[dict] = {
         "vlm_config": SubConfigSpec(config_class=AutoConfig, model_type="internvl"),
         "sam2_config": Sam2VideoConfig,
+        "cma_config": MaskCMAAttentionConfig,
     }
 
     vlm_config: dict | PreTrainedConfig | None = None
     sam2_config: dict | PreTrainedConfig | None = None
     seg_token_id: int | None = None
     use_cma: bool = True
-    mask_source: str = "pred"
-    cma_direction: str = "visual_to_text"
+    mask_source: MaskSource = "pred"
+    cma_config: dict | PreTrainedConfig | None = None
     cma_topk_tokens: int | None = 2
-    cma_gate: str = "output"
-    cma_warmup_target: str = "residual"
     warmup_ratio: float = 0.1
-    cma_num_heads: int = 8
-    cma_dropout: float = 0.0
     cma_on_propagation: bool = True
     tmc_weight: float = 0.1
     tmc_temperature: float = 0.15
@@ -124,21 +178,21 @@ class MaskCMAConfig(PreTrainedConfig):
     freeze_vision_tower: bool = True
 
     def __post_init__(self, **kwargs):
+        legacy = {old: kwargs.pop(old) for old in LEGACY_CMA_FIELDS if old in kwargs}
+        if legacy:
+            if self.cma_config is not None:
+                raise ValueError(
+                    f"MaskCMAConfig got both cma_config and the flat fields {sorted(legacy)}; pass the CMA settings "
+                    f"once, inside cma_config (as {sorted(LEGACY_CMA_FIELDS[old] for old in legacy)})"
+                )
+            self.cma_config = {LEGACY_CMA_FIELDS[old]: value for old, value in legacy.items()}
         super().__post_init__(**kwargs)
         self._validate_switches()
 
     # -- validation -------------------------------------------------------------------------------------------
 
     def _validate_switches(self) -> None:
-        def check_choice(field: str, allowed: tuple[str, ...]) -> None:
-            value = getattr(self, field)
-            if value not in allowed:
-                raise ValueError(f"MaskCMAConfig.{field}={value!r} is not valid; allowed values are {list(allowed)}")
-
-        check_choice("mask_source", MASK_SOURCES)
-        check_choice("cma_direction", CMA_DIRECTIONS)
-        check_choice("cma_gate", CMA_GATES)
-        check_choice("cma_warmup_target", CMA_WARMUP_TARGETS)
+        check_choice(self, "mask_source", MaskSource)
 
         topk = self.cma_topk_tokens
         if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
@@ -154,15 +208,13 @@ class MaskCMAConfig(PreTrainedConfig):
         if not 0.0 <= float(self.warmup_ratio) <= 1.0:
             raise ValueError(f"MaskCMAConfig.warmup_ratio={self.warmup_ratio!r} is not valid; it must lie in [0, 1]")
         embed_dim = self.seg_embed_dim
-        heads = self.cma_num_heads
-        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or embed_dim % heads != 0:
+        heads = self.cma_config.num_heads
+        if embed_dim % heads != 0:
             divisors = [d for d in range(1, embed_dim + 1) if embed_dim % d == 0]
             raise ValueError(
-                f"MaskCMAConfig.cma_num_heads={heads!r} is not valid; it must divide SAM2's embedding width "
+                f"MaskCMAAttentionConfig.num_heads={heads!r} is not valid; it must divide SAM2's embedding width "
                 f"{embed_dim}, e.g. one of {divisors}"
             )
-        if not 0.0 <= float(self.cma_dropout) < 1.0:
-            raise ValueError(f"MaskCMAConfig.cma_dropout={self.cma_dropout!r} is not valid; it must lie in [0, 1)")
         if float(self.tmc_temperature) <= 0.0:
             raise ValueError(
                 f"MaskCMAConfig.tmc_temperature={self.tmc_temperature!r} is not valid; it must be > 0"
@@ -189,14 +241,5 @@ class MaskCMAConfig(PreTrainedConfig):
         """Vocabulary id of the VLM's image placeholder token."""
         return int(getattr(self.vlm_config, "image_token_id", getattr(self.vlm_config, "image_token_index", -1)))
 
-    @classmethod
-    def tiny(cls, **overrides) -> MaskCMAConfig:
-        """A small random-weight configuration for tests and the demo (see `modeling.tiny`)."""
-        from .tiny_configs import tiny_sam2_config, tiny_vlm_config
 
-        fields = {"vlm_config": tiny_vlm_config(), "sam2_config": tiny_sam2_config()}
-        fields.update(overrides)
-        return cls(**fields)
-
-
-__all__ = ["MaskCMAConfig"]
+__all__ = ["MaskCMAAttentionConfig", "MaskCMAConfig"]

@@ -22,9 +22,10 @@ from transformers import (
 from transformers import initialization as init
 from transformers.utils import ModelOutput, cached_file, logging
 
-from .cma import ConvMaskPriorHead, MaskGuidedCrossModalAttention
+from .cma import MaskGuidedCrossModalAttention, resolve_cross_modal_attention
 from .configuration_maskcma import MaskCMAConfig
 from .mask_decoding import SamFrameFeatures, dice_loss, sigmoid_bce_loss, upsample_mask_logits
+from .mask_prior import ConvMaskPriorHead, resolve_mask_prior, resolve_propagation_mask_prior
 from .target_mapping import SegTargets, build_seg_targets
 
 logger = logging.get_logger(__name__)
@@ -122,7 +123,7 @@ class MaskCMAPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _no_split_modules = ["MaskGuidedCrossModalAttention"]
+    _no_split_modules = ["VisualToTextAttention", "TextToVisualAttention"]
     # Trainer must not divide our loss by the number of items in the batch: the loss is already a mean
     accepts_loss_kwargs = False
 
@@ -147,9 +148,12 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
     Holds:
     - `vlm`: the image-text-to-text model (`AutoModelForImageTextToText`, InternVL by default);
     - `sam2`: transformers' native `Sam2VideoModel` (image encoder, prompt encoder, mask decoder, memory);
-    - `seg_proj`: `Linear(H, H) → ReLU → Linear(H, 256) → Dropout(0)` on the ``[SEG]`` hidden state;
+    - `seg_proj`: `Linear(H, H) → ReLU → Linear(H, 256)` on the ``[SEG]`` hidden state;
     - `text_proj`: `Linear(H, 256)` on the prompt's text-token hidden states (the CMA's keys);
-    - `cma`: [`MaskGuidedCrossModalAttention`]; `prior_head`: [`ConvMaskPriorHead`] when `mask_source="conv"`.
+    - `cma`: [`VisualToTextAttention`] or [`TextToVisualAttention`] (`cma_config.direction`); `prior_head`:
+      [`ConvMaskPriorHead`] when `mask_source="conv"`;
+    - `mask_prior` / `propagation_mask_prior`: the [`MaskPrior`] strategies for images and key frames / for frames
+      produced by SAM2 propagation (plain attributes, no weights of their own).
 
     Decoding one target (``[SEG]`` ``s`` on a frame with SAM2 embedding ``F``):
     pass 1 `decoder(F, [no-point pad, s])` → prior ``G``; `F' = cma(F, T ∪ {s}, G)`; pass 2 `decoder(F', …)`.
@@ -162,20 +166,13 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
         self.sam2 = Sam2VideoModel(config.sam2_config)
         hidden_size = config.text_hidden_size
         embed_dim = config.seg_embed_dim
-        self.seg_proj = nn.Sequential(
-            nn.Linear(hidden_size, hidden_size), nn.ReLU(), nn.Linear(hidden_size, embed_dim), nn.Dropout(0.0)
-        )
+        # checkpoints saved with a trailing `Dropout(0.0)` load unchanged: it held no weights
+        self.seg_proj = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.ReLU(), nn.Linear(hidden_size, embed_dim))
         self.text_proj = nn.Linear(hidden_size, embed_dim)
-        self.cma = MaskGuidedCrossModalAttention(
-            embed_dim=embed_dim,
-            num_heads=config.cma_num_heads,
-            direction=config.cma_direction,
-            gate=config.cma_gate,
-            warmup_target=config.cma_warmup_target,
-            top_k=config.cma_topk_tokens,
-            dropout=config.cma_dropout,
-        )
+        self.cma = resolve_cross_modal_attention(config)
         self.prior_head = ConvMaskPriorHead(embed_dim) if config.mask_source == "conv" else None
+        self.mask_prior = resolve_mask_prior(config, self._decoder_pass, self._conv_prior_logits)
+        self.propagation_mask_prior = resolve_propagation_mask_prior(config, self._conv_prior_logits)
         self.tokenizer = None
         self.post_init()
         self.apply_default_freezing()
@@ -253,6 +250,10 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
         image_embeddings = feature_maps[-1] + no_memory
         return SamFrameFeatures(image_embeddings=image_embeddings, high_res_features=[high_res_s0, high_res_s1])
 
+    def _conv_prior_logits(self, image_embeddings: torch.Tensor, seg_embeds: torch.Tensor) -> torch.Tensor:
+        """`prior_head(image_embeddings, seg_embeds)`, looked up at each call (peft may wrap the head)."""
+        return self.prior_head(image_embeddings, seg_embeds)
+
     # -- one decoder pass -------------------------------------------------------------------------------------
 
     def _decoder_pass(
@@ -323,25 +324,12 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
             mask_logits, iou_scores = self._decoder_pass(image_embeddings, high_res, seg_embeds)
             return {"mask_logits": mask_logits, "iou_scores": iou_scores, "prior_logits": None}
 
-        embed_size = image_embeddings.shape[-2:]
-        mask_source = self.config.mask_source
-        if mask_source == "gt" and not (self.training and gt_prior_masks is not None):
-            mask_source = "pred"  # documented fallback: no ground truth at inference
-        prior_logits = None
-        if mask_source == "pred":
-            prior_logits, _ = self._decoder_pass(image_embeddings, high_res, seg_embeds)
-            prior_at_embedding = F.interpolate(prior_logits, size=embed_size, mode="bilinear", antialias=True)
-        elif mask_source == "conv":
-            prior_at_embedding = self.prior_head(image_embeddings, seg_embeds)
-            low_res_size = high_res[0].shape[-2:]
-            prior_logits = F.interpolate(prior_at_embedding, size=low_res_size, mode="bilinear")
-        else:
-            fraction = F.interpolate(gt_prior_masks[:, None].float(), size=embed_size, mode="area")
-            prior_at_embedding = torch.logit(fraction.clamp(1e-6, 1 - 1e-6)).to(image_embeddings.dtype)
-
-        cma_output = self.cma(image_embeddings, text_tokens, text_token_mask, seg_embeds, prior_at_embedding)
+        prior = self.mask_prior(  # the ground truth is a prior in training only
+            image_embeddings, seg_embeds, high_res_features=high_res, gt_masks=gt_prior_masks if self.training else None
+        )
+        cma_output = self.cma(image_embeddings, text_tokens, text_token_mask, seg_embeds, prior.embedding_logits)
         mask_logits, iou_scores = self._decoder_pass(cma_output.image_embeddings, high_res, seg_embeds)
-        return {"mask_logits": mask_logits, "iou_scores": iou_scores, "prior_logits": prior_logits}
+        return {"mask_logits": mask_logits, "iou_scores": iou_scores, "prior_logits": prior.mask_logits}
 
     # -- language side -----------------------------------------------------------------------------------------
 
@@ -736,7 +724,7 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """Load a saved MaskCMA model strictly: any missing or unexpected weight raises a `ValueError` that names
-        the keys (the research code's export silently dropped the CMA weights). The tokenizer saved beside the
+        the keys (see docs/design_notes.md, "Strict loading"). The tokenizer saved beside the
         weights, when present, is attached so that `segment()` returns decoded answers."""
         wants_info = kwargs.pop("output_loading_info", False)
         model, loading_info = super().from_pretrained(

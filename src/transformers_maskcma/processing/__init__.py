@@ -17,7 +17,6 @@ from .registration import (
     save_model_folder,
     save_pipeline_code,
 )
-from .tiny_processor import build_tiny_processor
 from .training_features import default_answer
 from .video_io import (
     FolderFrameSource,
@@ -43,7 +42,6 @@ __all__ = [
     "ReferringSegmentationPipeline",
     "Sam2FrameSource",
     "add_pipeline_to_config",
-    "build_tiny_processor",
     "custom_pipeline_entry",
     "default_answer",
     "load_image",

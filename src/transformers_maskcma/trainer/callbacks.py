@@ -74,7 +74,7 @@ def set_warmup_factor(model: nn.Module, factor: float) -> None:
 class GammaWarmupCallback(TrainerCallback):
     """Ramps the CMA warm-up factor from 0 to 1 over the first `warmup_ratio` of the training steps.
 
-    With ``cma_warmup_target="residual"`` (default) the factor multiplies the residual scale γ; with ``"mask"`` it
+    With ``cma_config.warmup_target="residual"`` (default) the factor scales the residual scale γ; with ``"mask"`` it
     is ω in ``gate = 1 + ω (sigmoid(G) − 1)`` — the model applies it to the right place. The factor is a function of
     ``state.global_step`` and ``state.max_steps`` only, so resuming from a checkpoint restores it exactly. It is set
     at the start of training and before every optimizer step (for all micro-batches of that step), and reset to 1

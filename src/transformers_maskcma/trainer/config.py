@@ -33,7 +33,7 @@ Relative paths: every relative path written in this file (`model.path`, `model.p
 YAML file, whatever the working directory; a path given on the command line (``--output-dir``) is relative to the
 working directory. A mix file's own paths are relative to the mix file's folder.
 
-Unset training fields take the recipe of DESIGN.md §1 (`RECIPE_DEFAULTS`): AdamW, lr 4e-5, weight decay 0.05,
+Unset training fields take the research recipe (`RECIPE_DEFAULTS`): AdamW, lr 4e-5, weight decay 0.05,
 gradient clipping 1.0, cosine schedule with 5 % warm-up, one epoch, bf16 where a GPU supports it (off on CPU).
 Every field is checked: an unknown name or a value of the wrong type raises `TrainConfigError` naming the field
 (``training.learning_rate``) and what is expected.
@@ -59,7 +59,7 @@ from ..modeling import MaskCMAConfig
 from ..processing.training_features import GT_MASK_RESIZES
 from ..processing.video_io import KEY_FRAME_SAMPLINGS
 
-#: Training settings of the recipe (DESIGN.md §1) used for every field the YAML leaves out.
+#: Training settings of the recipe (docs/training.md) used for every field the YAML leaves out.
 RECIPE_DEFAULTS: dict[str, Any] = {
     "learning_rate": 4e-5,
     "weight_decay": 0.05,

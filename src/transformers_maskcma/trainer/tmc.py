@@ -1,4 +1,4 @@
-"""The symmetric text–mask contrastive (TMC) loss of DESIGN.md §3.
+"""The symmetric text–mask contrastive (TMC) loss (docs/training.md, "The symmetric TMC loss").
 
 For every ``[SEG]`` token of a batch whose object is visible in at least one of its targets:
 

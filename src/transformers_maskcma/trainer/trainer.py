@@ -1,6 +1,6 @@
 """`MaskCMATrainer`: the `transformers.Trainer` for MaskCMA.
 
-The training objective is the model's loss plus the weighted symmetric TMC loss of DESIGN.md §3::
+The training objective is the model's loss plus the weighted symmetric TMC loss (docs/training.md)::
 
     loss = lm + w_bce·bce + w_dice·dice + w_prior·prior + tmc_weight · tmc
 

@@ -1,4 +1,4 @@
-"""The official referring segmentation metrics in numpy (DESIGN.md §6), and the same metrics as local
+"""The official referring segmentation metrics in numpy (docs/evaluation.md), and the same metrics as local
 `evaluate` modules.
 
 - images: :func:`image_referring_metrics` (gIoU, cIoU);

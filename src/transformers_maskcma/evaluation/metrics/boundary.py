@@ -1,6 +1,6 @@
 """Boundary F-measure (the contour accuracy ``F`` of DAVIS / MeViS / ReVOS), in numpy.
 
-Definitions (DESIGN.md §6, as the official evaluators compute them):
+Definitions (docs/evaluation.md, as the official evaluators compute them):
 
 **Boundary map (BSDS ``seg2bmap`` rule, mask and map of the same size).** For a binary mask ``m`` of shape
 ``(H, W)``, pixel ``(y, x)`` is a boundary pixel when its value differs from a neighbour *towards the bottom

@@ -7,7 +7,7 @@ union of the predicted masks and the union of the ground-truth masks:
   (both masks empty: a correct "no object" answer);
 - ``cIoU = sum_i I_i / (sum_i U_i + 1e-10)`` (cumulative IoU; ``0`` when every union is empty).
 
-A missing prediction is an empty mask; several masks of one answer are OR-ed (DESIGN.md §6). Values are
+A missing prediction is an empty mask; several masks of one answer are OR-ed (docs/evaluation.md). Values are
 fractions in ``[0, 1]``; the published tables show them ×100.
 """
 

@@ -1,6 +1,6 @@
 """Turning the many shapes a prediction or a ground truth can take into one boolean mask per frame.
 
-An answer can hold several masks (one per ``[SEG]``); every metric of DESIGN.md §6 scores their union, and a
+An answer can hold several masks (one per ``[SEG]``); every metric (docs/evaluation.md) scores their union, and a
 missing prediction counts as an empty mask. The helpers here apply those two rules in one place.
 """
 
