@@ -35,11 +35,17 @@ from transformers_maskcma.hub_cards.convert_sa2va import (
     convert_sa2va_checkpoint,
 )
 from transformers_maskcma.hub_cards.convert_sam2 import SAM2_SIZE_PRESETS, sam2_key_rules
-from transformers_maskcma.modeling import MaskCMAConfig, MaskCMAModel
+from transformers_maskcma.modeling import MaskCMAModel
 from transformers_maskcma.modeling.video_segmentation import forced_answer_generate_kwargs
 from transformers_maskcma.processing.processing_maskcma import DEFAULT_CHAT_TEMPLATE
 from transformers_maskcma.processing.samples import draw_sample_shapes
-from transformers_maskcma.tiny import TINY_IMAGE_SEQ_LENGTH, build_tiny_model, build_tiny_processor, tiny_vlm_config
+from transformers_maskcma.tiny import (
+    TINY_IMAGE_SEQ_LENGTH,
+    build_tiny_model,
+    build_tiny_processor,
+    tiny_config,
+    tiny_vlm_config,
+)
 
 from sa2va_reference import (
     gradient_image,
@@ -542,11 +548,11 @@ def test_converted_video_masks_follow_sa2va_chain_on_every_frame(converted, sa2v
 
 
 def test_mask_intermediate_size_is_validated():
-    assert MaskCMAConfig.tiny().mask_intermediate_size is None  # our models: one upsampling step
-    assert MaskCMAConfig.tiny(mask_intermediate_size=1024).mask_intermediate_size == 1024
+    assert tiny_config().mask_intermediate_size is None  # our models: one upsampling step
+    assert tiny_config(mask_intermediate_size=1024).mask_intermediate_size == 1024
     for bad in (0, -3, 2.5, True, "1024"):
         with pytest.raises(ValueError, match=r"mask_intermediate_size=.* is not valid; use a positive integer"):
-            MaskCMAConfig.tiny(mask_intermediate_size=bad)
+            tiny_config(mask_intermediate_size=bad)
 
 
 def test_convert_never_asks_to_run_remote_code(sa2va_dir, sam2_config_file, tmp_path, capsys):
