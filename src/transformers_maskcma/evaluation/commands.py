@@ -160,7 +160,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from .fingerprint import default_predictions_dir, evaluation_fingerprint
     from .predictions import write_submission_zip
     from .records import dataset_has_ground_truth
-    from .runner import evaluate_dataset, score_predictions
+    from .runner import claim_predictions_folder, evaluate_dataset, score_predictions
 
     if args.model is None and args.predictions is None:
         print("maskcma evaluate: error: give --predictions DIR (to score) or --model FOLDER (to run)", file=sys.stderr)
@@ -176,10 +176,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                 args.model, dataset=args.dataset, split=args.split, data_root=args.data_root, generation=generation
             )
             # refuse a folder of another run before loading data or model
-            RunFolder.claim(
-                predictions_dir, command="evaluate", fingerprint=fingerprint, resume=not args.overwrite,
-                overwrite=args.overwrite,
-            )
+            claim_predictions_folder(predictions_dir, fingerprint, overwrite=args.overwrite)
         else:
             predictions_dir = Path(args.predictions)
             fingerprint = RunFolder.read_fingerprint(predictions_dir) if predictions_dir.is_dir() else None
