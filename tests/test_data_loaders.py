@@ -502,3 +502,22 @@ def test_refs_pickle_that_is_not_a_pickle(tmp_path, cache):
         pickle.dump({"not": "a list"}, handle)
     with pytest.raises(DataFormatError, match="expected a pickled list of refs"):
         load_refcoco(tmp_path, split="val", cache_dir=cache)
+
+
+@pytest.mark.parametrize(
+    ("counts", "error"),
+    [
+        ([100, -4, 72], r"run 1 has the negative length -4"),  # pycocotools alone: OverflowError
+        ([10, 20], r"the run lengths sum to 30 but a 12x14 mask has 168 pixels"),  # would decode to nonsense
+        ("0M", r"run 1 has the negative length -3"),
+    ],
+)
+def test_custom_invalid_rle_names_file_and_line(tmp_path, cache, counts, error):
+    write_custom(tmp_path)
+    lines = (tmp_path / "train.jsonl").read_text().splitlines()
+    sample = json.loads(lines[0])
+    sample["masks"][1] = {"size": [12, 14], "counts": counts}
+    lines[0] = json.dumps(sample)
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataFormatError, match=r"train\.jsonl line 1 masks\[1\]: invalid RLE counts: " + error):
+        load_custom(tmp_path / "train.jsonl", cache_dir=cache)
