@@ -861,7 +861,12 @@ def test_cli_default_folder_names_the_model(tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in (tmp_path / "maskcma-eval").iterdir()) == [
         "model-a-mevis-valid_u", "model-b-mevis-valid_u"
     ]
-    assert "--skip-missing" not in capsys.readouterr().out
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--missing {error,zero,empty,drop}" in help_text and "--skip-missing" not in help_text
+    assert "--revos-ground-truth {official,union}" in help_text and "--overwrite" in help_text
 
 
 def test_processor_fingerprint_of_a_saved_folder(tmp_path):

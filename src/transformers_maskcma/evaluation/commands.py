@@ -188,7 +188,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
             generate_kwargs = {"max_new_tokens": args.max_new_tokens}
             if args.mask_threshold is not None:
                 generate_kwargs["mask_threshold"] = args.mask_threshold
-            predict_fn = model_predict_fn(args.model, device=args.device, dtype=args.dtype, generate_kwargs=generate_kwargs)
+            predict_fn = model_predict_fn(
+                args.model, device=args.device, dtype=args.dtype, generate_kwargs=generate_kwargs
+            )
             result = evaluate_dataset(
                 dataset,
                 predict_fn,

@@ -152,7 +152,9 @@ def check_evaluation_set(
     report.raise_if_problems()
 
 
-def claim_predictions_folder(output_dir: str | os.PathLike, fingerprint: dict | None, overwrite: bool = False) -> RunFolder:
+def claim_predictions_folder(
+    output_dir: str | os.PathLike, fingerprint: dict | None, overwrite: bool = False
+) -> RunFolder:
     """Claim ``output_dir`` for an evaluation run with ``fingerprint``: a folder of the same run is resumed; a
     folder of another run (another model, processor or generation settings, data) is refused with a
     `RunFolderError` naming every setting that differs and the ways out (``--overwrite`` or another folder); a
@@ -177,8 +179,6 @@ def claim_predictions_folder(output_dir: str | os.PathLike, fingerprint: dict | 
             f"output folder {output_dir} holds a {PREDICTIONS_FILENAME} that no recorded run wrote, so it cannot be "
             "told which model made it; move it away or choose another output folder"
         )
-    if PREDICTIONS_FILENAME not in folder.files:
-        folder.record(PREDICTIONS_FILENAME)
     return folder
 
 
@@ -235,6 +235,8 @@ def evaluate_dataset(
     sample_ids = _sample_ids(dataset)
     folder = claim_predictions_folder(output_dir, fingerprint, overwrite)
     check_evaluation_set(dataset, kind, show_progress)
+    if PREDICTIONS_FILENAME not in folder.files:
+        folder.record(PREDICTIONS_FILENAME)  # from here on the folder holds this run's predictions
     failures: dict[str, str] = {}
     with PredictionStore(output_dir, writable=True) as store:
         todo = [index for index, sample_id in enumerate(sample_ids) if sample_id not in store]
@@ -262,7 +264,9 @@ def evaluate_dataset(
                 )
                 failures[sample_id] = f"{type(error).__name__}: {error}"
                 continue
-            masks = prediction_to_frames(raw, len(record["frames"]), frame_size(record), record["media_type"], sample_id)
+            masks = prediction_to_frames(
+                raw, len(record["frames"]), frame_size(record), record["media_type"], sample_id
+            )
             store.add(sample_id, masks)
 
     fingerprint = {} if fingerprint is None else fingerprint
@@ -489,7 +493,9 @@ def score_predictions(
         "split": split,
         "sources": sorted(set(dataset["source"])),
         "fingerprint": fingerprint,
-        "counts": {"samples": len(sample_ids), "scored": n_scored, "excluded": len(excluded), "missing": len(missing_ids)},
+        "counts": {
+            "samples": len(sample_ids), "scored": n_scored, "excluded": len(excluded), "missing": len(missing_ids)
+        },
         "n_samples": len(sample_ids),
         "n_missing": len(missing_ids),
         "missing_sample_ids": missing_ids,
