@@ -345,9 +345,9 @@ def test_cli_writes_a_loadable_folder(tmp_path, capsys):
     )
 
     # a second run into the same folder is refused, a wrong size gives a clear message and exit code 1
-    assert cli_main(["convert", "sam2", str(checkpoint), "--output", str(output)]) == 1
+    assert cli_main(["convert", "sam2", str(checkpoint), "--output", str(output)]) == 2
     assert "not empty; pass --overwrite" in capsys.readouterr().err
-    assert cli_main(["convert", "sam2", str(checkpoint), "--output", str(tmp_path / "o2"), "--size", "small"]) == 1
+    assert cli_main(["convert", "sam2", str(checkpoint), "--output", str(tmp_path / "o2"), "--size", "small"]) == 2
     assert "look like size 'tiny'" in capsys.readouterr().err
 
 

@@ -1,4 +1,5 @@
-"""Two DDP processes (gloo, CPU) train exactly like one process accumulating the same micro-batches."""
+"""Two DDP processes (gloo, CPU) train exactly like one process accumulating the same micro-batches; with a wrong
+loss scaling (the Trainer's default: each micro-batch's own mean) they do not, so the comparison can fail."""
 
 from __future__ import annotations
 
@@ -27,7 +28,14 @@ WORKER = textwrap.dedent(
     from transformers_maskcma.trainer.data import ProcessedRecords
     from transformers_maskcma.trainer.trainer import MaskCMATrainer
 
-    def run(output_dir, accumulation):
+    class PlainMeanTrainer(MaskCMATrainer):
+        # the negative control: every micro-batch's own mean loss, averaged over micro-batches and processes (the
+        # Trainer's default normalisation), instead of the step's token and target counts
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=None)
+
+    def run(output_dir, accumulation, plain_mean=False):
         torch.set_num_threads(1)
         model, tokenizer = build_tiny_model(seed=0, warmup_ratio=0.5)
         processor = MaskCMAProcessor.from_model_config(model.config, tokenizer)
@@ -40,7 +48,8 @@ WORKER = textwrap.dedent(
             ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
             remove_unused_columns=False, disable_tqdm=True, seed=0, data_seed=0,
         )
-        trainer = MaskCMATrainer(model=model, args=args, train_dataset=dataset,
+        trainer_class = PlainMeanTrainer if plain_mean else MaskCMATrainer
+        trainer = trainer_class(model=model, args=args, train_dataset=dataset,
                                  data_collator=MaskCMADataCollator(processor), tmc_weight=0.1)
         trainer.train()
         if trainer.is_world_process_zero():
@@ -50,7 +59,7 @@ WORKER = textwrap.dedent(
                 json.dump(trainer.state.log_history, handle)
 
     if __name__ == "__main__":
-        run(sys.argv[1], int(sys.argv[2]))
+        run(sys.argv[1], int(sys.argv[2]), plain_mean=len(sys.argv) > 3 and sys.argv[3] == "plain_mean")
     """
 )
 
@@ -81,15 +90,20 @@ def test_two_process_ddp_equals_one_process_accumulation(tmp_path):
     script.write_text(WORKER)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     env.pop("RANK", None)
-    single, ddp = tmp_path / "single", tmp_path / "ddp"
-    single.mkdir()
-    ddp.mkdir()
+    single, ddp, plain = tmp_path / "single", tmp_path / "ddp", tmp_path / "plain_mean"
+    for folder in (single, ddp, plain):
+        folder.mkdir()
+
+    def torchrun(*args):
+        return [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script), *args,
+        ]  # fmt: skip
+
     for command in (
         [sys.executable, str(script), str(single), "2"],
-        [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script), str(ddp), "1",
-        ],
+        torchrun(str(ddp), "1"),
+        torchrun(str(plain), "1", "plain_mean"),
     ):
         returncode, stderr = _run(command, env)
         assert returncode == 0, stderr[-4000:]
@@ -111,3 +125,14 @@ def test_two_process_ddp_equals_one_process_accumulation(tmp_path):
     for one, two in zip(single_log, ddp_log):
         for key in ("loss", "lm_loss", "mask_bce", "mask_dice", "tmc_loss", "tmc_skipped_fraction", "cma_warmup_factor"):
             assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-7), key
+
+    # negative control: the same DDP run with the Trainer's default loss scaling lands elsewhere, far outside the
+    # tolerance above (the two processes' micro-batches hold different numbers of targets and answer tokens)
+    plain_params = torch.load(plain / "params.pt")
+    failing = []
+    for name, value in single_params.items():
+        try:
+            torch.testing.assert_close(plain_params[name], value, rtol=1e-4, atol=1e-6)
+        except AssertionError:
+            failing.append(name)
+    assert len(failing) > 10, failing

@@ -142,3 +142,39 @@ def test_bad_demo_data_settings_are_named():
         demo_data(replace(QUICK_SETTINGS, answer_style="grounded"))
     with pytest.raises(ValueError, match=r"two_object_fraction=1.5 must lie in \[0, 1\]"):
         demo_data(replace(QUICK_SETTINGS, two_object_fraction=1.5))
+
+
+# -- the save/reload check can fail ----------------------------------------------------------------------------------
+
+
+def test_round_trip_check_fails_without_masks_and_on_any_difference():
+    import numpy as np
+
+    from transformers_maskcma.demo import compare_round_trip
+
+    mask = np.zeros((4, 4), dtype=bool)
+    mask[1:3, 1:3] = True
+    forced = [np.stack([mask])]
+    other = mask.copy()
+    other[0, 0] = True
+
+    nothing = compare_round_trip([None, None], [None, None], [], [])
+    assert not nothing.identical and nothing.compared_masks == 0 and "no mask to compare" in nothing.message
+    assert compare_round_trip([mask, None], [mask, None], forced, forced).identical
+    assert compare_round_trip([mask, None], [mask, None], forced, forced).compared_masks == 2
+    assert compare_round_trip([None], [None], forced, forced).identical  # the forced answer's masks are compared
+    assert not compare_round_trip([mask], [other], forced, forced).identical
+    assert "generated no mask" in compare_round_trip([mask], [None], forced, forced).message
+    assert "ground-truth answer differ" in compare_round_trip([mask], [mask], forced, [np.stack([other])]).message
+
+
+def test_demo_output_folder_belongs_to_one_run(tmp_path, capsys):
+    from transformers_maskcma.run_folder import RunFolder
+
+    output = tmp_path / "demo"
+    RunFolder.claim(output, command="predict", fingerprint={"text": "x"}).record()
+    (output / "mask_0.png").write_bytes(b"0")
+    RunFolder.claim(output, command="predict", fingerprint={"text": "x"}, resume=True).record("mask_0.png")
+    assert main(["demo", "--quick", "--no-ablation", "--output", str(output)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and 'command: "predict" vs "demo"' in err and "--overwrite" in err

@@ -534,7 +534,7 @@ def test_cli_scores_saved_predictions(tmp_path, capsys):
     base = ["evaluate", "--predictions", str(preds_dir), "--dataset", "mevis", "--split", "valid_u",
             "--data-root", str(tmp_path / "mevis"), "--no-progress"]
 
-    assert main(base) == 1
+    assert main(base) == 2
     assert "no prediction for sample 'mevis/valid_u/v1/1'" in capsys.readouterr().err
 
     with PredictionStore(preds_dir, writable=True) as store:
@@ -823,14 +823,14 @@ def test_cli_refuses_a_second_model_in_the_same_folder(tmp_path, monkeypatch, ca
     assert main(base + ["--model", str(model_a)]) == 0
     out = capsys.readouterr().out
     assert "J&F 100.00" in out and f"model: {model_a}" in out
-    assert main(base + ["--model", str(model_b)]) == 1
+    assert main(base + ["--model", str(model_b)]) == 2
     error = capsys.readouterr().err
     assert f"output folder {tmp_path / 'eval'} holds another run" in error
     assert "model.name_or_path:" in error and "model.config_sha256" in error
     assert f"Its predictions were made by model {model_a}; this run evaluates {model_b}." in error
     assert "pass --overwrite to replace it, or choose another output folder" in error
     # other generation settings are another run too
-    assert main(base + ["--model", str(model_a), "--max-new-tokens", "64"]) == 1
+    assert main(base + ["--model", str(model_a), "--max-new-tokens", "64"]) == 2
     assert "generation.max_new_tokens: 32 vs 64" in capsys.readouterr().err
     assert main(base + ["--model", str(model_b), "--overwrite"]) == 0
     capsys.readouterr()
@@ -845,7 +845,7 @@ def test_cli_refuses_a_second_model_in_the_same_folder(tmp_path, monkeypatch, ca
     assert (saved["dataset"], saved["split"], saved["counts"]["scored"]) == ("mevis", "valid_u", 2)
     # ... and refuses scoring it as another split
     assert main(["evaluate", "--dataset", "mevis", "--split", "valid", "--data-root", str(tmp_path / "mevis"),
-                 "--predictions", str(tmp_path / "eval"), "--no-progress"]) == 1
+                 "--predictions", str(tmp_path / "eval"), "--no-progress"]) == 2
     assert "were made on split 'valid_u', not 'valid'" in capsys.readouterr().err
 
 

@@ -223,5 +223,76 @@ def test_export_errors_leave_nothing_half_written(trained, tmp_path, exported, c
         export_model(tmp_path / "not_a_model", tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="trained model .* does not exist"):
         export_model(tmp_path / "absent", tmp_path / "out")
-    assert main(["export", "--model", str(folder), "--output", str(exported)]) == 1
+    assert main(["export", "--model", str(folder), "--output", str(exported)]) == 2
     assert "is not empty; pass --overwrite" in capsys.readouterr().err
+
+
+@pytest.fixture()
+def adapter_run(tmp_path):
+    """A base MaskCMA folder and a LoRA adapter folder trained on it (every trainable tensor moved)."""
+    base, tokenizer = build_tiny_model(seed=8)
+    base_dir = tmp_path / "base"
+    base.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    peft_model = apply_lora(MaskCMAModel.from_pretrained(base_dir), default_lora_config(base, r=4, lora_alpha=8))
+    perturb_(peft_model, seed=3, only_trainable=True)
+    adapter_dir = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter_dir)
+    return base_dir, adapter_dir
+
+
+CMA_ADAPTER_KEY = "base_model.model.cma.router.query_proj.weight"
+
+
+def test_export_loads_adapters_strictly(adapter_run, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from transformers_maskcma.trainer.lora import AdapterLoadError
+
+    _, adapter_dir = adapter_run
+    weights_path = adapter_dir / "adapter_model.safetensors"
+    weights = load_file(str(weights_path))
+    assert CMA_ADAPTER_KEY in weights
+    del weights[CMA_ADAPTER_KEY]  # the CMA's modules_to_save copy lost
+    save_file(weights, str(weights_path))
+    with pytest.raises(AdapterLoadError, match=f"missing keys {CMA_ADAPTER_KEY}"):
+        export_model(adapter_dir, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+
+
+def test_verify_export_compares_with_the_adapter_loaded_from_disk(adapter_run, tmp_path, monkeypatch):
+    """A weight dropped between loading and writing (here: the merged CMA falls back to the base model's CMA, as if
+    its modules_to_save copy were lost) passes a comparison with the in-memory model, but not with the adapter
+    loaded afresh from disk."""
+    from transformers_maskcma.hub_cards import export as export_module
+
+    base_dir, adapter_dir = adapter_run
+    real_load = export_module.load_trained_model
+    calls = []
+
+    def load_dropping_the_cma_copy(path, base_model=None, dtype=None):
+        model, files_dir, merged = real_load(path, base_model=base_model, dtype=dtype)
+        calls.append(path)
+        if len(calls) == 1:  # the model that gets written
+            base_cma = MaskCMAModel.from_pretrained(base_dir).cma.state_dict()
+            model.cma.load_state_dict(base_cma)
+        return model, files_dir, merged
+
+    monkeypatch.setattr(export_module, "load_trained_model", load_dropping_the_cma_copy)
+    with pytest.raises(ValueError, match=r"differs from .* in \d+ weight\(s\): \[.cma\."):
+        export_model(adapter_dir, tmp_path / "export")
+    assert len(calls) == 2
+
+
+def test_truncated_weights_shard_is_named(trained, tmp_path, capsys):
+    import shutil
+
+    _, _, folder = trained
+    copy = tmp_path / "model"
+    shutil.copytree(folder, copy)
+    shard = sorted(copy.glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    assert main(["export", "--model", str(copy), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"weights file {shard} is truncated" in err

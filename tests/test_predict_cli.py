@@ -45,7 +45,7 @@ def test_predict_on_an_image_writes_the_mask_and_the_overlay(answering_folder, t
     assert predict("--model", folder, "--text", IMAGE_PROMPT, sample_image_path(), "--output", out) == 0
     printed = capsys.readouterr().out
     assert f"answer: {ANSWER!r}" in printed and "1 object(s)" in printed
-    assert sorted(p.name for p in out.iterdir()) == ["mask_0.png", "overlay.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["mask_0.png", "maskcma_run.json", "overlay.png"]
     mask = np.asarray(Image.open(out / "mask_0.png")) > 0
     assert mask.shape == (128, 192)
     overlay = np.asarray(Image.open(out / "overlay.png").convert("RGB"))
@@ -114,8 +114,9 @@ def test_predict_on_a_video_file_writes_an_mp4_overlay(answering_folder, tmp_pat
     assert len(frames) == NUM_VIDEO_FRAMES and (frames[0].height, frames[0].width) == (128, 192)
 
 
-def test_predict_reports_bad_inputs_by_name(answering_folder, tmp_path, capsys):
+def test_predict_reports_bad_inputs_by_name(answering_folder, tmp_path, capsys, monkeypatch):
     folder, _ = answering_folder
+    monkeypatch.chdir(tmp_path)  # the default output folder
     assert predict("--model", folder, "--text", IMAGE_PROMPT, tmp_path / "nowhere.png") == 2
     assert "input" in (err := capsys.readouterr().err) and "nowhere.png" in err and "does not exist" in err
     broken = tmp_path / "broken.png"
@@ -129,3 +130,46 @@ def test_predict_reports_bad_inputs_by_name(answering_folder, tmp_path, capsys):
     assert "junk.mp4" in capsys.readouterr().err
     assert predict("--model", tmp_path / "no_model", "--text", IMAGE_PROMPT, sample_image_path()) == 2
     assert "model folder" in capsys.readouterr().err
+
+
+def test_predict_output_folder_belongs_to_one_run(answering_folder, tmp_path, capsys):
+    from transformers_maskcma.run_folder import RunFolder
+
+    folder, _ = answering_folder
+    out = tmp_path / "out"
+    assert predict("--model", folder, "--text", IMAGE_PROMPT, sample_image_path(), "--output", out) == 0
+    # an earlier run had two objects: its mask_1.png is recorded as written by it
+    (out / "mask_1.png").write_bytes(b"stale")
+    RunFolder.claim(out, command="predict", fingerprint=RunFolder.read_fingerprint(out), resume=True).record(
+        "mask_1.png"
+    )
+    (out / "notes.txt").write_text("the user's own file")
+    capsys.readouterr()
+
+    other_prompt = "Please segment the blue square."
+    assert predict("--model", folder, "--text", other_prompt, sample_image_path(), "--output", out) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "holds another run" in err and "text:" in err and "--overwrite" in err
+    assert predict("--model", folder, "--text", IMAGE_PROMPT, sample_image_path(), "--output", out) == 2
+    assert "pass --overwrite to replace it" in capsys.readouterr().err
+
+    assert predict("--model", folder, "--text", other_prompt, sample_image_path(), "--output", out, "--overwrite") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["mask_0.png", "maskcma_run.json", "notes.txt", "overlay.png"]
+    assert RunFolder.read_fingerprint(out)["text"] == other_prompt
+
+
+def test_unwritable_output_is_found_before_the_model_is_loaded(answering_folder, tmp_path, capsys, monkeypatch):
+    import transformers
+
+    folder, _ = answering_folder
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output folder was checked")
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", no_loading)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert predict("--model", folder, "--text", IMAGE_PROMPT, sample_image_path(), "--output", blocker / "out") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot be created" in err and str(blocker / "out") in err

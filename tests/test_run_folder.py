@@ -10,6 +10,13 @@ from transformers_maskcma.run_folder import MANIFEST_NAME, RunFolder, RunFolderE
 FINGERPRINT = {"model": {"config_sha256": "abc"}, "text": "the red circle", "threshold": 0.0}
 
 
+def _claim_and_write(path, command, fingerprint):
+    folder = RunFolder.claim(path, command=command, fingerprint=fingerprint)
+    (folder.path / "result.txt").write_text("written by the run")
+    folder.record("result.txt")
+    return folder
+
+
 def test_absent_folder_is_claimed_with_an_atomic_manifest(tmp_path):
     folder = RunFolder.claim(tmp_path / "out" / "run", command="predict", fingerprint=FINGERPRINT)
     manifest = json.loads((tmp_path / "out" / "run" / MANIFEST_NAME).read_text())
@@ -40,7 +47,7 @@ def test_same_run_is_refused_without_resume_and_continued_with_it(tmp_path):
 
 
 def test_another_fingerprint_is_refused_naming_each_differing_key(tmp_path):
-    RunFolder.claim(tmp_path, command="predict", fingerprint=FINGERPRINT)
+    _claim_and_write(tmp_path, "predict", FINGERPRINT)
     other = dict(FINGERPRINT, text="the blue square", model={"config_sha256": "def"})
     with pytest.raises(RunFolderError) as error:
         RunFolder.claim(tmp_path, command="predict", fingerprint=other, resume=True)
@@ -52,7 +59,7 @@ def test_another_fingerprint_is_refused_naming_each_differing_key(tmp_path):
 
 
 def test_another_command_is_refused(tmp_path):
-    RunFolder.claim(tmp_path, command="evaluate", fingerprint=FINGERPRINT)
+    _claim_and_write(tmp_path, "evaluate", FINGERPRINT)
     with pytest.raises(RunFolderError, match='command: "evaluate" vs "predict"'):
         RunFolder.claim(tmp_path, command="predict", fingerprint=FINGERPRINT)
 
@@ -138,3 +145,11 @@ def test_model_fingerprint_reads_config_and_safetensors_headers_only(tmp_path):
     (tmp_path / "config.json").write_text('{"a": 2}')
     assert model_fingerprint(tmp_path) != first
     assert model_fingerprint("org/some-model") == {"repo": "org/some-model"}
+
+
+def test_a_claim_that_wrote_nothing_counts_as_empty(tmp_path):
+    RunFolder.claim(tmp_path, command="predict", fingerprint=FINGERPRINT)  # e.g. the run failed before writing
+    again = RunFolder.claim(tmp_path, command="predict", fingerprint=FINGERPRINT)
+    assert again.files == []
+    other = RunFolder.claim(tmp_path, command="train", fingerprint={"x": 1})
+    assert RunFolder.read_fingerprint(tmp_path) == {"x": 1} and other.command == "train"

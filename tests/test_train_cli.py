@@ -125,10 +125,138 @@ def test_shipped_configs_are_valid(name):
 
     path = Path(transformers_maskcma.__file__).parent / "configs" / name
     config = load_train_config(path)
-    args = config.training_arguments()
+    with pytest.raises(TrainConfigError, match="training.output_dir is not set; .* pass --output-dir"):
+        config.training_arguments()  # a packaged config never writes beside itself
+    args = config.training_arguments(output_dir="runs/x")
+    assert args.output_dir == "runs/x"  # --output-dir: relative to the working directory
     if name == "recipe.yaml":
+        from transformers_maskcma.trainer.commands import mix_of
+
+        mix, _ = mix_of(config)  # the packaged seed mix, found beside the packaged recipe
+        assert mix.config_path == path.parent / "seed_mix.yaml" and mix.sources
         assert config.model.source == "parts" and config.lora.enabled and (config.lora.r, config.lora.alpha) == (128, 256)
         assert config.data.mix == "seed_mix.yaml"
         assert args.learning_rate == 4e-5 and args.weight_decay == 0.05 and args.lr_scheduler_type.value == "cosine"
     else:
         assert config.model.source == "tiny" and not config.lora.enabled and args.max_steps == 250
+
+
+def test_every_relative_yaml_path_is_relative_to_the_yaml_folder(tmp_path, monkeypatch):
+    from transformers_maskcma.trainer.commands import mix_of
+
+    config_dir, elsewhere = tmp_path / "configs", tmp_path / "elsewhere"
+    config_dir.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "m.yaml").write_text(yaml.safe_dump({"sources": [{"dataset": "synthetic", "split": "train"}]}))
+    monkeypatch.chdir(elsewhere)
+    (config_dir / "ds.json").write_text('{"train_micro_batch_size_per_gpu": "auto"}')
+    content = {"data": {"mix": "m.yaml"}, "training": {"output_dir": "out", "deepspeed": "ds.json"}}
+    config = load_train_config(_write(config_dir, content))
+    assert config.resolve_path("ds.json") == config_dir / "ds.json"
+    args = config.training_arguments(deepspeed=None)  # (deepspeed itself is not installed here)
+    assert args.output_dir == str(config_dir / "out")
+    # no fallback to the working directory, where a file of that name exists
+    with pytest.raises(FileNotFoundError, match=f"mix file not found: {config_dir / 'm.yaml'}"):
+        mix_of(config)
+    (config_dir / "m.yaml").write_text((elsewhere / "m.yaml").read_text())
+    assert mix_of(config)[0].config_path == config_dir / "m.yaml"
+
+
+def test_a_bad_model_value_is_one_line_naming_the_section(tmp_path, capsys):
+    content = {**BASE, "model": {"config": {"mask_source": "bogus"}}, "training": {"max_steps": 1, "use_cpu": True}}
+    assert main(["train", str(_write(tmp_path, content)), "--output-dir", str(tmp_path / "out")]) == 2
+    (err,) = _error_lines(capsys.readouterr().err)
+    assert "train.yaml: model: MaskCMAConfig.mask_source='bogus' is not valid" in err
+
+
+def _custom_training_yaml(root, extra_prompt_words: int, drop_invalid: bool):
+    import json
+
+    from fixtures_data import write_custom
+
+    write_custom(root)
+    lines = (root / "train.jsonl").read_text().splitlines()
+    long_line = json.loads(lines[0])
+    long_line["id"], long_line["prompt"] = "too_long", "Segment " + "the red cat " * extra_prompt_words
+    (root / "train.jsonl").write_text("\n".join(lines + [json.dumps(long_line)]) + "\n")
+    content = {
+        "model": {"tiny": {"seed": 0}},
+        "data": {"sources": [{"dataset": "custom", "path": "train.jsonl", "split": "train"}], "drop_invalid": drop_invalid},
+        "lora": {"enabled": False},
+        "training": {"per_device_train_batch_size": 1, "max_steps": 1, "use_cpu": True, "disable_tqdm": True,
+                     "save_strategy": "no", "output_dir": "run"},
+    }  # fmt: skip
+    return _write(root, content)
+
+
+def _error_lines(err: str) -> list[str]:
+    """The command's error lines (progress bars of the data loading are on stderr too)."""
+    return [line for line in err.splitlines() if line.startswith("maskcma ")]
+
+
+def test_a_too_long_prompt_stops_the_run_before_step_0_naming_the_record(tmp_path, capsys):
+    path = _custom_training_yaml(tmp_path, extra_prompt_words=400, drop_invalid=False)
+    assert main(["train", str(path)]) == 2
+    (err,) = _error_lines(capsys.readouterr().err)
+    assert "Traceback" not in err
+    assert "train.jsonl:4" in err and "tokens, more than the limit of 1024" in err
+    assert not (tmp_path / "run" / "model").exists() and not list((tmp_path / "run").glob("checkpoint-*"))
+
+
+def test_drop_invalid_drops_and_counts_the_bad_record(tmp_path, capsys):
+    path = _custom_training_yaml(tmp_path, extra_prompt_words=400, drop_invalid=True)
+    assert main(["train", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "training records 3 (1 invalid record(s) dropped: data.drop_invalid)" in printed
+    assert (tmp_path / "run" / "model" / "config.json").is_file()  # the YAML's output_dir, beside the YAML
+
+
+def test_training_sequence_length_matches_the_processor(tmp_path):
+    from fixtures_data import write_custom
+
+    from transformers_maskcma.data import load_custom
+    from transformers_maskcma.data.synthetic import SyntheticConfig, generate_synthetic
+    from transformers_maskcma.processing.processing_maskcma import MaskCMAProcessor
+    from transformers_maskcma.tiny import build_tiny_model
+    from transformers_maskcma.trainer.data import training_sequence_length
+
+    model, tokenizer = build_tiny_model(seed=0)
+    write_custom(tmp_path)
+    records = [*load_custom(tmp_path / "train.jsonl"), *generate_synthetic(
+        4, SyntheticConfig(video_fraction=0.5, multi_object_fraction=0.5, seed=3), show_progress=False
+    )]  # fmt: skip
+    for processor in (
+        MaskCMAProcessor.from_model_config(model.config, tokenizer),
+        MaskCMAProcessor.from_model_config(model.config, tokenizer, max_image_tiles=4, num_key_frames=2),
+    ):
+        for record in records:
+            expected = processor.prepare_record(record)["input_ids"].shape[1]
+            assert training_sequence_length(processor, record) == expected, record["sample_id"]
+
+
+def test_train_output_folder_belongs_to_one_run(tmp_path, capsys):
+    content = {
+        "model": {"tiny": {"seed": 0}},
+        "data": {"sources": [{"dataset": "synthetic", "split": "train", "options": {"num_samples": 4}}]},
+        "lora": {"enabled": False},
+        "training": {"per_device_train_batch_size": 2, "max_steps": 2, "save_steps": 1, "use_cpu": True,
+                     "disable_tqdm": True, "learning_rate": 1e-3, "output_dir": "run"},
+    }  # fmt: skip
+    path = _write(tmp_path, content)
+    run = tmp_path / "run"
+    assert main(["train", str(path)]) == 0
+    assert {"checkpoint-1", "checkpoint-2", "model"} <= {p.name for p in run.iterdir()}
+    (run / "notes.txt").write_text("the user's own file")
+    capsys.readouterr()
+
+    assert main(["train", str(path)]) == 2  # a finished run is not retrained silently
+    err = capsys.readouterr().err
+    assert "holds a finished or earlier `train` run" in err and "--resume" in err and "--overwrite" in err
+    content["training"]["learning_rate"] = 5e-4
+    changed = _write(tmp_path, content)
+    assert main(["train", str(changed), "--resume"]) == 2
+    assert "training.learning_rate: 0.001 vs 0.0005" in capsys.readouterr().err
+
+    content["training"]["max_steps"] = 1
+    assert main(["train", str(_write(tmp_path, content)), "--overwrite"]) == 0
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-1", "maskcma_run.json", "model", "notes.txt"]

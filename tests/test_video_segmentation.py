@@ -342,23 +342,6 @@ def test_state_stays_bounded_from_16_to_64_frames_and_pruning_changes_nothing(ti
     assert torch.equal(bounded_logits, full_logits)
 
 
-def test_offloaded_state_lives_on_the_cpu_and_gives_the_same_masks(tiny_tokenizer):
-    model, tokenizer = video_model()
-    seg_embeds, text_tokens, text_mask = object_prompts(model, tokenizer)
-    frames = random_video(NUM_FRAMES)[0]
-    propagation = VideoMaskPropagation(
-        model, frames, KEY_FRAMES, seg_embeds, text_tokens, text_mask, offload_state_to_cpu=True
-    )
-    offloaded = torch.stack([frame.mask_logits for frame in propagation], dim=1)
-    for outputs in propagation.inference_session.output_dict_per_obj.values():
-        for entries in outputs.values():
-            for entry in entries.values():
-                for key in ("pred_masks", "maskmem_features", "maskmem_pos_enc"):
-                    if key in entry:
-                        assert entry[key].device.type == "cpu"
-    assert torch.equal(offloaded, propagated_logits(model, frames, seg_embeds, text_tokens, text_mask))
-
-
 # -- batches and bad input ---------------------------------------------------------------------------------------------
 
 

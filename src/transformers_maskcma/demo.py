@@ -511,19 +511,80 @@ def _ablation_worker(settings: DemoSettings, data_dir: Path, work_dir: Path, log
 # -- saving, reloading, predicting -----------------------------------------------------------------------------
 
 
-def save_and_reload(model: MaskCMAModel, processor, folder: Path, check_records: datasets.Dataset) -> bool:
-    """Save the model folder, reload it, and check the reloaded model gives the same masks on `check_records`."""
+@dataclass
+class RoundTripCheck:
+    """The save/reload check: masks of the saved-and-reloaded model against the model in memory.
+
+    Args:
+        compared_masks: masks compared: from generated answers (where both models produced one) and from a forward
+            pass with the ground-truth answer (one mask per ``[SEG]``, whatever the model would generate).
+        identical: every compared mask is equal, the same records have generated masks, and at least one mask was
+            compared (a check without masks proves nothing and fails).
+        message: what was compared or what differs.
+    """
+
+    compared_masks: int
+    identical: bool
+    message: str
+
+
+def compare_round_trip(before: list, after: list, forced_before: list, forced_after: list) -> RoundTripCheck:
+    """Compare per-record masks before and after reloading (`None` = no mask generated for that record).
+
+    `before`/`after` are the masks of generated answers (`predict_masks`); `forced_before`/`forced_after` boolean
+    arrays `(num_masks, h, w)` from a forward pass with the ground-truth answer."""
+    if len(before) != len(after) or len(forced_before) != len(forced_after):
+        return RoundTripCheck(0, False, "the two models were checked on different numbers of records")
+    compared = 0
+    for index, (a, b) in enumerate(zip(before, after)):
+        if (a is None) != (b is None):
+            which = "the reloaded model" if b is None else "the model in memory"
+            return RoundTripCheck(compared, False, f"record {index}: {which} generated no mask, the other did")
+        if a is not None:
+            compared += 1
+            if not np.array_equal(a, b):
+                return RoundTripCheck(compared, False, f"record {index}: the generated masks differ")
+    for index, (a, b) in enumerate(zip(forced_before, forced_after)):
+        if a.shape != b.shape or not np.array_equal(a, b):
+            return RoundTripCheck(compared, False, f"record {index}: the masks of the ground-truth answer differ")
+        compared += int(a.shape[0])
+    if compared == 0:
+        return RoundTripCheck(0, False, "no mask to compare: neither model produced a mask, so nothing was checked")
+    return RoundTripCheck(compared, True, f"{compared} masks identical")
+
+
+def forced_answer_masks(model: MaskCMAModel, processor, records: datasets.Dataset) -> list[np.ndarray]:
+    """Per record, the masks `(num_objects, h, w)` (logits > 0) of a forward pass with its ground-truth answer."""
+    from .trainer.collator import MaskCMADataCollator
+    from .trainer.data import ProcessedRecords
+
+    samples = ProcessedRecords(records, processor)
+    collator = MaskCMADataCollator(processor)
+    device = next(model.parameters()).device
+    masks = []
+    with torch.no_grad():
+        for index in range(len(samples)):
+            batch = collator([samples[index]])
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            output = model(**batch)
+            masks.append((output.pred_masks.float() > 0).cpu().numpy().reshape(-1, *output.pred_masks.shape[-2:]))
+    return masks
+
+
+def save_and_reload(model: MaskCMAModel, processor, folder: Path, check_records: datasets.Dataset) -> RoundTripCheck:
+    """Save the model folder, reload it, and check the reloaded model gives the same masks on `check_records`
+    (`compare_round_trip`: generated masks where there are some, and the masks of the ground-truth answers)."""
     from .processing import MaskCMAProcessor, save_model_folder
 
     save_model_folder(model, processor, folder)
     reloaded = MaskCMAModel.from_pretrained(folder).eval()
     reloaded_processor = MaskCMAProcessor.from_pretrained(folder)
+    model.eval()
     before = predict_masks(model, processor, check_records, len(check_records), "masks before saving")
     after = predict_masks(reloaded, reloaded_processor, check_records, len(check_records), "masks after reloading")
-    return all(
-        (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
-        for a, b in zip(before, after)
-    )
+    forced_before = forced_answer_masks(model, processor, check_records)
+    forced_after = forced_answer_masks(reloaded, reloaded_processor, check_records)
+    return compare_round_trip(before, after, forced_before, forced_after)
 
 
 def write_inputs(record: dict, folder: Path) -> Path:
@@ -598,11 +659,24 @@ def ablation_markdown(settings: DemoSettings, runs: list[RunResult], wall_time_s
     return "\n".join(lines)
 
 
-def run_demo(output_dir: str | Path, settings: DemoSettings | None = None) -> dict:
-    """Run the whole demo (module docstring); returns the results dict also written to ``results.json``."""
+#: What the demo writes in its output folder (recorded in the folder's manifest, removed by ``--overwrite``).
+DEMO_OUTPUTS = ("work", "model", "inputs", "predict", "cma_ablation.md", "results.json")
+
+
+def run_demo(output_dir: str | Path, settings: DemoSettings | None = None, overwrite: bool = False) -> dict:
+    """Run the whole demo (module docstring); returns the results dict also written to ``results.json``.
+
+    The output folder belongs to one demo run (`run_folder.RunFolder`): a used folder is refused unless
+    `overwrite`, which removes what the earlier demo wrote. A save/reload check that fails raises `RuntimeError`
+    after the results are written."""
     settings = settings or DemoSettings()
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    from .run_folder import RunFolder
+
+    fingerprint = {k: v for k, v in asdict(settings).items() if k != "threads"}
+    folder = RunFolder.claim(output_dir, command="demo", fingerprint=fingerprint, overwrite=overwrite)
+    entries_before = {entry.name for entry in output_dir.iterdir()}
+    folder.record(*DEMO_OUTPUTS)  # before writing: --overwrite also removes what a crashed demo left
     started = time.time()
     torch.manual_seed(settings.seed)
     if settings.threads > 0:
@@ -623,7 +697,7 @@ def run_demo(output_dir: str | Path, settings: DemoSettings | None = None) -> di
     print("\n== saving, reloading and predicting ==", flush=True)
     model_dir = output_dir / "model"
     round_trip = save_and_reload(model, processor, model_dir, held_out.select(range(min(4, len(held_out)))))
-    print(f"saved to {model_dir}; reloaded model gives identical masks: {round_trip}")
+    print(f"saved to {model_dir}; reloaded model gives identical masks: {round_trip.identical} ({round_trip.message})")
     predictions = run_predictions(model_dir, test, output_dir)
 
     runs = [main_run]
@@ -635,7 +709,8 @@ def run_demo(output_dir: str | Path, settings: DemoSettings | None = None) -> di
     results = {
         "settings": asdict(settings),
         "runs": [{**asdict(run), "margin": run.margin} for run in runs],
-        "round_trip_identical": round_trip,
+        "round_trip_identical": round_trip.identical,
+        "round_trip": asdict(round_trip),
         "predictions": [{k: v for k, v in p.items() if k != "objects"} for p in predictions],
         "targets": {
             "ciou": TARGET_CIOU,
@@ -646,7 +721,14 @@ def run_demo(output_dir: str | Path, settings: DemoSettings | None = None) -> di
         "wall_time_s": wall_time,
     }
     (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    written = sorted(entry.name for entry in output_dir.iterdir() if entry.name not in entries_before)
+    folder.record(*[name for name in written if name != "maskcma_run.json" and not name.startswith(".")])
     _print_summary(runs, results, output_dir)
+    if not round_trip.identical:
+        raise RuntimeError(
+            f"the save/reload check failed: {round_trip.message}; the saved folder {model_dir} does not reproduce "
+            "the trained model"
+        )
     return results
 
 
@@ -680,6 +762,9 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--output", default="demo_output", help="output folder (default ./demo_output)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier demo in --output (removes only what it wrote)"
+    )
     parser.add_argument("--quick", action="store_true", help="a few steps only: checks the pipeline, not the targets")
     parser.add_argument("--steps", type=int, default=None, help="training steps of each model")
     parser.add_argument("--train-samples", type=int, default=None, help="synthetic training samples")
@@ -711,14 +796,16 @@ def demo_command(args: argparse.Namespace) -> int:
         if getattr(settings, name) < 1:
             print(f"maskcma demo: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
-    run_demo(args.output, settings)
+    run_demo(args.output, settings, overwrite=args.overwrite)
     return 0
 
 
 __all__ = [
     "DemoSettings",
     "QUICK_SETTINGS",
+    "RoundTripCheck",
     "RunResult",
+    "compare_round_trip",
     "demo_command",
     "evaluate_referring",
     "register",

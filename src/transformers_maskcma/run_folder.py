@@ -9,7 +9,8 @@ it in a manifest, ``maskcma_run.json``::
 Rules (`RunFolder.claim`):
 
 - an absent or empty folder is claimed: the manifest is written before any work, which also proves the folder is
-  writable;
+  writable (a folder holding only a manifest with no recorded file, left by a run that failed before writing, counts
+  as empty);
 - a folder whose manifest names the same command and fingerprint is continued with ``resume=True`` (``--resume``)
   and refused otherwise;
 - a folder whose manifest names another command or fingerprint is refused, naming every key that differs (old
@@ -176,6 +177,8 @@ class RunFolder:
                 )
             return cls._fresh(path, command, fingerprint)
 
+        if not others and not manifest.get("files"):
+            return cls._fresh(path, command, fingerprint)  # a claim that wrote nothing (e.g. a run that failed early)
         same_command = manifest.get("command") == command
         differences = fingerprint_differences(manifest.get("fingerprint") or {}, fingerprint)
         if not same_command:
@@ -309,6 +312,56 @@ def _safetensors_header_sha256(path: Path) -> str | None:
         return hashlib.sha256(stream.read(length)).hexdigest()
 
 
+class WeightsFileError(ValueError):
+    """A weights file is truncated or corrupt; the message names the file."""
+
+
+def check_safetensors_file(path: str | os.PathLike) -> None:
+    """Check a safetensors file is whole, reading only its header: the header parses and the file holds every
+    tensor's bytes (a truncated copy or download fails here with the file named, instead of deep inside loading).
+
+    Raises:
+        WeightsFileError: the file is truncated or its header is corrupt.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    fix = "copy or download it again"
+    with open(path, "rb") as stream:
+        prefix = stream.read(8)
+        if len(prefix) < 8:
+            raise WeightsFileError(f"weights file {path} is truncated ({size} bytes, no safetensors header); {fix}")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > size - 8:
+            raise WeightsFileError(
+                f"weights file {path} is truncated: its header needs {length} bytes, the file holds {size - 8} after "
+                f"the length; {fix}"
+            )
+        try:
+            header = json.loads(stream.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise WeightsFileError(f"weights file {path} has a corrupt safetensors header ({error}); {fix}") from None
+    if not isinstance(header, dict):
+        raise WeightsFileError(f"weights file {path} has a corrupt safetensors header (not a mapping); {fix}")
+    ends = [
+        int(entry["data_offsets"][1])
+        for name, entry in header.items()
+        if name != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry
+    ]
+    needed = 8 + length + (max(ends) if ends else 0)
+    if size < needed:
+        raise WeightsFileError(
+            f"weights file {path} is truncated: its tensors need {needed} bytes, the file holds {size}; {fix}"
+        )
+
+
+def check_weight_files(folder: str | os.PathLike) -> None:
+    """`check_safetensors_file` on every ``*.safetensors`` file of a model folder (headers only; cheap)."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for path in sorted(folder.glob("*.safetensors")):
+            check_safetensors_file(path)
+
+
 def model_fingerprint(path_or_repo: str | os.PathLike) -> dict:
     """What identifies a model folder, cheaply: its config's SHA-256 and every weight file's name, size and (for
     safetensors) header hash. No weight is read. A name that is not a local folder (a Hub repo id) is fingerprinted
@@ -331,4 +384,13 @@ def model_fingerprint(path_or_repo: str | os.PathLike) -> dict:
     return result
 
 
-__all__ = ["MANIFEST_NAME", "RunFolder", "RunFolderError", "fingerprint_differences", "model_fingerprint"]
+__all__ = [
+    "MANIFEST_NAME",
+    "RunFolder",
+    "RunFolderError",
+    "WeightsFileError",
+    "check_safetensors_file",
+    "check_weight_files",
+    "fingerprint_differences",
+    "model_fingerprint",
+]

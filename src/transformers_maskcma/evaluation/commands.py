@@ -156,7 +156,7 @@ def _record_in_folder(predictions_dir: Path, fingerprint: dict, metrics_file: Pa
 def run_evaluate(args: argparse.Namespace) -> int:
     """Handler of ``maskcma evaluate``; returns the exit code."""
     from ..data.errors import DataFormatError
-    from ..run_folder import RunFolder, RunFolderError
+    from ..run_folder import RunFolder
     from .fingerprint import default_predictions_dir, evaluation_fingerprint
     from .predictions import write_submission_zip
     from .records import dataset_has_ground_truth
@@ -241,11 +241,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
                 f"submission ({summary.layout}) written to {summary.path}: {summary.n_expressions} expressions, "
                 f"{summary.n_frames} frames, {summary.n_missing} missing"
             )
-    except RunFolderError as error:
-        print(f"maskcma evaluate: error: {error}", file=sys.stderr)
-        return 1
     except (FileNotFoundError, KeyError, ValueError) as error:
+        # status 2 like every maskcma error; the message keeps its lines (a validation report lists one problem
+        # per line)
         message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
         print(f"maskcma evaluate: error: {message}", file=sys.stderr)
-        return 1
+        return 2
     return 0

@@ -117,7 +117,7 @@ def run_export(args: argparse.Namespace) -> int:
         )
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"maskcma export: error: {error}", file=sys.stderr)
-        return 1
+        return 2
     merged = " (LoRA merged)" if result.merged_lora else ""
     verified = "; every tensor re-loaded strictly and compared" if result.verified else ""
     print(
@@ -143,6 +143,6 @@ def run_push(args: argparse.Namespace) -> int:
         )
     except (FileNotFoundError, NotADirectoryError, ValueError, HubPushError) as error:
         print(f"maskcma push: error: {error}", file=sys.stderr)
-        return 1
+        return 2
     print(f"Pushed {result.num_files} files to {result.repo_url} (branch {result.revision}): {result.commit_url}")
     return 0

@@ -71,7 +71,7 @@ def run_convert_sam2(args: argparse.Namespace) -> int:
         )
     except (Sam2ConversionError, FileNotFoundError, FileExistsError) as error:
         print(f"maskcma convert sam2: error: {error}", file=sys.stderr)
-        return 1
+        return 2
     report_path = output / CONVERSION_REPORT_NAME
     report = json.loads(report_path.read_text())
     print(

@@ -15,8 +15,13 @@ The folder holds everything `AutoModel` / `AutoProcessor` / `pipeline("referring
 training with LoRA (`adapter_config.json`), whose base model is read from `base_model_name_or_path` (or
 `--base-model`) and into which the adapters are merged (`trainer.lora.merge_lora`).
 
-After writing, the export is re-loaded strictly and every tensor is compared with the exported model (no weight
-dropped, none changed); `verify=False` skips that (it needs a second copy of the weights in memory).
+Adapters are loaded strictly (`trainer.lora.load_adapter_strict`): the adapter file must hold exactly the tensors
+of its `adapter_config.json` (LoRA matrices, every `modules_to_save` copy, the trained token rows).
+
+After writing, `verify_export` loads the trained model again *from disk* (the base model plus the adapter, merged
+anew, or the saved MaskCMA folder), loads the export strictly, and compares every tensor: a weight dropped or
+changed anywhere between the files on disk and the export fails. `verify=False` skips that (it needs two copies of
+the weights in memory).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import yaml
 from transformers import AutoTokenizer
 
 from ..modeling import MaskCMAConfig, MaskCMAModel
+from ..run_folder import check_weight_files
 from .model_card import CardInputs, build_model_card, collect_benchmarks
 
 __all__ = [
@@ -131,24 +137,29 @@ def load_trained_model(
     Raises:
         FileNotFoundError: `path` does not exist.
         ExportError: neither a MaskCMA folder nor an adapter folder on one.
-        ValueError: a MaskCMA checkpoint whose weights do not match its config (strict loading).
+        ValueError: a MaskCMA checkpoint whose weights do not match its config (strict loading), adapter weights
+            that do not match their `adapter_config.json` (`AdapterLoadError`), a truncated weights file
+            (`WeightsFileError`, naming it).
     """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"trained model {path} does not exist; pass the output folder of `maskcma train`")
     merged = False
     if (path / ADAPTER_CONFIG).is_file():
-        from peft import PeftModel
+        from peft import PeftConfig
 
-        from ..trainer.lora import merge_lora
+        from ..trainer.lora import apply_lora, load_adapter_strict, merge_lora
 
         base_path = _resolve_base(path, base_model)
+        check_weight_files(base_path)
         base = MaskCMAModel.from_pretrained(base_path)
-        peft_model = PeftModel.from_pretrained(base, path)
+        peft_model = apply_lora(base, PeftConfig.from_pretrained(str(path)))
+        load_adapter_strict(peft_model, path)
         model = merge_lora(peft_model)
         merged = True
         files_dir = path if _has_tokenizer_files(path) else base_path
     elif _is_maskcma_folder(path):
+        check_weight_files(path)
         model = MaskCMAModel.from_pretrained(path)
         files_dir = path
     else:
@@ -231,22 +242,45 @@ def save_hub_folder(model: MaskCMAModel, processor, output_dir: Path, max_shard_
     _add_processor_to_auto_map(output_dir)
 
 
-def verify_export(model: MaskCMAModel, output_dir: Path) -> None:
-    """Reload the export strictly and compare every tensor with `model`.
+def verify_export(
+    output_dir: str | os.PathLike,
+    model_path: str | os.PathLike,
+    base_model_path: str | os.PathLike | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> None:
+    """Compare the export with the trained model loaded afresh from disk.
+
+    The reference is `load_trained_model(model_path, base_model_path, dtype)` (for an adapter folder: the base model
+    plus the adapter read strictly from disk and merged); the export is loaded strictly with
+    `MaskCMAModel.from_pretrained`. Every tensor must be present in both and equal.
 
     Raises:
         ValueError: a weight is missing, unexpected (strict loading) or differs.
     """
-    reloaded = MaskCMAModel.from_pretrained(output_dir, dtype=next(model.parameters()).dtype)
-    expected, found = model.state_dict(), reloaded.state_dict()
+    from tqdm.auto import tqdm
+
+    output_dir = Path(output_dir)
+    check_weight_files(output_dir)
+    reference, _, _ = load_trained_model(model_path, base_model=base_model_path, dtype=dtype)
+    expected = reference.state_dict()
+    reloaded = MaskCMAModel.from_pretrained(output_dir, dtype=next(reference.parameters()).dtype)
+    found = reloaded.state_dict()
     if set(expected) != set(found):
         raise ValueError(
-            f"the export in {output_dir} does not hold the model's weights: missing "
+            f"the export in {output_dir} does not hold the weights of {model_path}: missing "
             f"{sorted(set(expected) - set(found))}, unexpected {sorted(set(found) - set(expected))}"
         )
-    differing = [key for key in expected if not torch.equal(expected[key].cpu(), found[key].cpu())]
+    differing = [
+        key
+        for key in tqdm(expected, desc="verifying the export", unit="tensor", disable=not progress)
+        if not torch.equal(expected[key].cpu(), found[key].cpu())
+    ]
     if differing:
-        raise ValueError(f"the export in {output_dir} changed {len(differing)} weight(s): {differing[:20]}")
+        raise ValueError(
+            f"the export in {output_dir} differs from {model_path} loaded from disk in {len(differing)} weight(s): "
+            f"{differing[:20]}; export again (and report it if it repeats)"
+        )
 
 
 def export_model(
@@ -281,7 +315,8 @@ def export_model(
         base_model_path: base MaskCMA folder of an adapter folder.
         dtype: cast the weights before writing.
         overwrite: replace a non-empty `output_dir`.
-        verify: reload strictly and compare every tensor.
+        verify: load the trained model again from disk and the export strictly, and compare every tensor
+            (`verify_export`).
     """
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
@@ -310,14 +345,16 @@ def export_model(
 
     save_hub_folder(model, processor, output_dir, max_shard_size=max_shard_size)
     card.save(output_dir / "README.md")
+    num_parameters = sum(parameter.numel() for parameter in model.parameters())
     if verify:
-        verify_export(model, output_dir)
+        del model  # the comparison loads the trained model again from disk: keep two copies in memory, not three
+        verify_export(output_dir, model_path, base_model_path=base_model_path, dtype=dtype)
     files = sorted(str(path.relative_to(output_dir)) for path in output_dir.rglob("*") if path.is_file())
     return ExportResult(
         output_dir=output_dir,
         files=files,
         weight_files=[name for name in files if name.endswith(".safetensors")],
-        num_parameters=sum(parameter.numel() for parameter in model.parameters()),
+        num_parameters=num_parameters,
         merged_lora=merged,
         verified=verify,
         card_metadata=card.data.to_dict(),

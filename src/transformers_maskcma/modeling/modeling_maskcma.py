@@ -781,11 +781,35 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
         The CMA, `seg_proj`, `text_proj` (and the conv prior head) are freshly initialised, with γ = 0 so the masks
         equal those of the CMA-free path until training. When a `tokenizer` is given, ``[SEG]`` is added to it if
         missing and the VLM's embeddings are resized to the tokenizer.
+
+        VLM and SAM2 checkpoints given by name are loaded strictly: a weight the model expects but the checkpoint
+        lacks (which transformers would fill with random values), one the checkpoint holds but the model does not
+        use, or one of another shape is a `ValueError` naming the checkpoint and the keys.
         """
+
+        def load_strictly(loader, name, what):
+            loaded, info = loader.from_pretrained(name, output_loading_info=True)
+            problems = {
+                "missing": sorted(info.get("missing_keys") or []),
+                "unexpected": sorted(info.get("unexpected_keys") or []),
+                "mismatched": sorted(str(entry[0]) for entry in info.get("mismatched_keys") or []),
+            }
+            if any(problems.values()):
+                listed = "; ".join(
+                    f"{kind} keys ({len(keys)}): {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}"
+                    for kind, keys in problems.items()
+                    if keys
+                )
+                raise ValueError(
+                    f"the {what} checkpoint {str(name)!r} does not match {type(loaded).__name__}: {listed}. Pass a "
+                    f"complete {what} checkpoint of a supported architecture (or a model you loaded yourself)"
+                )
+            return loaded
+
         if not isinstance(vlm, PreTrainedModel):
-            vlm = AutoModelForImageTextToText.from_pretrained(vlm)
+            vlm = load_strictly(AutoModelForImageTextToText, vlm, "VLM")
         if not isinstance(sam2, PreTrainedModel):
-            sam2 = Sam2VideoModel.from_pretrained(sam2)
+            sam2 = load_strictly(Sam2VideoModel, sam2, "SAM2")
         if not isinstance(sam2, Sam2VideoModel):
             raise TypeError(
                 f"sam2 must be a Sam2VideoModel (it holds the image path and the video memory), got {type(sam2).__name__}; "

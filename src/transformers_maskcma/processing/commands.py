@@ -1,13 +1,19 @@
 """``maskcma predict``: segment what a prompt refers to in an image, a video file or a folder of frames.
 
-``maskcma predict --model FOLDER --text "..." INPUT [--output DIR] [--json] [--key-frames N]
-[--key-frame-sampling first|uniform] [--max-new-tokens N] [--threshold T] [--overlay-format gif|mp4] [--device D]``
+``maskcma predict --model FOLDER --text "..." INPUT [--output DIR] [--overwrite] [--json] [--key-frames N]
+[--key-frame-sampling first|uniform] [--max-new-tokens N] [--threshold T] [--overlay-format gif|mp4] [--device D]
+[--threads N]``
 
 Images: ``DIR/mask_<k>.png`` per object (white = object) and ``DIR/overlay.png``. Videos: ``DIR/masks/object_<k>/
 <frame>.png`` per object and frame, and ``DIR/overlay.gif`` (or ``.mp4``, written with PyAV). ``--json`` prints the
 answer, the scores and every mask as COCO RLE (``masks[object]`` for an image, ``masks[object][frame]`` for a video)
 to stdout; with ``--json`` and no ``--output`` no file is written. Without either, files go to
 ``./maskcma_predictions``.
+
+The output folder belongs to one prediction (``maskcma_run.json`` records the model, input and settings, and the
+files written): a folder holding another run, or files that are not a maskcma run's, is refused before the model is
+loaded; ``--overwrite`` first removes the files the earlier prediction wrote (and nothing else). An output folder
+that cannot be written is found before any work.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..run_folder import RunFolder, check_weight_files, model_fingerprint
 from .pipeline import infer_media_type
 from .video_io import KEY_FRAME_SAMPLINGS
 from .visualize import mask_to_image, overlay_masks
@@ -41,6 +48,11 @@ def register(subparsers) -> None:
     parser.add_argument("--model", required=True, help="a saved MaskCMA folder (save_pretrained / maskcma export)")
     parser.add_argument("--text", required=True, help="the referring prompt, e.g. 'Please segment the red circle.'")
     parser.add_argument("--output", default=None, help=f"output folder (default ./{DEFAULT_OUTPUT} unless --json)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier prediction in --output (removes only the files it wrote)",
+    )
     parser.add_argument("--json", action="store_true", help="print the answer, scores and RLE masks as JSON")
     parser.add_argument("--key-frames", type=int, default=None, help="key frames the VLM sees (default: processor's)")
     parser.add_argument("--key-frame-sampling", choices=KEY_FRAME_SAMPLINGS, default=None)
@@ -67,9 +79,10 @@ def predict_command(args: argparse.Namespace) -> int:
             fps=args.fps,
             device=args.device,
             with_rle=args.json,
+            overwrite=args.overwrite,
         )
     except (FileNotFoundError, ValueError) as error:
-        print(f"maskcma predict: error: {error}", file=sys.stderr)
+        print(f"maskcma predict: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(summary))
@@ -94,8 +107,14 @@ def run_predict(
     fps: float = 10.0,
     device: str | None = None,
     with_rle: bool = False,
+    overwrite: bool = False,
+    show_progress: bool = True,
 ) -> dict:
     """Run a saved model on one input and write the masks and overlays.
+
+    The output folder is claimed for this prediction first (`run_folder.RunFolder`, module docstring); with
+    `overwrite`, an earlier prediction's files are removed. A video shows a progress bar over its frames
+    (`show_progress`).
 
     Returns:
         a summary dict: `input`, `media_type`, `answer`, `original_size` `[H, W]`, `num_frames` (videos), `objects`
@@ -113,6 +132,21 @@ def run_predict(
     if overlay_format not in OVERLAY_FORMATS:
         raise ValueError(f"overlay_format={overlay_format!r} is not valid; use one of {list(OVERLAY_FORMATS)}")
     media_type = infer_media_type(input_path)
+    check_weight_files(model_path)
+    folder = None
+    if output_dir is not None:  # claimed before any work: a used or unwritable folder fails here
+        fingerprint = {
+            "model": model_fingerprint(model_path),
+            "input": str(input_path.resolve()),
+            "text": text,
+            "key_frames": key_frames,
+            "key_frame_sampling": key_frame_sampling,
+            "max_new_tokens": max_new_tokens,
+            "threshold": threshold,
+            "overlay_format": overlay_format if media_type == "video" else None,
+            "fps": fps if media_type == "video" else None,
+        }
+        folder = RunFolder.claim(output_dir, command="predict", fingerprint=fingerprint, overwrite=overwrite)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModel.from_pretrained(model_path, trust_remote_code=True).to(device).eval()
     processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
@@ -132,6 +166,8 @@ def run_predict(
     if "video_frames" in inputs:
         frame_source = inputs["video_frames"].frames
         inputs["video_frames"] = inputs["video_frames"].to(device=device, dtype=dtype)
+    if frame_source is not None:
+        inputs["show_progress"] = show_progress
     with torch.inference_mode():
         output = model.segment(**inputs, max_new_tokens=max_new_tokens, mask_threshold=threshold)
     masks = output.masks[0].cpu().numpy().astype(bool)  # (n, H, W) or (n, T, H, W)
@@ -154,13 +190,17 @@ def run_predict(
 
         for k, obj in enumerate(summary["objects"]):
             obj["rle"] = encode_rle(masks[k]) if media_type == "image" else [encode_rle(m) for m in masks[k]]
-    if output_dir is not None:
-        output_dir = Path(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
+    if folder is not None:
+        output_dir = folder.path
+        # recorded before writing, so that --overwrite also removes what a crashed run left
         if media_type == "image":
+            folder.record(*[f"mask_{k}.png" for k in range(masks.shape[0])], "overlay.png")
             summary["files"] = _write_image_outputs(processor, input_path, masks, output_dir)
         else:
-            summary["files"] = _write_video_outputs(frame_source, masks, output_dir, overlay_format, fps)
+            folder.record("masks", f"overlay.{overlay_format}")
+            summary["files"] = _write_video_outputs(
+                frame_source, masks, output_dir, overlay_format, fps, show_progress=show_progress
+            )
     if frame_source is not None:
         frame_source.close()
     return summary
@@ -181,7 +221,9 @@ def _write_image_outputs(processor, input_path: Path, masks: np.ndarray, output_
     return files
 
 
-def _write_video_outputs(frames, masks: np.ndarray, output_dir: Path, overlay_format: str, fps: float) -> list[str]:
+def _write_video_outputs(
+    frames, masks: np.ndarray, output_dir: Path, overlay_format: str, fps: float, show_progress: bool = True
+) -> list[str]:
     """Per-frame mask PNGs and the overlay video; `masks` is `(num_objects, T, H, W)`."""
     num_frames = len(frames)
     files: list[str] = []
@@ -189,7 +231,7 @@ def _write_video_outputs(frames, masks: np.ndarray, output_dir: Path, overlay_fo
         (output_dir / "masks" / f"object_{k}").mkdir(parents=True, exist_ok=True)
 
     def overlays() -> Iterator:
-        for t in tqdm(range(num_frames), desc="writing frames", unit="frame"):
+        for t in tqdm(range(num_frames), desc="writing frames", unit="frame", disable=not show_progress):
             frame_masks = [masks[k, t] for k in range(masks.shape[0])]
             for k, mask in enumerate(frame_masks):
                 path = output_dir / "masks" / f"object_{k}" / f"{t:05d}.png"

@@ -128,8 +128,8 @@ def _check_pixels(size: tuple[int, int], name: str, max_image_pixels: int | None
         raise ValueError(
             f"{name}: the image is {width}x{height} = {width * height:,} pixels, above max_image_pixels="
             f"{max_image_pixels:,} (a guard against multi-GB memory use and decompression bombs); downscale the image, "
-            "or raise the limit (load_image(max_image_pixels=N), MASKCMA_MAX_IMAGE_PIXELS=N, `maskcma predict "
-            "--max-image-pixels N`; none = no limit)"
+            "or raise the limit: the environment variable MASKCMA_MAX_IMAGE_PIXELS=N (also for the maskcma commands; "
+            "'none' = no limit) or load_image(..., max_image_pixels=N)"
         )
 
 

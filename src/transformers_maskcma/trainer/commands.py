@@ -1,9 +1,17 @@
-"""``maskcma train CONFIG.yaml [--resume [CHECKPOINT]] [--output-dir DIR]``: train MaskCMA from one YAML file.
+"""``maskcma train CONFIG.yaml [--resume [CHECKPOINT]] [--overwrite] [--output-dir DIR] [--threads N]``: train
+MaskCMA from one YAML file.
 
-The YAML holds the model, the data mix, LoRA and the TrainingArguments (`trainer.config`). Multi-GPU and multi-node
-runs go through accelerate: ``accelerate launch -m transformers_maskcma.cli train CONFIG.yaml`` runs DDP, and an
-accelerate config file selects FSDP or DeepSpeed (docs/training.md). At the end the model is saved to
-``OUTPUT_DIR/model`` (LoRA merged into the weights) with its processor, and a run summary is printed.
+The YAML holds the model, the data mix, LoRA and the TrainingArguments (`trainer.config`); its relative paths are
+relative to the YAML file's folder. Multi-GPU and multi-node runs go through accelerate: ``accelerate launch -m
+transformers_maskcma.cli train CONFIG.yaml`` runs DDP, and an accelerate config file selects FSDP or DeepSpeed
+(docs/training.md).
+
+Before step 0 every training record is validated (files, masks, templated prompt length against the model's
+limit): a bad record is named and stops the run, or with ``data.drop_invalid: true`` is dropped and counted in the
+summary. The output folder belongs to one run (``maskcma_run.json``): a folder holding another or a finished run is
+refused unless ``--resume`` continues the same run or ``--overwrite`` removes what that run wrote. At the end the
+model is saved to ``OUTPUT_DIR/model`` (LoRA merged into the weights) with its processor, and a run summary is
+printed.
 """
 
 from __future__ import annotations
@@ -15,15 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..data.errors import DataFormatError, UnknownDatasetError
 from ..data.mix import MixConfig, load_mix, parse_mix, read_mix
 from ..modeling import MaskCMAModel
+from ..run_folder import RunFolder, check_weight_files, model_fingerprint
 from .collator import MaskCMADataCollator
 from .config import TrainConfig, TrainConfigError, load_train_config
-from .data import ProcessedRecords
+from .data import ProcessedRecords, training_sequence_length
 from .lora import apply_lora, default_lora_config, merge_lora
 from .trainer import MaskCMATrainer
 
@@ -44,6 +53,7 @@ class TrainingSummary:
     total_parameters: int
     lora: bool
     final_logs: dict = field(default_factory=dict)
+    dropped_records: int = 0
 
     def format(self) -> str:
         """A few human-readable lines."""
@@ -56,7 +66,8 @@ class TrainingSummary:
         lines = [
             "MaskCMA training finished",
             f"  steps            {self.global_step} ({self.epochs:.2f} epochs) in {self.runtime_s:.1f} s",
-            f"  training records {self.num_records}",
+            f"  training records {self.num_records}"
+            + (f" ({self.dropped_records} invalid record(s) dropped: data.drop_invalid)" if self.dropped_records else ""),
             f"  trainable params {self.trainable_parameters / 1e6:.2f}M of {self.total_parameters / 1e6:.2f}M"
             + (" (LoRA)" if self.lora else " (full fine-tuning)"),
         ]
@@ -84,9 +95,10 @@ def build_model_and_processor(config: TrainConfig):
         model, tokenizer = build_tiny_model(seed=settings.tiny_seed, **settings.config)
         return model, MaskCMAProcessor.from_model_config(model.config, tokenizer, **settings.processor)
     if settings.source == "path":
-        path = _resolve(settings.path, config.base_dir)
+        path = str(config.resolve_path(settings.path))
         if not Path(path).is_dir():
             raise FileNotFoundError(f"{config.source}: model.path {path} is not a folder with a saved MaskCMA model")
+        check_weight_files(path)
         model = MaskCMAModel.from_pretrained(path, **settings.config)
         if model.tokenizer is None:
             model.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -95,26 +107,28 @@ def build_model_and_processor(config: TrainConfig):
         else:
             processor = MaskCMAProcessor.from_pretrained(path)
         return model, processor
-    tokenizer = AutoTokenizer.from_pretrained(settings.tokenizer or settings.vlm)
-    model = MaskCMAModel.from_pretrained_parts(settings.vlm, settings.sam2, tokenizer=tokenizer, **settings.config)
+    vlm, sam2, tokenizer_name = (
+        _folder_or_hub_id(config, name) for name in (settings.vlm, settings.sam2, settings.tokenizer or settings.vlm)
+    )
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
+    model = MaskCMAModel.from_pretrained_parts(vlm, sam2, tokenizer=tokenizer, **settings.config)
     return model, MaskCMAProcessor.from_model_config(model.config, tokenizer, **settings.processor)
 
 
-def _resolve(path: str | None, base_dir: Path) -> str | None:
-    if path is None:
-        return None
-    candidate = Path(path).expanduser()
-    if not candidate.is_absolute() and (base_dir / candidate).exists():
-        return str(base_dir / candidate)
-    return str(candidate)
+def _folder_or_hub_id(config: TrainConfig, name: str) -> str:
+    """`model.parts` entries are Hub ids or folders: a folder (relative to the YAML's folder) when it exists there
+    or the name is written as a path (``./``, ``../``, ``/``, ``~``), a Hub id otherwise."""
+    folder = config.resolve_path(name)
+    if folder.exists() or name.startswith((".", "/", "~")):
+        return str(folder)
+    return name
 
 
 def mix_of(config: TrainConfig) -> tuple[MixConfig, Path | None]:
     """The data mix of a configuration and the data root to load it with."""
     data = config.data
     if data.mix is not None:
-        mix_path = Path(_resolve(data.mix, config.base_dir))
-        mix = read_mix(mix_path)
+        mix = read_mix(config.resolve_path(data.mix))
     else:
         mix = parse_mix(
             {"sources": data.sources, "seed": data.seed, "shuffle": data.shuffle},
@@ -122,7 +136,7 @@ def mix_of(config: TrainConfig) -> tuple[MixConfig, Path | None]:
             base_dir=config.base_dir,
         )
     if data.data_root is not None:
-        return mix, Path(_resolve(data.data_root, config.base_dir))
+        return mix, config.resolve_path(data.data_root)
     if mix.data_root is None and mix.config_path is None:
         return mix, config.base_dir
     return mix, None
@@ -137,6 +151,39 @@ def load_training_records(config: TrainConfig) -> datasets.Dataset:
     if len(records) == 0:
         raise ValueError(f"{config.source}: the data mix has no records")
     return records
+
+
+def validate_training_records(
+    records: datasets.Dataset, processor, config: TrainConfig, progress: bool = True
+) -> tuple[datasets.Dataset, int]:
+    """The validation pass before step 0 (`data.validation.validate_records`): files, masks and every record's
+    templated training sequence against the model's limit (`processor.max_length`).
+
+    Returns:
+        `(records, dropped)`: with ``data.drop_invalid`` the invalid records are dropped and counted.
+
+    Raises:
+        DataValidationError: invalid records (named by file and line or id) and ``drop_invalid`` is off, or every
+            record is invalid.
+    """
+    from ..data.validation import drop_invalid, validate_records
+
+    max_tokens = getattr(processor, "max_length", None)
+    report = validate_records(
+        records,
+        prompt_length=(lambda record: training_sequence_length(processor, record)) if max_tokens else None,
+        max_prompt_tokens=max_tokens,
+        progress=progress,
+        description="validating training records",
+    )
+    if not config.data.drop_invalid:
+        if report.problems:
+            report.raise_if_problems()
+        return records, 0
+    kept = drop_invalid(records, report)
+    if len(kept) == 0:
+        report.raise_if_problems()
+    return kept, report.dropped
 
 
 def prepare_model_for_training(model: MaskCMAModel, config: TrainConfig):
@@ -167,14 +214,88 @@ def resolve_resume(resume: str | bool | None, output_dir: str) -> str | None:
     return str(resume)
 
 
+#: `training` fields that may change when a run is resumed (they do not change what was trained so far).
+RESUMABLE_TRAINING_FIELDS = frozenset(
+    {
+        "output_dir", "logging_dir", "max_steps", "num_train_epochs", "logging_steps", "logging_strategy",
+        "save_steps", "save_strategy", "save_total_limit", "report_to", "run_name", "disable_tqdm",
+        "dataloader_num_workers", "dataloader_prefetch_factor", "eval_steps", "push_to_hub", "hub_model_id",
+    }
+)
+
+
+def run_fingerprint(config: TrainConfig) -> dict:
+    """What identifies a training run, for its output folder: the model (a folder's config and weight headers), the
+    data, LoRA and the training settings except those a resume may change (`RESUMABLE_TRAINING_FIELDS`)."""
+    from dataclasses import asdict
+
+    model = asdict(config.model)
+    if config.model.source == "path":
+        model["path"] = model_fingerprint(config.resolve_path(config.model.path))
+    return {
+        "model": model,
+        "data": asdict(config.data),
+        "lora": asdict(config.lora),
+        "training": {k: v for k, v in sorted(config.training.items()) if k not in RESUMABLE_TRAINING_FIELDS},
+    }
+
+
+class RecordWrittenFiles(TrainerCallback):
+    """Records every entry the run adds to its output folder (checkpoints, logs) in the folder's manifest as soon as
+    it is saved, so that ``--overwrite`` removes what a crashed run left too."""
+
+    def __init__(self, folder: RunFolder):
+        self.folder = folder
+        self.before = {entry.name for entry in folder.path.iterdir()} - set(folder.files)
+
+    def record_new(self) -> None:
+        new = sorted(
+            entry.name
+            for entry in self.folder.path.iterdir()
+            if entry.name not in self.before and entry.name not in self.folder.files and not entry.name.startswith(".")
+        )
+        new = [name for name in new if name != "maskcma_run.json"]
+        if new:
+            self.folder.record(*new)
+
+    def on_save(self, args, state, control, **kwargs):
+        self.record_new()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.record_new()
+
+
+def claim_output_dir(config: TrainConfig, output_dir: str, resume: bool, overwrite: bool) -> RunFolder:
+    """Claim the training output folder for this run (module docstring; `run_folder.RunFolder`)."""
+    return RunFolder.claim(
+        output_dir, command="train", fingerprint=run_fingerprint(config), resume=resume, overwrite=overwrite
+    )
+
+
 def run_training(
-    config: TrainConfig, output_dir: str | None = None, resume: str | bool | None = None
+    config: TrainConfig,
+    output_dir: str | None = None,
+    resume: str | bool | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
 ) -> TrainingSummary:
-    """Train as configured; returns the summary (printed by the command on the main process)."""
+    """Train as configured; returns the summary (printed by the command on the main process).
+
+    The output folder is claimed first (on the main process; `claim_output_dir`), then the model is built, the
+    records are validated (`validate_training_records`), and training runs."""
     args = config.training_arguments(output_dir=output_dir)
+    folder = None
+    if args.process_index == 0:
+        folder = claim_output_dir(config, args.output_dir, resume=bool(resume), overwrite=overwrite)
     resume_from = resolve_resume(resume, args.output_dir)
-    model, processor = build_model_and_processor(config)
+    try:
+        model, processor = build_model_and_processor(config)
+    except (TypeError, ValueError) as error:
+        if isinstance(error, (TrainConfigError, DataFormatError)):
+            raise
+        raise TrainConfigError(f"{config.source}: model: {' '.join(str(error).split())}") from error
     records = load_training_records(config)
+    records, dropped = validate_training_records(records, processor, config, progress=progress)
     train_model = prepare_model_for_training(model, config)
     dataset = ProcessedRecords(records, processor, cache=config.data.cache, train_frames=config.data.train_frames)
     trainer = MaskCMATrainer(
@@ -184,6 +305,9 @@ def run_training(
         data_collator=MaskCMADataCollator(processor),
         processing_class=processor,
     )
+    recorder = RecordWrittenFiles(folder) if folder is not None else None
+    if recorder is not None:
+        trainer.add_callback(recorder)
     result = trainer.train(resume_from_checkpoint=resume_from)
     trainable = sum(p.numel() for p in train_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -193,6 +317,8 @@ def run_training(
     if trainer.is_world_process_zero():
         final.save_pretrained(model_dir)
         processor.save_pretrained(model_dir)
+        if recorder is not None:
+            recorder.record_new()
     trainer.accelerator.wait_for_everyone()
     train_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     return TrainingSummary(
@@ -206,6 +332,7 @@ def run_training(
         total_parameters=total,
         lora=config.lora.enabled,
         final_logs=train_logs[-1] if train_logs else {},
+        dropped_records=dropped,
     )
 
 
@@ -228,16 +355,27 @@ def register(subparsers) -> None:
         metavar="CHECKPOINT",
         help="resume from CHECKPOINT, or from the latest checkpoint in the output folder when no value is given",
     )
-    parser.add_argument("--output-dir", default=None, help="output folder (overrides training.output_dir)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in the output folder (removes only the files that run wrote)",
+    )
+    parser.add_argument(
+        "--output-dir",
+        default=None,
+        help="output folder, relative to the working directory (overrides training.output_dir)",
+    )
     parser.set_defaults(func=train_command)
 
 
 def train_command(args: argparse.Namespace) -> int:
+    from ..run_folder import RunFolderError
+
     try:
         config = load_train_config(args.config)
-        summary = run_training(config, output_dir=args.output_dir, resume=args.resume)
-    except (TrainConfigError, DataFormatError, UnknownDatasetError, FileNotFoundError) as error:
-        print(f"maskcma train: error: {error}", file=sys.stderr)
+        summary = run_training(config, output_dir=args.output_dir, resume=args.resume, overwrite=args.overwrite)
+    except (TrainConfigError, DataFormatError, UnknownDatasetError, FileNotFoundError, RunFolderError) as error:
+        print(f"maskcma train: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(summary.format())
@@ -246,12 +384,17 @@ def train_command(args: argparse.Namespace) -> int:
 
 __all__ = [
     "TrainingSummary",
+    "RESUMABLE_TRAINING_FIELDS",
+    "RecordWrittenFiles",
     "build_model_and_processor",
+    "claim_output_dir",
     "load_training_records",
     "mix_of",
     "prepare_model_for_training",
     "register",
     "resolve_resume",
+    "run_fingerprint",
     "run_training",
     "train_command",
+    "validate_training_records",
 ]

@@ -12,8 +12,9 @@ data:                       # a mix: `mix: FILE` or inline `sources` (format of 
     - {dataset: synthetic, split: train, repeat: 1, options: {num_samples: 2000}}
   seed: 0
   shuffle: true
-  data_root: null           # base of relative paths (default: the config file's folder)
+  data_root: null           # base of the data's relative paths (default: the config file's folder)
   max_samples: null         # keep only the first N records of the mix (smoke runs)
+  drop_invalid: false       # true: drop records the validation pass finds invalid (counted in the summary)
   train_frames: key         # videos: decode the key frames ("key") or every frame ("all") with SAM2
   cache: false              # keep processed samples in memory (small data, several epochs)
 lora:
@@ -25,6 +26,12 @@ training:                   # any transformers.TrainingArguments field
   output_dir: runs/maskcma
   per_device_train_batch_size: 2
 ```
+
+Relative paths: every relative path written in this file (`model.path`, `model.parts.*` when such a folder exists,
+`data.mix`, `data.data_root`, and the `training` fields `output_dir`, `resume_from_checkpoint`, `deepspeed`,
+`fsdp_config`, `accelerator_config` when given as file names) is relative to the folder of this
+YAML file, whatever the working directory; a path given on the command line (``--output-dir``) is relative to the
+working directory. A mix file's own paths are relative to the mix file's folder.
 
 Unset training fields take the recipe of DESIGN.md §1 (`RECIPE_DEFAULTS`): AdamW, lr 4e-5, weight decay 0.05,
 gradient clipping 1.0, cosine schedule with 5 % warm-up, one epoch, bf16 where a GPU supports it (off on CPU).
@@ -90,6 +97,7 @@ _DATA_FIELDS = {
     "max_samples": int | None,
     "train_frames": str,
     "cache": bool,
+    "drop_invalid": bool,
 }
 _LORA_FIELDS = {
     "enabled": bool,
@@ -133,6 +141,7 @@ class DataSettings:
     max_samples: int | None = None
     train_frames: str = "key"
     cache: bool = False
+    drop_invalid: bool = False
 
 
 @dataclass
@@ -158,15 +167,23 @@ class TrainConfig:
     source: str = "<config>"
     base_dir: Path = Path(".")
 
+    def resolve_path(self, path: str | Path) -> Path:
+        """A path written in the YAML: absolute as is, relative to the YAML file's folder (`base_dir`) otherwise."""
+        candidate = Path(path).expanduser()
+        return candidate if candidate.is_absolute() else self.base_dir / candidate
+
     def training_arguments(self, output_dir: str | None = None, **overrides) -> TrainingArguments:
         """`TrainingArguments` from the recipe defaults, the YAML's `training` section and `overrides`
         (`output_dir` from the command line wins over the YAML's)."""
         values = dict(RECIPE_DEFAULTS)
         values["bf16"] = _bf16_available()
         values.update(self.training)
+        for name in YAML_PATH_FIELDS:  # relative to the YAML's folder (module docstring)
+            if isinstance(values.get(name), str) and values[name]:
+                values[name] = str(self.resolve_path(values[name]))
         values.update(overrides)
         if output_dir is not None:
-            values["output_dir"] = str(output_dir)
+            values["output_dir"] = str(Path(output_dir).expanduser())
         if not values.get("output_dir"):
             raise TrainConfigError(
                 f"{self.source}: training.output_dir is not set; set it in the YAML or pass --output-dir DIR"
@@ -180,6 +197,10 @@ class TrainConfig:
             return TrainingArguments(**values)
         except (ValueError, TypeError) as error:
             raise TrainConfigError(f"{self.source}: training: {error}") from error
+
+
+#: `training` fields that are (or may be given as) paths, resolved against the YAML's folder when they are strings.
+YAML_PATH_FIELDS = ("output_dir", "resume_from_checkpoint", "deepspeed", "fsdp_config", "accelerator_config")
 
 
 def _bf16_available() -> bool:

@@ -49,4 +49,48 @@ class ProcessedRecords(Dataset):
         return item
 
 
-__all__ = ["NON_MODEL_KEYS", "ProcessedRecords"]
+def _frame_size(frame) -> tuple[int, int]:
+    """`(height, width)` of a record frame (a PIL image, or an undecoded ``{"bytes", "path"}`` dict), from its header."""
+    import io
+
+    from PIL import Image
+
+    if isinstance(frame, Image.Image):
+        return frame.size[1], frame.size[0]
+    source = io.BytesIO(frame["bytes"]) if frame.get("bytes") else frame["path"]
+    with Image.open(source) as image:
+        return image.size[1], image.size[0]
+
+
+def training_sequence_length(processor, record: dict) -> int:
+    """Tokens of a record's templated training sequence, as `processor.prepare_record` builds it (chat template,
+    image or key-frame tokens, prompt, answer and end of turn), computed from the frame headers without decoding or
+    tiling any image.
+
+    Used to check every record against the model's limit (`processor.max_length`) before step 0.
+    """
+    from ..processing.training_features import default_answer
+    from ..processing.video_io import sample_key_frames
+
+    media = record.get("media_type")
+    frames = record.get("frames") or []
+    if not frames:
+        return 0  # a record without frames is reported by the validation pass itself
+    if media == "video":
+        key_frames = sample_key_frames(len(frames), processor.num_key_frames, processor.key_frame_sampling)
+        tiles = [1] * len(key_frames)
+    else:
+        try:
+            height, width = _frame_size(frames[0])
+        except (OSError, KeyError, TypeError, ValueError):
+            return 0  # an unreadable frame is reported by the validation pass itself
+        tiles = [int(processor.image_processor.get_number_of_image_patches(height, width, {}))]
+    before, between, after = processor._chat_parts()
+    media_ids = processor.media_token_ids(tiles, is_video=media == "video")
+    prompt_ids = processor._tokenize(record.get("prompt") or "")
+    answer = record.get("answer") or default_answer(len(record.get("masks") or []), processor.seg_token, media)
+    answer_ids = processor._tokenize(answer)
+    return len(before) + len(media_ids) + len(between) + len(prompt_ids) + len(after) + len(answer_ids) + 1
+
+
+__all__ = ["NON_MODEL_KEYS", "ProcessedRecords", "training_sequence_length"]

@@ -15,13 +15,23 @@
 
 `merge_lora(peft_model)` folds the adapters, the trained copies and the trained token rows back into a plain
 `MaskCMAModel` that `save_pretrained` / `maskcma export` write like any other checkpoint.
+
+`load_adapter_strict(peft_model, folder)` loads saved adapter weights (a training checkpoint or the adapter folder
+of a LoRA run) strictly: the file must hold exactly the tensors the model's adapter saves — LoRA matrices, every
+`modules_to_save` copy, the trained token rows — with their shapes; a missing or unexpected key is an
+`AdapterLoadError` naming the keys, and every tensor is compared after loading. peft's own `load_adapter` only warns
+about missing keys and ignores unexpected ones.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
+from pathlib import Path
 
+import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from peft.utils.other import TrainableTokensWrapper
 from torch import nn
 
@@ -172,6 +182,117 @@ def _has_module(model: nn.Module, name: str) -> bool:
     return isinstance(module, nn.Module)
 
 
+class AdapterLoadError(ValueError):
+    """Saved adapter weights do not match the model's adapter; the message names the file, the keys and the fix."""
+
+
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def _name_keys(keys: list[str], limit: int = 12) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def read_adapter_weights(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Path]:
+    """The tensors of ``adapter_model.safetensors`` (or ``.bin``) in `folder`, on the CPU, and the file read.
+
+    Raises:
+        FileNotFoundError: `folder` holds no adapter weights.
+        AdapterLoadError: the file is truncated or corrupt (the message names it).
+    """
+    from ..run_folder import check_safetensors_file
+
+    folder = Path(folder)
+    for name in ADAPTER_WEIGHT_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        if name.endswith(".safetensors"):
+            check_safetensors_file(path)
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu"), path
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True), path
+        except Exception as error:  # torch raises several types for a damaged pickle
+            raise AdapterLoadError(f"{path} cannot be read ({error}); re-copy the file or train again") from None
+    raise FileNotFoundError(
+        f"{folder} holds no adapter weights ({' or '.join(ADAPTER_WEIGHT_FILES)}); pass the checkpoint or adapter "
+        "folder written by a LoRA run"
+    )
+
+
+def adapter_state_dict(peft_model: PeftModel, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The tensors peft saves for `adapter_name` (LoRA matrices, `modules_to_save` copies, trained token rows), with
+    a check that every trainable parameter is among them (so saving and resuming lose nothing).
+
+    Raises:
+        AdapterLoadError: a trainable parameter is not part of the saved adapter state.
+    """
+    state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
+    saved = {tensor.data_ptr() for tensor in state.values()}
+    unsaved = [
+        name
+        for name, parameter in peft_model.named_parameters()
+        if parameter.requires_grad and parameter.data_ptr() not in saved
+    ]
+    if unsaved:
+        raise AdapterLoadError(
+            f"trainable parameters that the adapter would not save: {_name_keys(unsaved)}; add their modules to "
+            "LoraConfig.modules_to_save"
+        )
+    return state
+
+
+def load_adapter_strict(
+    peft_model: PeftModel, folder: str | os.PathLike, adapter_name: str = "default"
+) -> dict[str, torch.Tensor]:
+    """Load the adapter weights saved in `folder` into `peft_model`'s adapter `adapter_name`, strictly.
+
+    Every tensor the adapter saves must be in the file with the same shape, and the file must hold nothing else;
+    after loading, every tensor is compared with the file. Returns the loaded tensors (peft's key names).
+
+    Raises:
+        AdapterLoadError: missing, unexpected or mis-shaped keys (named), or a tensor that did not load.
+        FileNotFoundError: no adapter weights in `folder`.
+    """
+    weights, path = read_adapter_weights(folder)
+    expected = adapter_state_dict(peft_model, adapter_name)
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    mismatched = sorted(
+        f"{key} {tuple(weights[key].shape)} vs {tuple(expected[key].shape)}"
+        for key in set(expected) & set(weights)
+        if weights[key].shape != expected[key].shape
+    )
+    if missing or unexpected or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"missing keys {_name_keys(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys {_name_keys(unexpected)}")
+        if mismatched:
+            problems.append(f"shapes differ (file vs model) for {_name_keys(mismatched)}")
+        raise AdapterLoadError(
+            f"the adapter weights in {path} do not match the model's adapter: {'; '.join(problems)}. Load them into "
+            "a model built with the same LoRA settings (r, target modules, modules_to_save, trained token ids) "
+            "they were trained with"
+        )
+    result = set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name)
+    unexpected_after = list(getattr(result, "unexpected_keys", []) or [])
+    if unexpected_after:
+        raise AdapterLoadError(f"peft did not place these tensors of {path}: {_name_keys(sorted(unexpected_after))}")
+    loaded = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
+    differing = [
+        key for key, value in weights.items()
+        if not torch.equal(loaded[key].detach().cpu(), value.to(loaded[key].dtype))
+    ]
+    if differing:
+        raise AdapterLoadError(f"these tensors of {path} did not load: {_name_keys(sorted(differing))}")
+    return weights
+
+
 def merge_lora(peft_model: PeftModel) -> MaskCMAModel:
     """Fold LoRA adapters, `modules_to_save` copies and trained token rows into the base weights.
 
@@ -188,13 +309,18 @@ def merge_lora(peft_model: PeftModel) -> MaskCMAModel:
 
 
 __all__ = [
+    "ADAPTER_WEIGHT_FILES",
+    "AdapterLoadError",
     "FULLY_TRAINED_MODULES",
     "LLM_PROJECTION_NAMES",
     "LORA_RECIPE",
+    "adapter_state_dict",
     "apply_lora",
     "default_lora_config",
     "lm_head_is_tied",
     "language_model_prefix",
     "llm_lora_target_modules",
+    "load_adapter_strict",
     "merge_lora",
+    "read_adapter_weights",
 ]

@@ -284,6 +284,39 @@ class MaskCMATrainer(Trainer):
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Resume the weights: a peft model's adapter is loaded strictly (`lora.load_adapter_strict`: the LoRA
+        matrices, every `modules_to_save` copy and the trained token rows, missing or unexpected keys are an error
+        naming them); a plain model goes through `Trainer`'s loading with `_issue_warnings_after_load` raising."""
+        from peft import PeftModel
+
+        from .lora import load_adapter_strict
+
+        target = model if model is not None else self.model
+        unwrapped = self.accelerator.unwrap_model(target, keep_torch_compile=False)
+        if isinstance(unwrapped, PeftModel):
+            adapter_names = list(unwrapped.peft_config)
+            if len(adapter_names) != 1:
+                raise ValueError(
+                    f"resuming a peft model with several adapters ({adapter_names}) is not supported; train one "
+                    "adapter per run"
+                )
+            load_adapter_strict(unwrapped, resume_from_checkpoint, adapter_names[0])
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        """`load_best_model_at_end` for a peft model: the best checkpoint's adapter, loaded strictly."""
+        from peft import PeftModel
+
+        from .lora import load_adapter_strict
+
+        unwrapped = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if isinstance(unwrapped, PeftModel) and self.state.best_model_checkpoint:
+            load_adapter_strict(unwrapped, self.state.best_model_checkpoint, list(unwrapped.peft_config)[0])
+            return
+        super()._load_best_model()
+
     def _issue_warnings_after_load(self, load_result) -> None:
         """Resuming must restore every weight: raise (instead of warning) on missing or unexpected keys, except
         parameters that are tied to a saved one (the LM head of a tied-embedding LLM)."""
