@@ -363,7 +363,7 @@ def test_not_a_sa2va_folder_is_refused(tmp_path, tiny_source):
     with pytest.raises(Sa2VAConversionError, match="not a Sa2VA checkpoint.*model_type='maskcma'"):
         build_sa2va_model(saved)
     code = main(["convert", "sa2va", str(saved), "--output", str(tmp_path / "out")])
-    assert code == 1 and not (tmp_path / "out").exists()
+    assert code == 2 and not (tmp_path / "out").exists()
 
 
 def test_unsupported_llm_and_incomplete_checkpoints_are_refused(tmp_path, tiny_source, sam2_config_file):

@@ -262,7 +262,7 @@ def test_missing_token_is_a_clear_error_before_any_request(fake_hub, export_dir,
         push_to_hub(export_dir, "alice/m", endpoint=fake_hub.url)
     assert fake_hub.calls == []
     code = main(["push", str(export_dir), "--repo-id", "alice/m", "--endpoint", fake_hub.url])
-    assert code == 1 and "HF_TOKEN" in capsys.readouterr().err
+    assert code == 2 and "HF_TOKEN" in capsys.readouterr().err
 
 
 def test_rejected_token_names_the_repo_and_how_to_log_in(fake_hub, export_dir):

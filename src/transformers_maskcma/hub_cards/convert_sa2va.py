@@ -716,7 +716,7 @@ def run_convert_sa2va(args: argparse.Namespace) -> int:
         )
     except (Sa2VAConversionError, FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"maskcma convert sa2va: error: {error}", file=sys.stderr)
-        return 1
+        return 2
     report = json.loads((output / CONVERSION_REPORT_NAME).read_text())
     print(
         f"Wrote a MaskCMA model to {output}: {report['num_mapped_keys']} of {report['num_source_keys']} Sa2VA keys "
