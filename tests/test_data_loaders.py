@@ -502,3 +502,39 @@ def test_refs_pickle_that_is_not_a_pickle(tmp_path, cache):
         pickle.dump({"not": "a list"}, handle)
     with pytest.raises(DataFormatError, match="expected a pickled list of refs"):
         load_refcoco(tmp_path, split="val", cache_dir=cache)
+
+
+@pytest.mark.parametrize(
+    ("counts", "error"),
+    [
+        ([100, -4, 72], r"run 1 has the negative length -4"),  # pycocotools alone: OverflowError
+        ([10, 20], r"the run lengths sum to 30 but a 12x14 mask has 168 pixels"),  # would decode to nonsense
+        ("0M", r"run 1 has the negative length -3"),
+    ],
+)
+def test_custom_invalid_rle_names_file_and_line(tmp_path, cache, counts, error):
+    write_custom(tmp_path)
+    lines = (tmp_path / "train.jsonl").read_text().splitlines()
+    sample = json.loads(lines[0])
+    sample["masks"][1] = {"size": [12, 14], "counts": counts}
+    lines[0] = json.dumps(sample)
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataFormatError, match=r"train\.jsonl line 1 masks\[1\]: invalid RLE counts: " + error):
+        load_custom(tmp_path / "train.jsonl", cache_dir=cache)
+
+
+def test_revos_foreground_listed_per_object_keeps_the_official_area(tmp_path, cache):
+    objects = write_video_dataset(tmp_path, "valid", layout="revos")["objects"]
+    foreground = json.loads((tmp_path / "mask_dict_foreground.json").read_text())
+    height, width, _ = VIDEO_SIZES["vidA"]
+    shared = rect(height, width, 4, 4, 8, 8)  # overlaps object 0 of frame 0 (rows 1-5, cols 1-5) on 4 pixels
+    per_object = [compressed_rle(objects[0][0]), compressed_rle(shared)]
+    foreground["vidA"]["masks_rle"][0] = per_object
+    (tmp_path / "mask_dict_foreground.json").write_text(json.dumps(foreground))
+    meta = json.loads(by_id(load_revos(tmp_path, "valid", cache_dir=cache))["revos/valid/vidA/0"]["meta"])
+    from transformers_maskcma.data import decode_rle
+
+    # the official scorers sum the listed objects: 25 + 16 = 41 (the 4 shared pixels twice); the union has 37
+    assert meta["foreground_area"][0] == 25 + 16
+    assert meta["foreground_area"][1:] == [int(frames_of(objects, 0, "vidA")[t].sum() + frames_of(objects, 1, "vidA")[t].sum()) for t in (1, 2, 3)]
+    assert int(decode_rle(meta["foreground"][0]).sum()) == 37

@@ -534,7 +534,7 @@ def test_cli_scores_saved_predictions(tmp_path, capsys):
     base = ["evaluate", "--predictions", str(preds_dir), "--dataset", "mevis", "--split", "valid_u",
             "--data-root", str(tmp_path / "mevis"), "--no-progress"]
 
-    assert main(base) == 1
+    assert main(base) == 2
     assert "no prediction for sample 'mevis/valid_u/v1/1'" in capsys.readouterr().err
 
     with PredictionStore(preds_dir, writable=True) as store:
@@ -598,3 +598,291 @@ def test_revos_folder_through_the_real_loader(tmp_path):
     assert metrics["reasoning"]["A"] == pytest.approx(1 - 24 / (H * W))
     assert metrics["reasoning"]["J"] == pytest.approx(16 / 40)
     assert metrics["overall"]["R"] == pytest.approx((1 + 1 - 24 / (48 + 1e-6)) / 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one predictions folder = one run
+
+
+def _fingerprint(model: str) -> dict:
+    return {"model": {"name_or_path": model, "config_sha256": model * 2}, "dataset": "mevis", "split": "valid"}
+
+
+def test_second_model_is_refused_naming_what_differs(video_case, tmp_path):
+    from transformers_maskcma.run_folder import RunFolderError
+
+    dataset, truths, predictions = video_case
+    first = evaluate_dataset(dataset, FakeModel(predictions), tmp_path / "run", show_progress=False,
+                             fingerprint=_fingerprint("model-a"))
+    other = FakeModel({sample_id: np.zeros_like(truth) for sample_id, truth in truths.items()})
+    with pytest.raises(RunFolderError) as caught:
+        evaluate_dataset(dataset, other, tmp_path / "run", show_progress=False, fingerprint=_fingerprint("model-b"))
+    message = str(caught.value)
+    assert 'model.name_or_path: "model-a" vs "model-b"' in message and "model.config_sha256" in message
+    assert "--overwrite" in message and "another output folder" in message
+    assert other.calls == []  # refused before predicting anything
+    # the same run resumes: nothing is predicted again
+    again = FakeModel(predictions)
+    resumed = evaluate_dataset(dataset, again, tmp_path / "run", show_progress=False, fingerprint=_fingerprint("model-a"))
+    assert again.calls == [] and resumed["metrics"] == first["metrics"]
+    # --overwrite: the second model predicts every sample itself
+    replaced = evaluate_dataset(dataset, other, tmp_path / "run", show_progress=False,
+                                fingerprint=_fingerprint("model-b"), overwrite=True)
+    assert other.calls == list(truths)
+    assert replaced["metrics"]["J"] < first["metrics"]["J"]
+    manifest = json.loads((tmp_path / "run" / "maskcma_run.json").read_text())
+    assert manifest["fingerprint"] == _fingerprint("model-b")
+    assert set(manifest["files"]) == {"predictions.jsonl", "metrics.json", "scores.jsonl"}
+
+
+def test_folder_with_predictions_of_unknown_origin_is_refused(video_case, tmp_path):
+    from transformers_maskcma.run_folder import RunFolderError
+
+    dataset, truths, predictions = video_case
+    with PredictionStore(tmp_path / "run", writable=True) as store:
+        store.add(list(truths)[0], _frames(predictions[list(truths)[0]], 3))
+    with pytest.raises(RunFolderError, match="holds no maskcma_run.json"):
+        evaluate_dataset(dataset, FakeModel(predictions), tmp_path / "run", show_progress=False)
+    with pytest.raises(RunFolderError, match="holds a predictions.jsonl that no recorded run wrote"):
+        evaluate_dataset(dataset, FakeModel(predictions), tmp_path / "run", show_progress=False, overwrite=True)
+
+
+def test_metrics_json_records_the_run_and_export_reads_it(video_case, tmp_path):
+    from transformers_maskcma.hub_cards.model_card import load_benchmark_results
+
+    dataset, truths, predictions = video_case
+    skipped = list(truths)[3]
+    result = evaluate_dataset(dataset, FakeModel(predictions, fail_on=[skipped]), tmp_path / "run",
+                              show_progress=False, fingerprint=_fingerprint("model-a"), missing="drop")
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved == result
+    assert saved["fingerprint"] == _fingerprint("model-a") and (saved["dataset"], saved["split"]) == ("mevis", "valid")
+    assert saved["counts"] == {"samples": 4, "scored": 3, "excluded": 0, "missing": 1}
+    assert saved["missing_policy"] == "drop" and saved["metrics"]["n_expressions"] == 3
+    (benchmark,) = load_benchmark_results(tmp_path / "run" / "metrics.json")
+    assert (benchmark.dataset, benchmark.split, benchmark.num_samples) == ("mevis", "valid", 3)
+    assert benchmark.metrics["J&F"] == pytest.approx(saved["metrics"]["J&F"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --missing error | zero | empty | drop
+
+
+def _iou(prediction, truth):
+    union = np.count_nonzero(prediction | truth)
+    return 1.0 if union == 0 else np.count_nonzero(prediction & truth) / union
+
+
+def test_missing_rules_on_images(image_case, tmp_path):
+    dataset, truths, predictions = image_case
+    absent = "img/2"  # no object in the ground truth: an empty mask would score IoU 1
+    with PredictionStore(tmp_path / "preds", writable=True) as store:
+        for sample_id in truths:
+            if sample_id != absent:
+                store.add(sample_id, _frames(predictions[sample_id], 1)[None])
+    union = {s: np.any(objects, axis=0) if objects else np.zeros((H, W), bool) for s, objects in truths.items()}
+    ious = {s: _iou(_frames(predictions[s], 1), union[s]) for s in truths if s != absent}
+    results = {
+        rule: score_predictions(dataset, tmp_path / "preds", missing=rule, show_progress=False)
+        for rule in ("zero", "empty", "drop")
+    }
+    assert results["empty"]["metrics"]["gIoU"] == pytest.approx((sum(ious.values()) + 1.0) / 4)
+    assert results["zero"]["metrics"]["gIoU"] == pytest.approx(sum(ious.values()) / 4)
+    assert results["drop"]["metrics"]["gIoU"] == pytest.approx(sum(ious.values()) / 3)
+    assert [results[r]["counts"]["scored"] for r in ("zero", "empty", "drop")] == [4, 4, 3]
+    assert all(results[r]["counts"]["missing"] == 1 for r in results)
+    with pytest.raises(KeyError, match=r"no prediction for sample 'img/2'.*--missing zero\|empty\|drop"):
+        score_predictions(dataset, tmp_path / "preds", show_progress=False)
+
+
+def test_missing_rules_on_videos(video_case, tmp_path):
+    dataset, truths, predictions = video_case
+    absent = list(truths)[0]
+    with PredictionStore(tmp_path / "preds", writable=True) as store:
+        for sample_id in truths:
+            if sample_id != absent:
+                store.add(sample_id, _frames(predictions[sample_id], 3))
+    present = [video_expression_scores(_frames(predictions[s], 3), truths[s]) for s in truths if s != absent]
+    zero = score_predictions(dataset, tmp_path / "preds", missing="zero", show_progress=False)["metrics"]
+    drop = score_predictions(dataset, tmp_path / "preds", missing="drop", show_progress=False)["metrics"]
+    assert zero["J"] == pytest.approx(sum(s.j for s in present) / 4) and zero["n_expressions"] == 4
+    assert drop["J"] == pytest.approx(sum(s.j for s in present) / 3) and drop["n_expressions"] == 3
+    assert drop["F"] == pytest.approx(sum(s.f for s in present) / 3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the official ReVOS rules, through the real loader
+
+
+def _write_revos_overlap(root: Path) -> None:
+    """ReVOS folder: 5 frames of 8x8; objects 1 and 2 (2x2 pixels each) share pixel (3, 3) in frames 0-3, not in
+    frame 4. Expression "0" (referring) refers to both, "1" (reasoning) to object 1, "2" has type_id 2."""
+    from pycocotools import mask as coco_mask
+
+    def rle(mask):
+        encoded = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
+        return {"size": encoded["size"], "counts": encoded["counts"].decode("ascii")}
+
+    frames = [f"{t:05d}" for t in range(5)]
+    for t, name in enumerate(frames):
+        write_frame(root / "JPEGImages" / "v1" / f"{name}.jpg", height=8, width=8, seed=t)
+    one = [rect(2, 2, 4, 4, 8, 8)] * 4 + [rect(0, 0, 2, 2, 8, 8)]
+    two = [rect(3, 3, 5, 5, 8, 8)] * 4 + [rect(5, 5, 7, 7, 8, 8)]
+    meta = {"videos": {"v1": {"frames": frames, "expressions": {
+        "0": {"exp": "both squares", "obj_id": ["1", "2"], "anno_id": [1, 2], "type_id": 0},
+        "1": {"exp": "which square is on top?", "obj_id": [1], "anno_id": [1], "type_id": 1},
+        "2": {"exp": "an excluded expression", "obj_id": [2], "anno_id": [2], "type_id": 2},
+    }}}}
+    (root / "meta_expressions_valid_.json").write_text(json.dumps(meta))
+    (root / "mask_dict.json").write_text(json.dumps({"1": [rle(m) for m in one], "2": [rle(m) for m in two]}))
+    foreground = [rle(one[t] | two[t]) for t in range(5)]
+    (root / "mask_dict_foreground.json").write_text(json.dumps({"v1": {"masks_rle": foreground}}))
+
+
+def test_revos_official_rules_on_overlapping_objects(tmp_path):
+    from transformers_maskcma.data import load_dataset_by_name
+
+    _write_revos_overlap(tmp_path / "revos")
+    dataset = load_dataset_by_name("revos", tmp_path / "revos", "valid")
+    one = np.stack([rect(2, 2, 4, 4, 8, 8)] * 4 + [rect(0, 0, 2, 2, 8, 8)])
+    two = np.stack([rect(3, 3, 5, 5, 8, 8)] * 4 + [rect(5, 5, 7, 7, 8, 8)])
+    predictions = {"revos/valid/v1/0": one | two, "revos/valid/v1/1": one, "revos/valid/v1/2": two}
+    model = FakeModel(predictions)
+    official = evaluate_dataset(dataset, model, tmp_path / "run", show_progress=False)
+    metrics = official["metrics"]
+    # expression 0, by hand: A = (4 * 63/64 + 1) / 5 = 0.9875 (the shared pixel is 2 in the ground truth, 1 in the
+    # prediction); R = (4 * max(1 - 255 / 7, 0) + 1) / 5 = 0.2 (1 - 2 wraps to 255 false positives; |fg| = 7)
+    assert metrics["referring"]["A"] == pytest.approx(0.9875)
+    assert metrics["referring"]["R"] == pytest.approx(0.2)
+    assert metrics["referring"]["J"] == 1.0 and metrics["referring"]["F"] == 1.0
+    assert metrics["reasoning"]["A"] == 1.0 and metrics["reasoning"]["R"] == pytest.approx(1.0)
+    assert metrics["overall"]["A"] == pytest.approx((0.9875 + 1.0) / 2)
+    assert metrics["overall"]["R"] == pytest.approx((0.2 + 1.0) / 2)
+    assert metrics["n_excluded"] == 1 and official["excluded_sample_ids"] == ["revos/valid/v1/2"]
+    assert official["counts"] == {"samples": 3, "scored": 2, "excluded": 1, "missing": 0}
+    assert official["revos_ground_truth"] == "official"
+    union = score_predictions(dataset, tmp_path / "run", revos_ground_truth="union", show_progress=False)["metrics"]
+    assert union["referring"]["A"] == 1.0 and union["referring"]["R"] == pytest.approx(1.0)
+    assert union["referring"]["J"] == metrics["referring"]["J"] and union["referring"]["F"] == metrics["referring"]["F"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the whole split is checked before the first prediction
+
+
+def test_mixed_images_and_videos_are_refused_before_predicting(tmp_path):
+    from fixtures_data import write_custom
+
+    from transformers_maskcma.data import load_custom
+
+    write_custom(tmp_path / "data")  # line 1 an image, lines 2 and 3 videos
+    dataset = load_custom(tmp_path / "data" / "train.jsonl", cache_dir=tmp_path / "cache")
+    model = FakeModel({})
+    with pytest.raises(DataValidationError) as caught:
+        evaluate_dataset(dataset, model, tmp_path / "run", show_progress=False)
+    message = str(caught.value)
+    assert message.startswith("1 of 3 records have problems (1 problems: 1 wrong media types)")
+    assert "train.jsonl:1: media type 'image' but this data holds video records" in message
+    assert model.calls == [] and not (tmp_path / "run" / "predictions.jsonl").exists()
+
+
+def test_missing_frame_is_found_before_predicting(video_case, tmp_path, capsys):
+    dataset, truths, predictions = video_case
+    Path(dataset[0]["frames"][2].filename).unlink()  # vidA frame 00010, used by two expressions
+    model = FakeModel(predictions)
+    with pytest.raises(DataValidationError, match=r"2 of 4 records have problems \(2 problems: 2 missing files\)"):
+        evaluate_dataset(dataset, model, tmp_path / "run", show_progress=True)
+    assert model.calls == []
+    assert "Checking the evaluation set" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the command line: fingerprints, refusal, default folder
+
+
+def _fake_models(tmp_path: Path, monkeypatch, predictions) -> tuple[Path, Path]:
+    import transformers_maskcma.evaluation.model_predict as model_predict
+
+    folders = []
+    for name, hidden in (("model-a", 8), ("model-b", 16)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"model_type": "maskcma", "hidden_size": hidden}))
+        folders.append(folder)
+    monkeypatch.setattr(model_predict, "model_predict_fn", lambda *args, **kwargs: FakeModel(predictions))
+    return folders[0], folders[1]
+
+
+def test_cli_refuses_a_second_model_in_the_same_folder(tmp_path, monkeypatch, capsys):
+    from transformers_maskcma.cli import main
+
+    truths = _write_mevis_folder(tmp_path / "mevis")
+    model_a, model_b = _fake_models(tmp_path, monkeypatch, truths)
+    base = ["evaluate", "--dataset", "mevis", "--split", "valid_u", "--data-root", str(tmp_path / "mevis"),
+            "--predictions", str(tmp_path / "eval"), "--no-progress"]
+    assert main(base + ["--model", str(model_a)]) == 0
+    out = capsys.readouterr().out
+    assert "J&F 100.00" in out and f"model: {model_a}" in out
+    assert main(base + ["--model", str(model_b)]) == 2
+    error = capsys.readouterr().err
+    assert f"output folder {tmp_path / 'eval'} holds another run" in error
+    assert "model.name_or_path:" in error and "model.config_sha256" in error
+    assert f"Its predictions were made by model {model_a}; this run evaluates {model_b}." in error
+    assert "pass --overwrite to replace it, or choose another output folder" in error
+    # other generation settings are another run too
+    assert main(base + ["--model", str(model_a), "--max-new-tokens", "64"]) == 2
+    assert "generation.max_new_tokens: 32 vs 64" in capsys.readouterr().err
+    assert main(base + ["--model", str(model_b), "--overwrite"]) == 0
+    capsys.readouterr()
+    # scoring the folder without --model reads the recorded run
+    assert main(["evaluate", "--dataset", "mevis", "--split", "valid_u", "--data-root", str(tmp_path / "mevis"),
+                 "--predictions", str(tmp_path / "eval"), "--no-progress"]) == 0
+    assert f"model: {model_b}" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved["fingerprint"]["model"]["name_or_path"] == str(model_b)
+    assert saved["fingerprint"]["generation"] == {"mask_threshold": None, "max_new_tokens": 32}
+    assert saved["fingerprint"]["data_root"] == str((tmp_path / "mevis").resolve())
+    assert (saved["dataset"], saved["split"], saved["counts"]["scored"]) == ("mevis", "valid_u", 2)
+    # ... and refuses scoring it as another split
+    assert main(["evaluate", "--dataset", "mevis", "--split", "valid", "--data-root", str(tmp_path / "mevis"),
+                 "--predictions", str(tmp_path / "eval"), "--no-progress"]) == 2
+    assert "were made on split 'valid_u', not 'valid'" in capsys.readouterr().err
+
+
+def test_cli_default_folder_names_the_model(tmp_path, monkeypatch, capsys):
+    from transformers_maskcma.cli import main
+
+    truths = _write_mevis_folder(tmp_path / "mevis")
+    model_a, model_b = _fake_models(tmp_path, monkeypatch, truths)
+    monkeypatch.chdir(tmp_path)
+    for model in (model_a, model_b):
+        assert main(["evaluate", "--model", str(model), "--dataset", "mevis", "--split", "valid_u",
+                     "--data-root", str(tmp_path / "mevis"), "--no-progress"]) == 0
+    assert sorted(p.name for p in (tmp_path / "maskcma-eval").iterdir()) == [
+        "model-a-mevis-valid_u", "model-b-mevis-valid_u"
+    ]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--missing {error,zero,empty,drop}" in help_text and "--skip-missing" not in help_text
+    assert "--revos-ground-truth {official,union}" in help_text and "--overwrite" in help_text
+
+
+def test_processor_fingerprint_of_a_saved_folder(tmp_path):
+    from transformers_maskcma.evaluation.fingerprint import evaluation_fingerprint, model_display_name
+    from transformers_maskcma.processing import build_tiny_processor, save_model_folder
+    from transformers_maskcma.tiny import build_tiny_model
+
+    model, tokenizer = build_tiny_model(seed=0)
+    save_model_folder(model, build_tiny_processor(tokenizer), tmp_path / "tiny")
+    fingerprint = evaluation_fingerprint(tmp_path / "tiny", dataset="refcoco", split="val", data_root=None)
+    processor = fingerprint["processor"]
+    assert processor["num_key_frames"] == 5 and processor["key_frame_sampling"] == "first"
+    assert "max_image_tiles" in processor and "processor_config.json" in processor["files"]
+    assert "modeling_maskcma.py" in processor["remote_code"]
+    assert set(fingerprint["model"]["weights"]) == {"model.safetensors"}
+    assert model_display_name("OpenGVLab/Sa2VA-1B") == "OpenGVLab--Sa2VA-1B"
+    assert evaluation_fingerprint("OpenGVLab/Sa2VA-1B", dataset="d", split="s", data_root=None)["model"] == {
+        "name_or_path": "OpenGVLab/Sa2VA-1B", "repo": "OpenGVLab/Sa2VA-1B"
+    }

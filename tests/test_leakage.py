@@ -75,12 +75,13 @@ def test_planted_overlaps_by_id_and_by_content(planted):
     assert found(overlaps) == {
         ("mevis:train", "vidA", "renamed_clip", "content"),
         ("mevis:train", "vidB", "vidB", "id+content"),
-        ("mevis:train", "vidA", "vidA", "id"),
+        ("mevis:train", "vidA", "vidA", "name-collision"),  # same name, other pixels: not leakage
         ("refcoco:testA", "COCO_train2014_000000000003.jpg", "photo_0042.jpg", "content"),
         ("refcoco:train", "COCO_train2014_000000000001.jpg", "COCO_train2014_000000000001.jpg", "id+content"),
     }
     assert {o.eval_source for o in overlaps} == {"mine:eval"}
     assert {o.media_type for o in overlaps if o.train_source == "mevis:train"} == {"video"}
+    assert [o.eval_media_id for o in overlaps if not o.is_leak] == ["vidA"]
 
 
 def test_a_mixed_dataset_with_repeats_is_checked_once_per_medium(planted):
@@ -130,7 +131,7 @@ def test_warn_if_leaking_logs_a_loud_warning(planted, caplog):
     with caplog.at_level(logging.WARNING, logger="transformers_maskcma.data.leakage"):
         overlaps = warn_if_leaking(planted["train"], planted["eval"])
     assert len(overlaps) == 5
-    assert "DATA LEAKAGE: 5 evaluation image(s)/video(s) also appear in the training data (mine:eval: 5)" in caplog.text
+    assert "DATA LEAKAGE: 4 evaluation image(s)/video(s) also appear in the training data (mine:eval: 4)" in caplog.text
     assert "renamed_clip" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="transformers_maskcma.data.leakage"):
@@ -171,8 +172,10 @@ def test_cli_data_check_exit_codes(planted, capsys):
     output = capsys.readouterr()
     assert code == 1
     assert "renamed_clip" in output.out and "mevis:train (mevis)" in output.out
-    assert "LEAKAGE: 4 evaluation image(s)/video(s)" in output.err  # refcoco testA is not in this mix
-    assert len(json.loads((root / "overlaps.json").read_text())) == 4
+    assert "LEAKAGE: 3 evaluation image(s)/video(s)" in output.err  # refcoco testA is not in this mix
+    assert "1 name collision(s): the same name on different pictures" in output.out
+    saved = json.loads((root / "overlaps.json").read_text())
+    assert len(saved) == 4 and [o["eval_media_id"] for o in saved if not o["is_leak"]] == ["vidA"]
 
     code = main(["data", "check", str(mix), "--eval", f"refcoco:val:{root / 'refcoco'}", "--cache-dir", cache])
     assert code == 0
@@ -199,3 +202,37 @@ def test_eval_spec_parsing():
         parse_eval_spec("ref_davis:valid")
     with pytest.raises(argparse.ArgumentTypeError, match="unknown dataset 'davis'"):
         parse_eval_spec("davis:valid:/x")
+
+
+def test_re_encoded_copy_under_its_name_is_leakage_and_a_name_clash_is_not(tmp_path, capsys):
+    """The same name on a re-encoded copy (JPEG quality 60, other bytes) is leakage ("id+pixels"); the same name
+    on another picture is a name collision, reported apart, and `data check` then exits 0."""
+    from PIL import Image
+
+    write_video_dataset(tmp_path / "mevis", "train", layout="mevis")
+    train_frames = tmp_path / "mevis" / "train" / "JPEGImages"
+    for t in range(4):
+        target = tmp_path / "eval" / "reencoded" / "vidA" / f"{t:05d}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(train_frames / "vidA" / f"{t:05d}.jpg") as image:
+            image.save(target, quality=60)
+        assert target.read_bytes() != (train_frames / "vidA" / f"{t:05d}.jpg").read_bytes()
+    write_video_frames(tmp_path / "eval" / "other", video_names=("vidB",), seed=555)  # same name, other pixels
+    lines = [{"video_dir": "reencoded/vidA", "prompt": "x"}, {"video_dir": "other/vidB", "prompt": "x"}]
+    (tmp_path / "eval" / "eval.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    cache = tmp_path / "cache"
+    train = {"mevis:train": load_mevis(tmp_path / "mevis", "train", cache_dir=cache)}
+    evaluation = {"mine": load_custom(tmp_path / "eval" / "eval.jsonl", cache_dir=cache)}
+    assert found(check_leakage(train, evaluation)) == {
+        ("mevis:train", "vidA", "vidA", "id+pixels"),
+        ("mevis:train", "vidB", "vidB", "name-collision"),
+    }
+
+    (tmp_path / "eval" / "clash.jsonl").write_text(json.dumps(lines[1]) + "\n")
+    mix = tmp_path / "mix.yaml"
+    mix.write_text(yaml.safe_dump({"sources": [{"dataset": "mevis", "path": "mevis", "split": "train"}]}))
+    code = main(["data", "check", str(mix), "--eval", f"custom:clash:{tmp_path / 'eval' / 'clash.jsonl'}",
+                 "--cache-dir", str(cache)])
+    output = capsys.readouterr()
+    assert code == 0 and "LEAKAGE" not in output.err
+    assert "1 name collision(s)" in output.out and "name-collision" in output.out and "no leakage" in output.out

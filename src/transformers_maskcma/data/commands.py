@@ -2,7 +2,8 @@
 
 ``maskcma data check MIX.yaml --eval NAME:SPLIT:ROOT [--eval ...]``
     Loads every source of the mix and every evaluation split, prints a table of the images/videos they share
-    (by id and by content hash) and exits with 1 when there is any overlap, 0 otherwise.
+    (by content hash, or by name when the decoded pictures agree) and exits with 1 when there is any, 0
+    otherwise. Equal names on different pictures are listed apart as name collisions (not leakage).
 ``maskcma data summary MIX.yaml``
     Loads the mix and prints the records per source, the repeat factors and the mixed size.
 """
@@ -42,14 +43,22 @@ def _check(args: argparse.Namespace) -> int:
         dataset = load_dataset_by_name(name, root, split, **({} if name == "synthetic" else options))
         evaluation.append((f"{name}:{split}", dataset))
     overlaps = check_leakage(train, evaluation, content_hash=not args.no_content_hash, video_frames=args.video_frames)
-    print(format_overlaps(overlaps))
+    leaks = [overlap for overlap in overlaps if overlap.is_leak]
+    collisions = [overlap for overlap in overlaps if not overlap.is_leak]
+    print(format_overlaps(leaks))
+    if collisions:
+        print(
+            f"\n{len(collisions)} name collision(s): the same name on different pictures in training and evaluation "
+            "data (not leakage; rename one side if the names matter to you):"
+        )
+        print(format_overlaps(collisions))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump([asdict(o) for o in overlaps], handle, indent=2)
-    if overlaps:
-        print(f"\nLEAKAGE: {summarize_overlaps(overlaps)}", file=sys.stderr)
+            json.dump([{**asdict(o), "is_leak": o.is_leak} for o in overlaps], handle, indent=2)
+    if leaks:
+        print(f"\nLEAKAGE: {summarize_overlaps(leaks)}", file=sys.stderr)
         return 1
-    print(f"\nchecked {len(train)} training source(s) against {len(evaluation)} evaluation split(s): no overlap")
+    print(f"\nchecked {len(train)} training source(s) against {len(evaluation)} evaluation split(s): no leakage")
     return 0
 
 
@@ -75,7 +84,8 @@ def register(subparsers) -> None:
 
     check = data_commands.add_parser(
         "check",
-        help="report images/videos that appear in both a training mix and evaluation splits (exit code 1 if any)",
+        help="report images/videos that appear in both a training mix and evaluation splits (exit code 1 if any); "
+        "equal names on different pictures are listed as name collisions, not leakage",
     )
     check.add_argument("mix", help="the mix YAML file")
     check.add_argument(
@@ -87,7 +97,11 @@ def register(subparsers) -> None:
         help="an evaluation split, e.g. ref_davis:valid:/data/davis17 (repeatable)",
     )
     check.add_argument("--data-root", default=None, help="base of the mix's relative paths (default: from the YAML)")
-    check.add_argument("--no-content-hash", action="store_true", help="compare ids only, do not hash frame files")
+    check.add_argument(
+        "--no-content-hash",
+        action="store_true",
+        help="compare ids only, do not read frame files (an equal name then counts as a match, match 'id')",
+    )
     check.add_argument(
         "--video-frames", choices=VIDEO_FRAME_MODES, default="all", help="hash all frames of a video or only the first"
     )

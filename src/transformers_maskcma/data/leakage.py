@@ -1,31 +1,43 @@
 """Train/evaluation leakage check: which images or videos of the evaluation splits also occur in training data.
 
-Two records show the same media when
+Two records are compared
 
-- **by id**: they have the same ``media_type`` and ``media_id`` (COCO file name, video name, ...), or
-- **by content**: the bytes of their frame files hash alike (BLAKE2b of the raw file bytes, never decoded
-  pixels; an image hashes its one file, a video all its frames in order, or only the first with
-  ``video_frames="first"``). This finds renamed copies, e.g. Ref-DAVIS17 videos inside another training set.
+- **by content**: the bytes of their frame files hash alike (BLAKE2b of the raw file bytes; an image hashes its
+  one file, a video all its frames in order, or only the first with ``video_frames="first"``). This finds
+  renamed copies, e.g. Ref-DAVIS17 videos inside another training set;
+- **by id**: they have the same ``media_type`` and ``media_id`` (COCO file name, video name, ...). An equal name
+  alone proves nothing (two datasets may each have a ``00001.jpg`` or a video ``vidA``), so the decoded pixels
+  decide: each frame is reduced to an 8x8 grayscale thumbnail (box filter) and the two media are the same picture
+  when the thumbnails differ by at most `PIXEL_TOLERANCE` grey levels on average, which a re-encoded or resized
+  copy does (JPEG re-compression moves an 8x8 thumbnail by a few levels) and a different picture does not.
 
 Each shared medium is reported once per (training source, evaluation split) as an `Overlap` whose ``match`` is
-``"id+content"``, ``"id"`` (same name, different or unhashed bytes: a re-encoded copy or a name clash) or
-``"content"`` (a renamed copy).
+``"id+content"`` (same name, same bytes), ``"id+pixels"`` (same name, same picture re-encoded), ``"content"`` (a
+renamed byte copy), ``"id"`` (same name, content not compared: ``content_hash=False``) or ``"name-collision"``
+(same name, different picture: **not** leakage; ``Overlap.is_leak`` is false and `maskcma data check` lists these
+apart without failing).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import datasets
+import numpy as np
+from PIL import Image
 from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
 VIDEO_FRAME_MODES = ("all", "first")
 _CHUNK = 1 << 20
+#: Mean absolute difference (grey levels, 0-255) between two 8x8 thumbnails up to which frames show one picture.
+PIXEL_TOLERANCE = 8.0
+_THUMBNAIL = 8
 
 
 @dataclass(frozen=True)
@@ -36,6 +48,7 @@ class MediaEntry:
     media_type: str
     frames: tuple[str, ...]
     digest: str | None
+    raw_frames: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -48,6 +61,11 @@ class Overlap:
     train_media_id: str
     eval_media_id: str
     match: str
+
+    @property
+    def is_leak(self) -> bool:
+        """False for a ``"name-collision"``: the same name on different pictures is not leakage."""
+        return self.match != "name-collision"
 
 
 def _hash_frames(frames: Sequence[dict], video_frames: str, cache: dict) -> str:
@@ -113,10 +131,53 @@ def collect_media(
                 key = (media_type, media_id, digest)
                 if key in seen:
                     continue
-            seen[key] = MediaEntry(media_id=media_id, media_type=media_type, frames=paths, digest=digest)
+            seen[key] = MediaEntry(
+                media_id=media_id,
+                media_type=media_type,
+                frames=paths,
+                digest=digest,
+                raw_frames=tuple((frame.get("path"), frame.get("bytes")) for frame in frames),
+            )
         progress.update(len(batch["media_id"]))
     progress.close()
     return list(seen.values())
+
+
+def _thumbnail(frame: tuple, cache: dict) -> np.ndarray:
+    """8x8 grayscale box-filtered thumbnail (``float64``) of one undecoded frame ``(path, bytes)``."""
+    path, data = frame
+    key = ("thumbnail", path) if data is None and path else None
+    if key is not None and key in cache:
+        return cache[key]
+    try:
+        with Image.open(io.BytesIO(data) if data is not None else path) as image:
+            image.draft("L", (4 * _THUMBNAIL, 4 * _THUMBNAIL))  # JPEG: decode at a reduced size
+            thumbnail = np.asarray(
+                image.convert("L").resize((_THUMBNAIL, _THUMBNAIL), Image.Resampling.BOX), dtype=np.float64
+            )
+    except FileNotFoundError:
+        raise FileNotFoundError(f"frame file not found while comparing pixels for the leakage check: {path}") from None
+    except OSError as error:
+        raise ValueError(f"{path or 'a frame stored as bytes'}: not a readable image ({error})") from None
+    if key is not None:
+        cache[key] = thumbnail
+    return thumbnail
+
+
+def same_picture(first: MediaEntry, second: MediaEntry, video_frames: str = "all", cache: dict | None = None) -> bool:
+    """Whether two media show the same picture(s) after decoding (a re-encoded or resized copy): every compared
+    frame's 8x8 thumbnail is within `PIXEL_TOLERANCE` grey levels on average. Videos with different frame counts,
+    or ``video_frames="first"``, compare their first frames."""
+    cache = {} if cache is None else cache
+    a, b = first.raw_frames, second.raw_frames
+    if not a or not b:
+        return False
+    if video_frames == "first" or len(a) != len(b):
+        a, b = a[:1], b[:1]
+    return all(
+        float(np.abs(_thumbnail(x, cache) - _thumbnail(y, cache)).mean()) <= PIXEL_TOLERANCE
+        for x, y in zip(a, b, strict=True)
+    )
 
 
 def _labelled(collection) -> list[tuple[str, datasets.Dataset]]:
@@ -170,7 +231,16 @@ def check_leakage(
                     continue
                 same_id = (train_entry.media_type, train_entry.media_id) == (entry.media_type, entry.media_id)
                 same_content = entry.digest is not None and entry.digest == train_entry.digest
-                match = "id+content" if same_id and same_content else "id" if same_id else "content"
+                if same_id and same_content:
+                    match = "id+content"
+                elif not same_id:
+                    match = "content"
+                elif not content_hash:
+                    match = "id"
+                elif same_picture(entry, train_entry, video_frames, cache):
+                    match = "id+pixels"
+                else:
+                    match = "name-collision"
                 found[key] = Overlap(
                     train_source=train_label,
                     eval_source=eval_label,
@@ -201,9 +271,12 @@ def format_overlaps(overlaps: Sequence[Overlap], limit: int | None = None) -> st
 
 
 def summarize_overlaps(overlaps: Sequence[Overlap]) -> str:
-    """One line: how many media are shared, and per evaluation split."""
+    """One line: how many media are shared (leaks only; name collisions are not counted), and per evaluation
+    split."""
     per_eval: dict[str, set] = {}
     for overlap in overlaps:
+        if not overlap.is_leak:
+            continue
         per_eval.setdefault(overlap.eval_source, set()).add(overlap.eval_media_id)
     parts = ", ".join(f"{label}: {len(ids)}" for label, ids in sorted(per_eval.items()))
     total = sum(len(ids) for ids in per_eval.values())
@@ -218,17 +291,25 @@ def warn_if_leaking(
     video_frames: str = "all",
     log: logging.Logger | None = None,
 ) -> list[Overlap]:
-    """Run `check_leakage` and log a loud WARNING with the table when anything is shared; returns the overlaps.
+    """Run `check_leakage` and log a loud WARNING with the table when any medium leaks (name collisions are only
+    logged at INFO); returns every overlap.
     Meant for the trainer, which knows its training mix and the evaluation sets it reports on."""
     overlaps = check_leakage(train_datasets, eval_datasets, content_hash=content_hash, video_frames=video_frames)
-    if overlaps:
+    leaks = [overlap for overlap in overlaps if overlap.is_leak]
+    collisions = len(overlaps) - len(leaks)
+    if collisions:
+        (log or logger).info(
+            "%d evaluation media share a name with training media but show other pictures (name collisions, not "
+            "leakage)", collisions,
+        )
+    if leaks:
         banner = "!" * 100
         (log or logger).warning(
             "\n%s\nDATA LEAKAGE: %s.\nScores on these evaluation splits are not comparable to published numbers. "
             "Remove the shared media from the training mix.\n%s\n%s",
             banner,
-            summarize_overlaps(overlaps),
-            format_overlaps(overlaps, limit=30),
+            summarize_overlaps(leaks),
+            format_overlaps(leaks, limit=30),
             banner,
         )
     return overlaps

@@ -21,7 +21,7 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 
 from .errors import DataFormatError, EmptyDatasetError, EmptyMediaError, MalformedJSONError, MaskSizeError
-from .schema import RECORD_FEATURES, decode_rle, encode_rle
+from .schema import RECORD_FEATURES, check_rle, decode_rle, encode_rle
 
 logger = logging.getLogger(__name__)
 
@@ -179,14 +179,15 @@ def segmentation_to_rle(segmentation: Any, height: int, width: int, where: str) 
 
     Accepted: a list of polygons ``[[x1, y1, x2, y2, ...], ...]`` (merged into one mask), an uncompressed RLE
     ``{"size": [h, w], "counts": [int, ...]}``, a compressed RLE (``counts`` as ``str``/``bytes``), or a list of
-    RLE dicts (merged). ``where`` names the annotation in error messages.
+    RLE dicts (merged). RLEs are checked with `check_rle` (run lengths non-negative and summing to ``h * w``).
+    ``where`` names the annotation (file and line or record) in error messages.
     """
     if isinstance(segmentation, dict):
         if "counts" not in segmentation or "size" not in segmentation:
             raise DataFormatError(
                 f"{where}: an RLE segmentation needs 'size' and 'counts', got keys {sorted(segmentation)}"
             )
-        check_rle_size(segmentation, (height, width), where)
+        check_rle(segmentation, (height, width), where)  # size, non-negative run lengths summing to h * w
         if isinstance(segmentation["counts"], list):
             rle = coco_mask.frPyObjects({"size": [height, width], "counts": segmentation["counts"]}, height, width)
             return _rle_with_str(rle)

@@ -41,7 +41,14 @@ from .schema import check_rle
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DataValidationError", "RecordProblem", "ValidationReport", "drop_invalid", "record_where", "validate_records"]
+__all__ = [
+    "DataValidationError",
+    "RecordProblem",
+    "ValidationReport",
+    "drop_invalid",
+    "record_where",
+    "validate_records",
+]
 
 MEDIA_TYPES = ("image", "video")
 
@@ -341,7 +348,9 @@ def validate_records(
             rows.set_postfix(problems=len(problems), refresh=False)
     report = ValidationReport(num_records=num_records, problems=problems, media_types=dict(media_types))
     if problems:
-        logger.warning("%s: %d problems in %d of %d records", description, len(problems), report.invalid_records, num_records)
+        logger.warning(
+            "%s: %d problems in %d of %d records", description, len(problems), report.invalid_records, num_records
+        )
     return report
 
 

@@ -388,7 +388,10 @@ def _video_foreground(
             result.append(empty_rle(*size) if rle is None else segmentation_to_rle(rle, size[0], size[1], frame_where))
             parts = [] if rle is None else rle if isinstance(rle, list) else [rle]
             areas.append(
-                sum(int(coco_mask.area(_as_bytes(segmentation_to_rle(p, size[0], size[1], frame_where)))) for p in parts)
+                sum(
+                    int(coco_mask.area(_as_bytes(segmentation_to_rle(part, size[0], size[1], frame_where))))
+                    for part in parts
+                )
             )
         has_lists = any(isinstance(rle, list) for rle in rles)
         return result, areas if has_lists else None

@@ -16,9 +16,20 @@ from .metrics import (
     video_expression_scores,
 )
 from .predictions import PredictionStore, SubmissionSummary, prediction_to_frames, write_submission_zip
-from .runner import detect_kind, evaluate_dataset, score_predictions
+from .fingerprint import default_predictions_dir, evaluation_fingerprint
+from .runner import (
+    MISSING_POLICIES,
+    REVOS_GROUND_TRUTHS,
+    check_evaluation_set,
+    claim_predictions_folder,
+    detect_kind,
+    evaluate_dataset,
+    score_predictions,
+)
 
 __all__ = [
+    "MISSING_POLICIES",
+    "REVOS_GROUND_TRUTHS",
     "ExpressionScores",
     "PredictionStore",
     "ReVOSMetrics",
@@ -28,8 +39,12 @@ __all__ = [
     "VideoMetrics",
     "aggregate_video",
     "boundary_f_measure",
+    "check_evaluation_set",
+    "claim_predictions_folder",
+    "default_predictions_dir",
     "detect_kind",
     "evaluate_dataset",
+    "evaluation_fingerprint",
     "image_referring_metrics",
     "load_metric",
     "prediction_to_frames",

@@ -156,11 +156,11 @@ def _record_in_folder(predictions_dir: Path, fingerprint: dict, metrics_file: Pa
 def run_evaluate(args: argparse.Namespace) -> int:
     """Handler of ``maskcma evaluate``; returns the exit code."""
     from ..data.errors import DataFormatError
-    from ..run_folder import RunFolder, RunFolderError
+    from ..run_folder import RunFolder
     from .fingerprint import default_predictions_dir, evaluation_fingerprint
     from .predictions import write_submission_zip
     from .records import dataset_has_ground_truth
-    from .runner import evaluate_dataset, score_predictions
+    from .runner import claim_predictions_folder, evaluate_dataset, score_predictions
 
     if args.model is None and args.predictions is None:
         print("maskcma evaluate: error: give --predictions DIR (to score) or --model FOLDER (to run)", file=sys.stderr)
@@ -176,10 +176,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                 args.model, dataset=args.dataset, split=args.split, data_root=args.data_root, generation=generation
             )
             # refuse a folder of another run before loading data or model
-            RunFolder.claim(
-                predictions_dir, command="evaluate", fingerprint=fingerprint, resume=not args.overwrite,
-                overwrite=args.overwrite,
-            )
+            claim_predictions_folder(predictions_dir, fingerprint, overwrite=args.overwrite)
         else:
             predictions_dir = Path(args.predictions)
             fingerprint = RunFolder.read_fingerprint(predictions_dir) if predictions_dir.is_dir() else None
@@ -191,7 +188,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
             generate_kwargs = {"max_new_tokens": args.max_new_tokens}
             if args.mask_threshold is not None:
                 generate_kwargs["mask_threshold"] = args.mask_threshold
-            predict_fn = model_predict_fn(args.model, device=args.device, dtype=args.dtype, generate_kwargs=generate_kwargs)
+            predict_fn = model_predict_fn(
+                args.model, device=args.device, dtype=args.dtype, generate_kwargs=generate_kwargs
+            )
             result = evaluate_dataset(
                 dataset,
                 predict_fn,
@@ -242,11 +241,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
                 f"submission ({summary.layout}) written to {summary.path}: {summary.n_expressions} expressions, "
                 f"{summary.n_frames} frames, {summary.n_missing} missing"
             )
-    except RunFolderError as error:
-        print(f"maskcma evaluate: error: {error}", file=sys.stderr)
-        return 1
     except (FileNotFoundError, KeyError, ValueError) as error:
+        # status 2 like every maskcma error; the message keeps its lines (a validation report lists one problem
+        # per line)
         message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
         print(f"maskcma evaluate: error: {message}", file=sys.stderr)
-        return 1
+        return 2
     return 0

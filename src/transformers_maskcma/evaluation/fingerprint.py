@@ -4,8 +4,8 @@ Two runs may share a predictions folder (and so resume each other's predictions)
 are equal. The fingerprint is cheap to compute (nothing is loaded, no weight is read)::
 
     {"model": {"name_or_path": "runs/maskcma-1b", "config_sha256": ..., "weights": {name: {"size", "header_sha256"}}},
-     "processor": {"files": {"processor_config.json": sha256, ...}, "num_key_frames": 5, "key_frame_sampling": ...,
-                   "max_image_tiles": 12},
+     "processor": {"files": {"processor_config.json": sha256, ...}, "remote_code": {"modeling_maskcma.py": sha256,
+                   ...}, "num_key_frames": 5, "key_frame_sampling": "first", "max_image_tiles": 12, ...},
      "generation": {"max_new_tokens": 32, "mask_threshold": null},
      "dataset": "revos", "split": "valid", "data_root": "/abs/data/revos", "package_version": "0.1.0"}
 
@@ -54,16 +54,20 @@ def _read_json(path: Path) -> dict:
 
 
 def processor_fingerprint(path_or_repo: str | os.PathLike) -> dict[str, Any]:
-    """The processor settings of a model folder: the hashes of its processor and tokenizer files and the values
-    that change predictions (key frames and their sampling, the image tile limit). A Hub repo id (not a local
+    """The processor settings of a model folder: the hashes of its processor and tokenizer files and of its
+    remote code (``*.py``), and the values that change predictions (key frames and their sampling, the image tile
+    limit). A Hub repo id (not a local
     folder) is identified by the model part of the fingerprint only."""
     path = Path(path_or_repo).expanduser()
     if not path.is_dir():
         return {}
     files = {name: _sha256(path / name) for name in PROCESSOR_FILES if (path / name).is_file()}
+    code = {file.name: _sha256(file) for file in sorted(path.glob("*.py"))}
     processor = _read_json(path / "processor_config.json")
-    image = _read_json(path / "preprocessor_config.json")
-    settings: dict[str, Any] = {"files": files}
+    image = processor.get("image_processor") if isinstance(processor.get("image_processor"), dict) else None
+    if image is None:
+        image = _read_json(path / "preprocessor_config.json")
+    settings: dict[str, Any] = {"files": files, "remote_code": code}
     for key in ("num_key_frames", "key_frame_sampling", "image_seq_length", "sam_image_size"):
         if key in processor:
             settings[key] = processor[key]

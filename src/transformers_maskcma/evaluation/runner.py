@@ -76,6 +76,8 @@ __all__ = [
     "DATASET_KINDS",
     "MISSING_POLICIES",
     "REVOS_GROUND_TRUTHS",
+    "check_evaluation_set",
+    "claim_predictions_folder",
     "detect_kind",
     "evaluate_dataset",
     "score_predictions",
@@ -150,26 +152,33 @@ def check_evaluation_set(
     report.raise_if_problems()
 
 
-def _claim_folder(
-    output_dir: Path, fingerprint: dict | None, overwrite: bool
+def claim_predictions_folder(
+    output_dir: str | os.PathLike, fingerprint: dict | None, overwrite: bool = False
 ) -> RunFolder:
-    """Claim ``output_dir`` for this evaluation: a folder holding another run's predictions is refused, a folder
-    of the same run is resumed."""
+    """Claim ``output_dir`` for an evaluation run with ``fingerprint``: a folder of the same run is resumed; a
+    folder of another run (another model, processor or generation settings, data) is refused with a
+    `RunFolderError` naming every setting that differs and the ways out (``--overwrite`` or another folder); a
+    folder holding predictions no recorded run wrote is refused too."""
+    output_dir = Path(output_dir)
     fingerprint = {} if fingerprint is None else fingerprint
     try:
         folder = RunFolder.claim(output_dir, command=RUN_COMMAND, fingerprint=fingerprint, resume=not overwrite,
                                  overwrite=overwrite)
     except RunFolderError as error:
+        recorded = RunFolder.read_fingerprint(output_dir) if output_dir.is_dir() else None
+        models = ""
+        old_model = ((recorded or {}).get("model") or {}).get("name_or_path")
+        new_model = (fingerprint.get("model") or {}).get("name_or_path")
+        if recorded is not None and old_model != new_model:
+            models = f" Its predictions were made by model {old_model}; this run evaluates {new_model}."
         raise RunFolderError(
-            f"{error}. The predictions in it were made by another model or with other settings, and resuming "
-            "would score them as this run's."
+            f"{error}.{models} Resuming would score the predictions in it as this run's."
         ) from None
     if PREDICTIONS_FILENAME not in folder.files and (output_dir / PREDICTIONS_FILENAME).exists():
         raise RunFolderError(
             f"output folder {output_dir} holds a {PREDICTIONS_FILENAME} that no recorded run wrote, so it cannot be "
             "told which model made it; move it away or choose another output folder"
         )
-    folder.record(PREDICTIONS_FILENAME)
     return folder
 
 
@@ -224,8 +233,10 @@ def evaluate_dataset(
     _check_choice("revos_ground_truth", revos_ground_truth, REVOS_GROUND_TRUTHS)
     output_dir = Path(output_dir)
     sample_ids = _sample_ids(dataset)
-    folder = _claim_folder(output_dir, fingerprint, overwrite)
+    folder = claim_predictions_folder(output_dir, fingerprint, overwrite)
     check_evaluation_set(dataset, kind, show_progress)
+    if PREDICTIONS_FILENAME not in folder.files:
+        folder.record(PREDICTIONS_FILENAME)  # from here on the folder holds this run's predictions
     failures: dict[str, str] = {}
     with PredictionStore(output_dir, writable=True) as store:
         todo = [index for index, sample_id in enumerate(sample_ids) if sample_id not in store]
@@ -253,7 +264,9 @@ def evaluate_dataset(
                 )
                 failures[sample_id] = f"{type(error).__name__}: {error}"
                 continue
-            masks = prediction_to_frames(raw, len(record["frames"]), frame_size(record), record["media_type"], sample_id)
+            masks = prediction_to_frames(
+                raw, len(record["frames"]), frame_size(record), record["media_type"], sample_id
+            )
             store.add(sample_id, masks)
 
     fingerprint = {} if fingerprint is None else fingerprint
@@ -471,6 +484,7 @@ def score_predictions(
         metrics = aggregate_video(expression_scores).to_dict()
     else:
         metrics = revos_scores(expression_scores, type_ids).to_dict()
+        metrics["n_excluded"] = len(excluded)
 
     metrics_file = Path(metrics_path) if metrics_path else predictions_dir / METRICS_FILENAME
     result = {
@@ -479,7 +493,9 @@ def score_predictions(
         "split": split,
         "sources": sorted(set(dataset["source"])),
         "fingerprint": fingerprint,
-        "counts": {"samples": len(sample_ids), "scored": n_scored, "excluded": len(excluded), "missing": len(missing_ids)},
+        "counts": {
+            "samples": len(sample_ids), "scored": n_scored, "excluded": len(excluded), "missing": len(missing_ids)
+        },
         "n_samples": len(sample_ids),
         "n_missing": len(missing_ids),
         "missing_sample_ids": missing_ids,

@@ -29,8 +29,9 @@ The metrics JSON of `maskcma evaluate` (`evaluation/runner.py`) looks like::
      "dataset": "refcoco", "split": "val"}                                     # optional, see below
 
 The benchmark and split come, in this order, from an explicit `DATASET:SPLIT=PATH` argument, from the JSON's
-`dataset`/`split` keys, or from the folder `maskcma evaluate` writes by default, `<dataset>-<split>/metrics.json`
-(with `<dataset>` one of the JSON's `sources`). Values are stored in the card as percentages with two decimals, as
+`dataset`/`split` keys (always written by `maskcma evaluate`), or, for older files without them, from a folder
+named `<dataset>-<split>` (with `<dataset>` one of the JSON's `sources`). The sample count is `counts.scored`
+(the samples in the means) when present, else `n_samples`. Values are stored in the card as percentages with two decimals, as
 the benchmarks are reported in papers.
 """
 
