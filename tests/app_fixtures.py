@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from transformers_maskcma.app.examples import VIDEO_PROMPT, moving_circle_frames
-from transformers_maskcma.processing import build_tiny_processor, save_model_folder
+from transformers_maskcma.processing import save_model_folder
 from transformers_maskcma.processing.samples import draw_sample_shapes
-from transformers_maskcma.tiny import build_tiny_model
+from transformers_maskcma.tiny import build_tiny_model, build_tiny_processor
 
 IMAGE_PROMPT = "Please segment the red circle."
 NO_OBJECT_PROMPT = "Please segment the dog."

@@ -871,8 +871,8 @@ def test_cli_default_folder_names_the_model(tmp_path, monkeypatch, capsys):
 
 def test_processor_fingerprint_of_a_saved_folder(tmp_path):
     from transformers_maskcma.evaluation.fingerprint import evaluation_fingerprint, model_display_name
-    from transformers_maskcma.processing import build_tiny_processor, save_model_folder
-    from transformers_maskcma.tiny import build_tiny_model
+    from transformers_maskcma.processing import save_model_folder
+    from transformers_maskcma.tiny import build_tiny_model, build_tiny_processor
 
     model, tokenizer = build_tiny_model(seed=0)
     save_model_folder(model, build_tiny_processor(tokenizer), tmp_path / "tiny")
