@@ -25,6 +25,13 @@ from .collator import MaskCMADataCollator
 from .config import TrainConfig, TrainConfigError, load_train_config
 from .data import ProcessedRecords
 from .lora import apply_lora, default_lora_config, merge_lora
+from .sharding import (
+    ShardedTrainingError,
+    build_model_before_arguments,
+    check_export_possible,
+    export_final_model,
+    meta_copy,
+)
 from .trainer import MaskCMATrainer
 
 FINAL_MODEL_DIR = "model"
@@ -150,6 +157,24 @@ def prepare_model_for_training(model: MaskCMAModel, config: TrainConfig):
     return apply_lora(model, default_lora_config(model, **kwargs))
 
 
+def build_models_before_arguments(config: TrainConfig):
+    """The model, its processor and an unsharded copy for the final export (parameters on the meta device), built
+    before any `TrainingArguments` exists: under DeepSpeed ZeRO-3 the arguments switch on `zero.Init`, which would
+    partition the VLM and SAM2 while `from_pretrained_parts` copies them (`sharding.build_model_before_arguments`).
+    Returns `(model, processor, export_copy)`."""
+
+    def build():
+        model, processor = build_model_and_processor(config)
+        return model, processor, meta_copy(model)
+
+    return build_model_before_arguments(build)
+
+
+def _numel(parameter) -> int:
+    """Elements of a parameter, also when DeepSpeed ZeRO-3 has partitioned it (`ds_numel`)."""
+    return int(getattr(parameter, "ds_numel", parameter.numel()))
+
+
 def resolve_resume(resume: str | bool | None, output_dir: str) -> str | None:
     """`--resume` without a value: the latest checkpoint in `output_dir` (an error when there is none)."""
     if resume is None or resume is False:
@@ -171,9 +196,10 @@ def run_training(
     config: TrainConfig, output_dir: str | None = None, resume: str | bool | None = None
 ) -> TrainingSummary:
     """Train as configured; returns the summary (printed by the command on the main process)."""
+    model, processor, export_copy = build_models_before_arguments(config)
     args = config.training_arguments(output_dir=output_dir)
+    check_export_possible(args)
     resume_from = resolve_resume(resume, args.output_dir)
-    model, processor = build_model_and_processor(config)
     records = load_training_records(config)
     train_model = prepare_model_for_training(model, config)
     dataset = ProcessedRecords(records, processor, cache=config.data.cache, train_frames=config.data.train_frames)
@@ -185,15 +211,17 @@ def run_training(
         processing_class=processor,
     )
     result = trainer.train(resume_from_checkpoint=resume_from)
-    trainable = sum(p.numel() for p in train_model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(_numel(p) for p in train_model.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in model.parameters())
 
     model_dir = os.path.join(args.output_dir, FINAL_MODEL_DIR)
-    final = merge_lora(train_model) if config.lora.enabled else model
-    if trainer.is_world_process_zero():
-        final.save_pretrained(model_dir)
-        processor.save_pretrained(model_dir)
-    trainer.accelerator.wait_for_everyone()
+    export_final_model(
+        trainer,
+        prepare_model_for_training(export_copy, config),
+        processor,
+        model_dir,
+        merge=merge_lora if config.lora.enabled else None,
+    )
     train_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     return TrainingSummary(
         output_dir=args.output_dir,
@@ -236,7 +264,7 @@ def train_command(args: argparse.Namespace) -> int:
     try:
         config = load_train_config(args.config)
         summary = run_training(config, output_dir=args.output_dir, resume=args.resume)
-    except (TrainConfigError, DataFormatError, UnknownDatasetError, FileNotFoundError) as error:
+    except (TrainConfigError, DataFormatError, UnknownDatasetError, FileNotFoundError, ShardedTrainingError) as error:
         print(f"maskcma train: error: {error}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
@@ -247,6 +275,7 @@ def train_command(args: argparse.Namespace) -> int:
 __all__ = [
     "TrainingSummary",
     "build_model_and_processor",
+    "build_models_before_arguments",
     "load_training_records",
     "mix_of",
     "prepare_model_for_training",
