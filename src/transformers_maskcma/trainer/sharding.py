@@ -199,6 +199,11 @@ def export_final_model(trainer, unsharded_copy: nn.Module, processor, model_dir:
     """
     state_dict = gather_full_state_dict(trainer)
     if trainer.is_world_process_zero():
+        if not state_dict:
+            raise ShardedTrainingError(
+                "the engine gathered no weights on the main process; the Trainer's process numbering and the "
+                "engine's disagree (DeepSpeed and Trainer must see the same processes)"
+            )
         model = load_full_state_dict(unsharded_copy, state_dict)
         final = merge(model) if merge is not None else model
         _check_no_meta(final, buffers=True)
