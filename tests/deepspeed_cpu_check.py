@@ -110,7 +110,8 @@ def main(work: Path) -> int:
                     problems.append(f"step {one['step']} {name}: {two[name]} vs {one[name]} in one process")
         if len(logs) != len(ref_logs):
             problems.append(f"{len(logs)} logs vs {len(ref_logs)}")
-        print(json.dumps({"stage": Path(stage).name, "max_weight_difference": worst, "gamma": float(model.cma.gamma.detach()),
+        print(json.dumps({"stage": Path(stage).name, "max_weight_difference": worst,
+                          "gamma": float(model.cma.gamma.detach()),
                           "reference_gamma": float(ref_model.cma.gamma.detach()),
                           "logged_gamma": [entry["cma_gamma"] for entry in logs], "problems": problems}))
         failed = failed or bool(problems)

@@ -191,7 +191,8 @@ def main(output_dir: str) -> None:
         dist.all_reduce(gamma_holders)
         entry = {
             "loss": loss, "ref_loss": ref_loss,
-            "counts": [counts.lm_tokens, counts.mask_targets], "ref_counts": [ref_counts.lm_tokens, ref_counts.mask_targets],
+            "counts": [counts.lm_tokens, counts.mask_targets],
+            "ref_counts": [ref_counts.lm_tokens, ref_counts.mask_targets],
             "grad_diff": max_difference(gradients, ref_gradients),
             "param_diff": max_difference({n: p.detach() for n, p in sharded.named_parameters()},
                                          {n: p.detach() for n, p in reference.named_parameters()}),

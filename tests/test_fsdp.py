@@ -76,7 +76,8 @@ def test_gamma_is_gathered_from_its_shard(fsdp_results):
 def test_full_state_exports_strictly_and_gives_the_same_outputs(fsdp_results):
     output, results = fsdp_results
     export = results["export"]
-    assert export["loading_info"] == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+    no_problem = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+    assert export["loading_info"] == no_problem
     assert export["params_vs_reference"] == [0.0, 0.0]  # the exported weights are the trained ones
     assert export["logits_diff"] <= 1e-6 and export["masks_diff"] <= 1e-6 and export["loss_diff"] <= 1e-6
     assert (output / "model" / "config.json").is_file() and (output / "model" / "processor_config.json").is_file()
