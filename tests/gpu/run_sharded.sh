@@ -8,8 +8,9 @@
 #   RUNS="zero3_lora" bash tests/gpu/run_sharded.sh     # a subset (fsdp_lora zero2_full zero3_lora zero3_full)
 #
 # Needs: CUDA GPUs (one process per GPU; NPROC overrides; with one GPU every engine runs its one-process path,
-# which still partitions under ZeRO-3 and shards under FSDP2), the package installed (`pip install -e .`) and
-# `deepspeed` for the ZeRO runs. Takes a few minutes per run on one GPU (tiny model, 6 steps). Exit code 0 when every
+# which still partitions under ZeRO-3 and shards under FSDP2), the package installed (`pip install -e .`, or
+# PYTHONPATH=src) and `deepspeed` for the ZeRO runs. On a machine without PyPI, bring the wheels that
+# tests/gpu/fetch_wheels.sh downloads here (about 55 MB). Takes a few minutes per run on one GPU (tiny model, 6 steps). Exit code 0 when every
 # run trained, resumed and passed the checks; the summary of each run is in WORK_DIR/summary.jsonl.
 set -uo pipefail
 
