@@ -9,7 +9,8 @@ Every process trains two copies of the tiny model for two optimizer steps with `
 
 After step 1 the sharded model and optimizer are saved with `torch.distributed.checkpoint` (sharded), the full
 model is exported through `export_final_model`, and a third copy (different initial weights) is restored from the
-checkpoint and runs step 2. Rank 0 writes what it measured to OUTPUT_DIR/results.json; the test compares.
+checkpoint and runs step 2. Then a LoRA model (peft around the tiny model, sharded the same way) takes one step
+sharded and one unsharded, and its export (merged) is compared with `merge_lora` of the unsharded one. Rank 0 writes what it measured to OUTPUT_DIR/results.json; the test compares.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from transformers_maskcma.tiny import build_tiny_model
 from transformers_maskcma.trainer.callbacks import set_warmup_factor
 from transformers_maskcma.trainer.collator import MaskCMADataCollator
 from transformers_maskcma.trainer.data import ProcessedRecords
+from transformers_maskcma.trainer.lora import apply_lora, default_lora_config, merge_lora
 from transformers_maskcma.trainer.sharding import export_final_model, full_scalar_value, meta_copy
 from transformers_maskcma.trainer.trainer import AccumulationCounts, MaskCMATrainer, count_lm_tokens, count_mask_targets
 
@@ -114,6 +116,46 @@ def reference_components(trainer) -> dict:
     values = dict(zip(trainer._logged_components, trainer._component_sums.tolist()))
     trainer._component_sums.zero_()
     return values
+
+
+def lora_model(seed: int):
+    """The tiny model with small LoRA adapters (the recipe's targets and trained modules, r = 4)."""
+    model = new_model(seed)
+    torch.manual_seed(seed)  # the adapters' initial values
+    return apply_lora(model, default_lora_config(model, r=4, lora_alpha=8, lora_dropout=0.0))
+
+
+def lora_export(args, processor, batches, output_dir: str) -> dict:
+    """LoRA under FSDP2: one step sharded and one unsharded, then the export (gathered PeftModel state → strict load
+    into a meta copy with the same adapters → `merge_lora` → save) against `merge_lora` of the unsharded model."""
+    reference = lora_model(0)
+    sharded = lora_model(0)
+    export_copy = meta_copy(sharded.get_base_model())
+    ref_trainer = MaskCMATrainer(model=reference, args=args, tmc_weight=0.1, cma_warmup=False)
+    trainer = MaskCMATrainer(model=sharded, args=args, tmc_weight=0.1, cma_warmup=False)
+    shard(sharded.get_base_model())
+    rank = dist.get_rank()
+    _, ref_gradients, _ = reference_step(ref_trainer, reference, optimizer_for(reference), batches[0])
+    _, gradients, _ = sharded_step(trainer, sharded, optimizer_for(sharded), batches[0][rank])
+    lora_moved = [n for n, p in reference.named_parameters() if "lora_B" in n and float(p.detach().abs().max()) > 0]
+    folder = os.path.join(output_dir, "lora_model")
+    torch.manual_seed(0)
+    copy = apply_lora(export_copy, default_lora_config(export_copy, r=4, lora_alpha=8, lora_dropout=0.0))
+    export_final_model(trainer, copy, processor, folder, merge=merge_lora)
+    result = {"grad_diff": max_difference(gradients, ref_gradients), "lora_B_trained": len(lora_moved)}
+    if rank == 0:
+        merged = merge_lora(reference).eval()
+        loaded, info = MaskCMAModel.from_pretrained(folder, output_loading_info=True)
+        loaded.eval()
+        with torch.no_grad():
+            expected, got = merged(**batches[1][0]), loaded(**batches[1][0])
+        result.update(
+            loading_info={k: sorted(map(str, v)) for k, v in info.items()},
+            lora_names=[n for n, _ in loaded.named_parameters() if "lora" in n],
+            logits_diff=float((got.logits - expected.logits).abs().max()),
+            masks_diff=float((got.pred_masks - expected.pred_masks).abs().max()),
+        )
+    return result
 
 
 def main(output_dir: str) -> None:
@@ -211,6 +253,8 @@ def main(output_dir: str) -> None:
         gathered = [None] * world
         dist.all_gather_object(gathered, entry)
         results["steps"].append(gathered)
+
+    results["lora"] = lora_export(args, processor, batches, output_dir)
 
     # FSDP1 presents γ as a view that is empty on the processes that do not hold it: summed over processes
     view = torch.tensor([3.5]) if rank == 0 else torch.zeros(0)

@@ -1,5 +1,6 @@
 """FSDP2 (`torch.distributed.fsdp.fully_shard`, gloo, CPU): two sharded processes train exactly like one unsharded
-process accumulating their micro-batches, γ is logged from its shard, the full state exports strictly and resumes.
+process accumulating their micro-batches, γ is logged from its shard, the full state exports strictly and resumes,
+and a LoRA model exports its merged weights.
 
 accelerate enables FSDP only on GPU-like devices, so this runs `MaskCMATrainer`'s own pieces around a model sharded
 by hand (tests/fsdp_worker.py); the full `maskcma train` + `accelerate launch` FSDP path is tests/gpu/run_sharded.sh.
@@ -92,3 +93,18 @@ def test_resume_from_sharded_checkpoint_continues_exactly(fsdp_results):
         assert process["resumed_loss"] == process["loss"]
         assert process["resumed_grad_diff"] == [0.0, 0.0]
         assert process["resumed_param_diff"] == [0.0, 0.0]
+
+
+@pytest.mark.slow
+def test_lora_under_fsdp_exports_the_merged_model(fsdp_results):
+    _, results = fsdp_results
+    lora = results["lora"]
+    # one step of a LoRA model sharded in two processes equals the unsharded one (adapters, trained copies, tokens)
+    assert lora["grad_diff"] == [0.0, 0.0]
+    assert lora["lora_B_trained"] > 0  # the adapters moved, so the merge changes the weights
+    # the gathered PeftModel state loads strictly into the meta copy; merged and saved, it equals merge_lora of the
+    # unsharded model
+    assert lora["loading_info"] == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [],
+                                    "error_msgs": []}
+    assert lora["lora_names"] == []
+    assert lora["logits_diff"] <= 1e-6 and lora["masks_diff"] <= 1e-6
