@@ -2,8 +2,10 @@
 
 The YAML holds the model, the data mix, LoRA and the TrainingArguments (`trainer.config`). Multi-GPU and multi-node
 runs go through accelerate: ``accelerate launch -m transformers_maskcma.cli train CONFIG.yaml`` runs DDP, and an
-accelerate config file selects FSDP or DeepSpeed (docs/training.md). At the end the model is saved to
-``OUTPUT_DIR/model`` (LoRA merged into the weights) with its processor, and a run summary is printed.
+accelerate config file selects FSDP or DeepSpeed (docs/training.md). The model is built before the
+TrainingArguments (so DeepSpeed ZeRO-3's `zero.Init` cannot partition it while it loads). At the end the model is
+exported from the full weights the engine gathers to ``OUTPUT_DIR/model`` (LoRA merged into the weights) with its
+processor, and a run summary is printed.
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ more negatives than two accumulated batches of one: there, only the model's part
 
 Every component is logged through the usual Trainer logging (`lm_loss`, `mask_bce`, `mask_dice`, `prior_loss`,
 `tmc_loss`, `tmc_skipped_fraction`, `cma_gamma`, `cma_warmup_factor`): each is the value for the whole optimizer
-step (all micro-batches, all processes), averaged over the steps since the last log, exactly like `loss`.
+step (all micro-batches, all processes), averaged over the steps since the last log, exactly like `loss`. γ is
+gathered from its shard under FSDP and DeepSpeed ZeRO-3 (`sharding.full_scalar_value`).
 """
 
 from __future__ import annotations
