@@ -6,12 +6,13 @@ relative to the YAML file's folder. Multi-GPU and multi-node runs go through acc
 transformers_maskcma.cli train CONFIG.yaml`` runs DDP, and an accelerate config file selects FSDP or DeepSpeed
 (docs/training.md).
 
-Before step 0 every training record is validated (files, masks, templated prompt length against the model's
-limit): a bad record is named and stops the run, or with ``data.drop_invalid: true`` is dropped and counted in the
-summary. The output folder belongs to one run (``maskcma_run.json``): a folder holding another or a finished run is
-refused unless ``--resume`` continues the same run or ``--overwrite`` removes what that run wrote. At the end the
-model is saved to ``OUTPUT_DIR/model`` (LoRA merged into the weights) with its processor, and a run summary is
-printed.
+The output folder belongs to one run (``maskcma_run.json``): a folder holding another or a finished run is refused
+unless ``--resume`` continues the same run or ``--overwrite`` removes what that run wrote. The model is built before
+the TrainingArguments (so DeepSpeed ZeRO-3's `zero.Init` cannot partition it while it loads). Before step 0 every
+training record is validated (files, masks, templated prompt length against the model's limit): a bad record is
+named and stops the run, or with ``data.drop_invalid: true`` is dropped and counted in the summary. At the end the
+model is exported from the full weights the engine gathers to ``OUTPUT_DIR/model`` (LoRA merged into the weights)
+with its processor, and a run summary is printed.
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ from .collator import MaskCMADataCollator
 from .config import TrainConfig, TrainConfigError, load_train_config
 from .data import ProcessedRecords, training_sequence_length
 from .lora import apply_lora, default_lora_config, merge_lora
+from .sharding import (
+    ShardedTrainingError,
+    build_model_before_arguments,
+    check_export_possible,
+    export_final_model,
+    meta_copy,
+)
 from .trainer import MaskCMATrainer
 
 FINAL_MODEL_DIR = "model"
@@ -197,6 +205,24 @@ def prepare_model_for_training(model: MaskCMAModel, config: TrainConfig):
     return apply_lora(model, default_lora_config(model, **kwargs))
 
 
+def build_models_before_arguments(config: TrainConfig):
+    """The model, its processor and an unsharded copy for the final export (parameters on the meta device), built
+    before any `TrainingArguments` exists: under DeepSpeed ZeRO-3 the arguments switch on `zero.Init`, which would
+    partition the VLM and SAM2 while `from_pretrained_parts` copies them (`sharding.build_model_before_arguments`).
+    Returns `(model, processor, export_copy)`."""
+
+    def build():
+        model, processor = build_model_and_processor(config)
+        return model, processor, meta_copy(model)
+
+    return build_model_before_arguments(build)
+
+
+def _numel(parameter) -> int:
+    """Elements of a parameter, also when DeepSpeed ZeRO-3 has partitioned it (`ds_numel`)."""
+    return int(getattr(parameter, "ds_numel", parameter.numel()))
+
+
 def resolve_resume(resume: str | bool | None, output_dir: str) -> str | None:
     """`--resume` without a value: the latest checkpoint in `output_dir` (an error when there is none)."""
     if resume is None or resume is False:
@@ -281,19 +307,21 @@ def run_training(
 ) -> TrainingSummary:
     """Train as configured; returns the summary (printed by the command on the main process).
 
-    The output folder is claimed first (on the main process; `claim_output_dir`), then the model is built, the
-    records are validated (`validate_training_records`), and training runs."""
-    args = config.training_arguments(output_dir=output_dir)
+    The output folder is claimed first (on the main process; `claim_output_dir`), then the model is built before the
+    TrainingArguments (`build_models_before_arguments`), the records are validated (`validate_training_records`),
+    and training runs."""
     folder = None
-    if args.process_index == 0:
-        folder = claim_output_dir(config, args.output_dir, resume=bool(resume), overwrite=overwrite)
-    resume_from = resolve_resume(resume, args.output_dir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        folder = claim_output_dir(config, config.output_dir(output_dir), resume=bool(resume), overwrite=overwrite)
     try:
-        model, processor = build_model_and_processor(config)
+        model, processor, export_copy = build_models_before_arguments(config)
     except (TypeError, ValueError) as error:
         if isinstance(error, (TrainConfigError, DataFormatError)):
             raise
         raise TrainConfigError(f"{config.source}: model: {' '.join(str(error).split())}") from error
+    args = config.training_arguments(output_dir=output_dir)
+    check_export_possible(args)
+    resume_from = resolve_resume(resume, args.output_dir)
     records = load_training_records(config)
     records, dropped = validate_training_records(records, processor, config, progress=progress)
     train_model = prepare_model_for_training(model, config)
@@ -309,17 +337,19 @@ def run_training(
     if recorder is not None:
         trainer.add_callback(recorder)
     result = trainer.train(resume_from_checkpoint=resume_from)
-    trainable = sum(p.numel() for p in train_model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(_numel(p) for p in train_model.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in model.parameters())
 
     model_dir = os.path.join(args.output_dir, FINAL_MODEL_DIR)
-    final = merge_lora(train_model) if config.lora.enabled else model
-    if trainer.is_world_process_zero():
-        final.save_pretrained(model_dir)
-        processor.save_pretrained(model_dir)
-        if recorder is not None:
-            recorder.record_new()
-    trainer.accelerator.wait_for_everyone()
+    export_final_model(
+        trainer,
+        prepare_model_for_training(export_copy, config),
+        processor,
+        model_dir,
+        merge=merge_lora if config.lora.enabled else None,
+    )
+    if recorder is not None:
+        recorder.record_new()
     train_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     return TrainingSummary(
         output_dir=args.output_dir,
@@ -374,7 +404,14 @@ def train_command(args: argparse.Namespace) -> int:
     try:
         config = load_train_config(args.config)
         summary = run_training(config, output_dir=args.output_dir, resume=args.resume, overwrite=args.overwrite)
-    except (TrainConfigError, DataFormatError, UnknownDatasetError, FileNotFoundError, RunFolderError) as error:
+    except (
+        TrainConfigError,
+        DataFormatError,
+        UnknownDatasetError,
+        FileNotFoundError,
+        RunFolderError,
+        ShardedTrainingError,
+    ) as error:
         print(f"maskcma train: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
@@ -387,6 +424,7 @@ __all__ = [
     "RESUMABLE_TRAINING_FIELDS",
     "RecordWrittenFiles",
     "build_model_and_processor",
+    "build_models_before_arguments",
     "claim_output_dir",
     "load_training_records",
     "mix_of",

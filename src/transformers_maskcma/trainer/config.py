@@ -172,6 +172,18 @@ class TrainConfig:
         candidate = Path(path).expanduser()
         return candidate if candidate.is_absolute() else self.base_dir / candidate
 
+    def output_dir(self, override: str | None = None) -> str:
+        """The run's output folder: `override` (a command-line path, relative to the working directory) or the
+        YAML's `training.output_dir` (relative to the YAML's folder)."""
+        if override is not None:
+            return str(Path(override).expanduser())
+        value = self.training.get("output_dir")
+        if not value:
+            raise TrainConfigError(
+                f"{self.source}: training.output_dir is not set; set it in the YAML or pass --output-dir DIR"
+            )
+        return str(self.resolve_path(value))
+
     def training_arguments(self, output_dir: str | None = None, **overrides) -> TrainingArguments:
         """`TrainingArguments` from the recipe defaults, the YAML's `training` section and `overrides`
         (`output_dir` from the command line wins over the YAML's)."""
@@ -182,12 +194,8 @@ class TrainConfig:
             if isinstance(values.get(name), str) and values[name]:
                 values[name] = str(self.resolve_path(values[name]))
         values.update(overrides)
-        if output_dir is not None:
-            values["output_dir"] = str(Path(output_dir).expanduser())
-        if not values.get("output_dir"):
-            raise TrainConfigError(
-                f"{self.source}: training.output_dir is not set; set it in the YAML or pass --output-dir DIR"
-            )
+        if output_dir is not None or "output_dir" not in overrides:
+            values["output_dir"] = self.output_dir(output_dir)
         if values.get("remove_unused_columns"):
             raise TrainConfigError(
                 f"{self.source}: training.remove_unused_columns must be false: the MaskCMA collator needs every "

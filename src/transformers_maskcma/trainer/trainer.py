@@ -20,7 +20,8 @@ more negatives than two accumulated batches of one: there, only the model's part
 
 Every component is logged through the usual Trainer logging (`lm_loss`, `mask_bce`, `mask_dice`, `prior_loss`,
 `tmc_loss`, `tmc_skipped_fraction`, `cma_gamma`, `cma_warmup_factor`): each is the value for the whole optimizer
-step (all micro-batches, all processes), averaged over the steps since the last log, exactly like `loss`.
+step (all micro-batches, all processes), averaged over the steps since the last log, exactly like `loss`. γ is
+gathered from its shard under FSDP and DeepSpeed ZeRO-3 (`sharding.full_scalar_value`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from transformers.utils import logging
 from ..modeling import MaskCMAModel
 
 from .callbacks import GammaWarmupCallback, active_cma, unwrap_maskcma
+from .sharding import full_scalar_value
 from .tmc import TMCOutput, tmc_loss_from_output
 
 logger = logging.get_logger(__name__)
@@ -248,14 +250,15 @@ class MaskCMATrainer(Trainer):
             logs = {name: float(value) / steps for name, value in zip(self._logged_components, sums.tolist())}
         self._component_sums.zero_()
         self._component_last_logged_step = self.state.global_step
-        cma = active_cma(self.model)
-        gamma = cma.gamma.detach()
-        if hasattr(gamma, "full_tensor"):  # FSDP2: a sharded DTensor (collective: every process is here)
-            gamma = gamma.full_tensor()
-        if gamma.numel():  # FSDP1 leaves an empty local view on the processes that do not hold it
-            logs["cma_gamma"] = float(gamma.float().reshape(-1)[0])
-        logs["cma_warmup_factor"] = float(cma.warmup_factor)
+        logs["cma_gamma"] = self.cma_gamma()
+        logs["cma_warmup_factor"] = float(active_cma(self.model).warmup_factor)
         return logs
+
+    def cma_gamma(self) -> float:
+        """The learned γ of the CMA that runs, gathered from its shard under FSDP and DeepSpeed ZeRO-3
+        (`sharding.full_scalar_value`). Collective: call it on every process."""
+        fsdp1 = bool(self.is_fsdp_enabled) and not getattr(self.accelerator, "is_fsdp2", False)
+        return full_scalar_value(active_cma(self.model).gamma, fsdp1_view=fsdp1)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the loss components to the training logs (those with a ``loss`` entry)."""
