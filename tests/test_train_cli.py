@@ -163,10 +163,15 @@ def test_every_relative_yaml_path_is_relative_to_the_yaml_folder(tmp_path, monke
 
 
 def test_a_bad_model_value_is_one_line_naming_the_section(tmp_path, capsys):
+    # a choice is checked with the YAML (it names the field); a value only the model config can check is named too
     content = {**BASE, "model": {"config": {"mask_source": "bogus"}}, "training": {"max_steps": 1, "use_cpu": True}}
     assert main(["train", str(_write(tmp_path, content)), "--output-dir", str(tmp_path / "out")]) == 2
     (err,) = _error_lines(capsys.readouterr().err)
-    assert "train.yaml: model: MaskCMAConfig.mask_source='bogus' is not valid" in err
+    assert "train.yaml: model.config.mask_source must be one of 'pred', 'conv', 'gt', got 'bogus'" in err
+    content = {**BASE, "model": {"config": {"cma_topk_tokens": 0}}, "training": {"max_steps": 1, "use_cpu": True}}
+    assert main(["train", str(_write(tmp_path, content)), "--output-dir", str(tmp_path / "out2")]) == 2
+    (err,) = _error_lines(capsys.readouterr().err)
+    assert "train.yaml: model: MaskCMAConfig.cma_topk_tokens=0 is not valid" in err
 
 
 def _custom_training_yaml(root, extra_prompt_words: int, drop_invalid: bool):
