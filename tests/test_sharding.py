@@ -79,7 +79,7 @@ def test_training_builds_the_model_before_the_arguments(tmp_path, monkeypatch, z
     monkeypatch.setattr(commands, "build_model_and_processor", build)
     monkeypatch.setattr(TrainConfig, "training_arguments", training_arguments)
     with pytest.raises(Stop):
-        commands.run_training(_config(tmp_path))
+        commands.run_training(_config(tmp_path), output_dir=str(tmp_path / "run"))
     assert events == [("build", False), ("arguments", False)]
 
 
