@@ -9,7 +9,9 @@ What it does, on a CPU in a few minutes:
    model is random, so every part is trained, the SAM2 image encoder and the vision tower included;
 3. evaluates on the held-out images: cIoU (and gIoU) of the masks `model.segment` produces from generated answers,
    and the same with the prompts shuffled across samples (`shuffled_prompts`): a model that reads the text loses
-   most of its score there;
+   most of its score there; the Spearman rank correlation of `scores` with the true IoU of each predicted object;
+   and on the held-out clips J, F and J&F (`evaluation.metrics.video`) separately on the key frames (decoded from
+   ``[SEG]``) and on the propagated frames (SAM2's memory), beside the same with shuffled prompts;
 4. saves the model folder (weights, remote code, processor), reloads it and checks the reloaded model gives the
    same masks, and runs `maskcma predict` on a held-out image and a held-out clip, writing mask PNGs and overlays;
 5. trains and evaluates the same model with ``use_cma=False`` (the plain Sa2VA path) — in a second process, at the
@@ -432,7 +434,9 @@ def predict_masks(model: MaskCMAModel, processor, records: datasets.Dataset, bat
     return [union_prediction(masks) for masks, _ in predict_objects(model, processor, records, batch_size, desc)]
 
 
-def evaluate_referring(model, processor, records: datasets.Dataset, batch_size: int, desc: str) -> ReferringImageMetrics:
+def evaluate_referring(
+    model, processor, records: datasets.Dataset, batch_size: int, desc: str
+) -> ReferringImageMetrics:
     """gIoU/cIoU (`evaluation.metrics.image_referring_metrics`) of the model on image records."""
     predictions = predict_masks(model, processor, records, batch_size, desc)
     return image_referring_metrics(predictions, [ground_truth(r) for r in records])
@@ -878,7 +882,8 @@ def _print_summary(runs: list[RunResult], results: dict, output_dir: Path) -> No
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="train the tiny model on synthetic shapes, evaluate held-out cIoU vs a shuffled-prompt control, "
+        help="train the tiny model on synthetic shapes, evaluate held-out cIoU and video J&F (key and propagated "
+        "frames) vs a shuffled-prompt control, "
         "save, predict, and compare CMA on/off",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

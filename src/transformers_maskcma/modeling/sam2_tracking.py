@@ -211,7 +211,9 @@ class MaskCMASam2VideoModel(Sam2VideoModel):
         num_rows = conditioned.shape[0]
         points = torch.zeros(num_rows, 1, 1, 2, dtype=conditioned.dtype, device=conditioned.device)
         labels = -torch.ones(num_rows, 1, 1, dtype=torch.int32, device=conditioned.device)
-        sparse, dense = self.prompt_encoder(input_points=points, input_labels=labels, input_boxes=None, input_masks=None)
+        sparse, dense = self.prompt_encoder(
+            input_points=points, input_labels=labels, input_boxes=None, input_masks=None
+        )
         positional = self.get_image_wide_positional_embeddings().repeat(num_rows, 1, 1, 1)
         mask_logits, iou_scores, output_tokens, object_scores = self.mask_decoder(
             image_embeddings=conditioned,

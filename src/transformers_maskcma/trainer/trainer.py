@@ -19,8 +19,9 @@ micro-batch TMC losses over the micro-batches of the step and the processes. It 
 more negatives than two accumulated batches of one: there, only the model's parts are equal.
 
 Every component is logged through the usual Trainer logging (`lm_loss`, `mask_bce`, `mask_dice`, `prior_loss`,
-`iou_loss`, `object_score_loss`, `tmc_loss`, `tmc_skipped_fraction`, `cma_gamma`, `cma_warmup_factor`): each is the value for the whole optimizer
-step (all micro-batches, all processes), averaged over the steps since the last log, exactly like `loss`.
+`iou_loss`, `object_score_loss`, `tmc_loss`, `tmc_skipped_fraction`, `cma_gamma`, `cma_warmup_factor`): each is the
+value for the whole optimizer step (all micro-batches, all processes), averaged over the steps since the last log,
+exactly like `loss`.
 """
 
 from __future__ import annotations
