@@ -208,20 +208,18 @@ def test_nonzero_gamma_changes_the_propagated_frames_and_only_them(tiny_tokenize
     with_cma = propagated_logits(model, frames, seg_embeds, text_tokens, text_mask)
 
     # the same key frames, propagated with γ = 0 on the propagated frames only
-    zero_gamma_steps = VideoMaskPropagation(model, frames, KEY_FRAMES, seg_embeds, text_tokens, text_mask)
-    propagate = zero_gamma_steps._propagate
-
-    def propagate_with_zero_gamma(*args, **kwargs):
-        saved = model.cma.gamma.detach().clone()
-        with torch.no_grad():
-            model.cma.gamma.zero_()
-        try:
-            return propagate(*args, **kwargs)
-        finally:
+    class ZeroGammaOnPropagatedFrames(VideoMaskPropagation):
+        def _propagate(self, frame_index: int, reverse: bool):
+            saved = model.cma.gamma.detach().clone()
             with torch.no_grad():
-                model.cma.gamma.copy_(saved)
+                model.cma.gamma.zero_()
+            try:
+                return super()._propagate(frame_index, reverse)
+            finally:
+                with torch.no_grad():
+                    model.cma.gamma.copy_(saved)
 
-    zero_gamma_steps._propagate = propagate_with_zero_gamma
+    zero_gamma_steps = ZeroGammaOnPropagatedFrames(model, frames, KEY_FRAMES, seg_embeds, text_tokens, text_mask)
     zero_gamma = torch.stack([frame.mask_logits for frame in zero_gamma_steps], dim=1)
 
     model.config.cma_on_propagation = False
