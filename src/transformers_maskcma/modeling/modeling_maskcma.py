@@ -284,7 +284,8 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
     def _decoder_pass(
         self, image_embeddings: torch.Tensor, high_res_features: list[torch.Tensor], seg_embeds: torch.Tensor
     ) -> SamDecoderOutput:
-        """SAM2's mask decoder with the sparse prompt `[no-point pad, s]`, multimask output, best predicted IoU kept.
+        """SAM2's mask decoder with the sparse prompt `[no-point pad, s]`, multimask output, best predicted IoU kept
+        (`MaskCMASam2VideoModel.decode`).
 
         Args:
             image_embeddings: `(N, 256, h, w)`; high_res_features: `[(N, 32, 4h, 4w), (N, 64, 2h, 2w)]`;
@@ -294,25 +295,7 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
             [`SamDecoderOutput`]: the chosen mask `(N, 1, 4h, 4w)`, its predicted IoU, the object score, the output
             token, and all candidates.
         """
-        num_targets = image_embeddings.shape[0]
-        device = image_embeddings.device
-        points = torch.zeros(num_targets, 1, 1, 2, device=device, dtype=image_embeddings.dtype)
-        labels = -torch.ones(num_targets, 1, 1, device=device, dtype=torch.int32)
-        sparse, dense = self.sam2.prompt_encoder(
-            input_points=points, input_labels=labels, input_boxes=None, input_masks=None
-        )
-        sparse = torch.cat([sparse, seg_embeds[:, None, None, :].to(sparse.dtype)], dim=2)
-        positional = self.sam2.get_image_wide_positional_embeddings().repeat(num_targets, 1, 1, 1)
-        mask_logits, iou_scores, output_tokens, object_scores = self.sam2.mask_decoder(
-            image_embeddings=image_embeddings,
-            image_positional_embeddings=positional.to(image_embeddings.dtype),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense.to(image_embeddings.dtype),
-            multimask_output=True,
-            high_resolution_features=high_res_features,
-        )
-        # one prompt per target: drop the point-batch axis
-        return SamDecoderOutput.choose_best(mask_logits[:, 0], iou_scores[:, 0], output_tokens[:, 0], object_scores)
+        return self.sam2.decode(image_embeddings, high_res_features, seg_embeds, multimask_output=True)
 
     def decode_masks(
         self,

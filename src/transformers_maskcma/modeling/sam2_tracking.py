@@ -1,7 +1,10 @@
 """SAM2's video model with the per-frame steps of MaskCMA's video path.
 
 [`MaskCMASam2VideoModel`] is a subclass of transformers' `Sam2VideoModel` that adds no module and no weight (its
-checkpoint keys are SAM2's). It adds three steps on a `Sam2VideoInferenceSession`:
+checkpoint keys are SAM2's). It adds one decoding call and three steps on a `Sam2VideoInferenceSession`:
+
+- `decode`: SAM2's prompt encoder and mask decoder with an optional extra prompt token (the image path's and the
+  key frames' ``[SEG]``; none when tracking);
 
 - `frame_features`: SAM2's features of one frame (computed once and cached by the session);
 - `store_conditioning_frame`: a key frame decoded from the ``[SEG]`` prompts becomes a conditioning frame: its
@@ -203,26 +206,43 @@ class MaskCMASam2VideoModel(Sam2VideoModel):
 
     # -- propagated frames -----------------------------------------------------------------------------------------
 
-    def _decode_without_prompt(
-        self, conditioned: torch.Tensor, high_res_features: list[torch.Tensor], multimask_output: bool
+    def decode(
+        self,
+        image_embeddings: torch.Tensor,
+        high_res_features: list[torch.Tensor],
+        prompt_embeddings: torch.Tensor | None = None,
+        multimask_output: bool = True,
     ) -> SamDecoderOutput:
-        """SAM2's mask decoder on a memory-conditioned embedding with no prompt (the "no point" padding token only),
-        as SAM2 tracks an object; the candidate of highest predicted IoU is kept."""
-        num_rows = conditioned.shape[0]
-        points = torch.zeros(num_rows, 1, 1, 2, dtype=conditioned.dtype, device=conditioned.device)
-        labels = -torch.ones(num_rows, 1, 1, dtype=torch.int32, device=conditioned.device)
+        """SAM2's mask decoder with the sparse prompt `[no-point pad]` (how SAM2 tracks an object) or
+        `[no-point pad, p]` (MaskCMA's ``[SEG]`` embedding `p`); the candidate of highest predicted IoU is kept.
+
+        Args:
+            image_embeddings (`torch.FloatTensor` of shape `(N, 256, h, w)`): one row per target.
+            high_res_features (`list[torch.FloatTensor]`): `[(N, 32, 4h, 4w), (N, 64, 2h, 2w)]`.
+            prompt_embeddings (`torch.FloatTensor` of shape `(N, 256)`, *optional*): an extra sparse prompt token.
+            multimask_output (`bool`): three candidates (else one).
+
+        Returns:
+            [`SamDecoderOutput`].
+        """
+        num_rows, dtype, device = image_embeddings.shape[0], image_embeddings.dtype, image_embeddings.device
+        points = torch.zeros(num_rows, 1, 1, 2, dtype=dtype, device=device)
+        labels = -torch.ones(num_rows, 1, 1, dtype=torch.int32, device=device)
         sparse, dense = self.prompt_encoder(
             input_points=points, input_labels=labels, input_boxes=None, input_masks=None
         )
+        if prompt_embeddings is not None:
+            sparse = torch.cat([sparse, prompt_embeddings[:, None, None, :].to(sparse.dtype)], dim=2)
         positional = self.get_image_wide_positional_embeddings().repeat(num_rows, 1, 1, 1)
         mask_logits, iou_scores, output_tokens, object_scores = self.mask_decoder(
-            image_embeddings=conditioned,
-            image_positional_embeddings=positional,
+            image_embeddings=image_embeddings,
+            image_positional_embeddings=positional.to(dtype),
             sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
+            dense_prompt_embeddings=dense.to(dtype),
             multimask_output=multimask_output,
             high_resolution_features=high_res_features,
         )
+        # one prompt per row: drop the point-batch axis
         return SamDecoderOutput.choose_best(mask_logits[:, 0], iou_scores[:, 0], output_tokens[:, 0], object_scores)
 
     @torch.no_grad()
@@ -269,7 +289,7 @@ class MaskCMASam2VideoModel(Sam2VideoModel):
             )
             if refine_memory_features is not None:
                 conditioned = refine_memory_features(conditioned, obj, frame_idx, reverse)
-            decoded = self._decode_without_prompt(conditioned, high_res_features, multimask_output)
+            decoded = self.decode(conditioned, high_res_features, multimask_output=multimask_output)
             low_res, high_res, pointer, object_scores = self._memory_state(decoded, object_presence)
             inference_session.store_output(
                 obj,
