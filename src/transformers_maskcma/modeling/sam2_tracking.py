@@ -5,7 +5,6 @@ checkpoint keys are SAM2's). It adds one decoding call and three steps on a `Sam
 
 - `decode`: SAM2's prompt encoder and mask decoder with an optional extra prompt token (the image path's and the
   key frames' ``[SEG]``; none when tracking);
-
 - `frame_features`: SAM2's features of one frame (computed once and cached by the session);
 - `store_conditioning_frame`: a key frame decoded from the ``[SEG]`` prompts becomes a conditioning frame: its
   mask, object pointer and object score are stored and its memory is encoded;
@@ -13,7 +12,7 @@ checkpoint keys are SAM2's). It adds one decoding call and three steps on a `Sam
   memory-conditioned embedding (the CMA), SAM2's mask decoder without prompt, the object-presence rule, the object
   pointer and the memory encoding.
 
-Both store the same per-frame state as `Sam2VideoModel.forward` (the object pointer is the learned no-object pointer
+The last two store the same per-frame state as `Sam2VideoModel.forward` (the object pointer is the learned no-object pointer
 and the memory gets the no-object embedding where the object score is <= 0); they differ from it only in the mask
 itself, which follows `object_presence`: `"keep"` keeps the decoded mask whatever the object score (as Sa2VA runs
 SAM2), `"blank"` replaces it by SAM2's no-object logits (what `Sam2VideoModel.forward` does). transformers has no
