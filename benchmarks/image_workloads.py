@@ -102,15 +102,15 @@ def reencoding_forward(model: MaskCMAModel, inputs: ImageInputs) -> dict:
         dict with `mask_logits` `(N, 1, 4h, 4w)`, `iou_scores` `(N,)`, `prior_logits` `(N, 1, 4h, 4w)`.
     """
     first = per_object(model.encode_frames(inputs.sam_pixel_values), inputs.num_objects)
-    prior_logits, _ = model._decoder_pass(first.image_embeddings, first.high_res_features, inputs.seg_embeds)
+    prior_logits = model._decoder_pass(first.image_embeddings, first.high_res_features, inputs.seg_embeds).mask_logits
     second = per_object(model.encode_frames(inputs.sam_pixel_values), inputs.num_objects)
     embed_size = second.image_embeddings.shape[-2:]
     prior_at_embedding = F.interpolate(prior_logits, size=embed_size, mode="bilinear", antialias=True)
     refined = model.cma(
         second.image_embeddings, inputs.text_tokens, inputs.text_token_mask, inputs.seg_embeds, prior_at_embedding
     )
-    mask_logits, iou_scores = model._decoder_pass(refined.image_embeddings, second.high_res_features, inputs.seg_embeds)
-    return {"mask_logits": mask_logits, "iou_scores": iou_scores, "prior_logits": prior_logits}
+    final = model._decoder_pass(refined.image_embeddings, second.high_res_features, inputs.seg_embeds)
+    return {"mask_logits": final.mask_logits, "iou_scores": final.iou_scores, "prior_logits": prior_logits}
 
 
 def memory_warmup(size: str) -> int:

@@ -5,10 +5,17 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from transformers_maskcma.cli import main
+from transformers_maskcma.data.synthetic import SyntheticConfig, generate_synthetic
+from transformers_maskcma.demo import evaluate_video, predict_video, spearman_correlation, video_ground_truth
+from transformers_maskcma.evaluation.metrics.video import jaccard_per_frame
 from transformers_maskcma.modeling import MaskCMAModel
+from transformers_maskcma.tiny import build_tiny_model, build_tiny_processor
+
+from test_video_segmentation import perturb_sam2_heads
 
 
 @pytest.mark.slow
@@ -17,11 +24,19 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
     assert main(["demo", "--quick", "--output", str(output)]) == 0
     printed = capsys.readouterr().out
     assert "== MaskCMA demo summary ==" in printed and "held-out cIoU" in printed
+    assert "video key frames" in printed and "video propagated frames" in printed and "Spearman" in printed
 
     results = json.loads((output / "results.json").read_text())
     assert [run["use_cma"] for run in results["runs"]] == [True, False]
     for run in results["runs"]:
         assert 0.0 <= run["ciou"] <= 1.0 and 0.0 <= run["shuffled_ciou"] <= 1.0
+        # video numbers on the held-out clip, key frames and propagated frames apart, beside the control
+        for scores in (run["video"], run["shuffled_video"]):
+            assert scores["n_clips"] == 1
+            for kind in ("key_frames", "propagated_frames"):
+                assert set(scores[kind]) == {"J", "F", "J&F", "n_expressions"}
+                assert 0.0 <= scores[kind]["J&F"] <= 1.0
+        assert "score_iou_spearman" in run and "iou_loss" in run["final_logs"]
         assert run["final_logs"]["cma_warmup_factor"] >= 0.0 and "tmc_loss" in run["final_logs"]
     assert results["round_trip_identical"] is True
     # the CMA-off run trained in a second process: its log stays, its copy of the data is removed
@@ -178,3 +193,42 @@ def test_demo_output_folder_belongs_to_one_run(tmp_path, capsys):
     assert main(["demo", "--quick", "--no-ablation", "--output", str(output)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and 'command: "predict" vs "demo"' in err and "--overwrite" in err
+
+
+def test_spearman_correlation_matches_hand_computed_ranks():
+    # ranks (1, 2, 3, 4) against (1, 3, 2, 4): 1 - 6 * (0 + 1 + 1 + 0) / (4 * 15) = 0.8
+    assert spearman_correlation(np.array([0.1, 0.2, 0.3, 0.4]), np.array([5.0, 7.0, 6.0, 9.0])) == pytest.approx(0.8)
+    # ties share their mean rank: x ranks (1.5, 1.5, 3), y ranks (1, 2, 3)
+    expected = np.corrcoef([1.5, 1.5, 3.0], [1.0, 2.0, 3.0])[0, 1]
+    assert spearman_correlation(np.array([1.0, 1.0, 2.0]), np.array([0.1, 0.2, 0.3])) == pytest.approx(expected)
+    assert spearman_correlation(np.array([1.0]), np.array([2.0])) is None
+    assert spearman_correlation(np.array([1.0, 1.0]), np.array([2.0, 3.0])) is None
+
+
+def test_video_scores_separate_key_frames_from_propagated_frames():
+    """`evaluate_video` scores the key frames (decoded from [SEG]) and the propagated frames apart with the project's
+    J and F; every frame where the target is present gets a mask (the object score of this model is negative)."""
+    model, tokenizer = build_tiny_model(seed=1)
+    model.eval()
+    perturb_sam2_heads(model, 1)
+    seg_id, eos_id = tokenizer.convert_tokens_to_ids("[SEG]"), tokenizer.eos_token_id
+    # the random language model answers with one [SEG] (generation config, no head is touched)
+    model.vlm.generation_config.sequence_bias = {(seg_id,): 50.0, (seg_id, eos_id): 200.0}
+    processor = build_tiny_processor(tokenizer)
+    config = SyntheticConfig(image_size=96, num_frames=7, video_fraction=1.0, multi_object_fraction=0.0, seed=2)
+    clips = generate_synthetic(2, config, split="test", show_progress=False)
+    scores = evaluate_video(model, processor, clips, "clips")
+    assert scores["n_clips"] == 2 and scores["nonempty_where_present"] == 1.0
+
+    key_j, propagated_j = [], []
+    for record in clips:
+        prediction, key_frames = predict_video(model, processor, record)
+        assert key_frames == [0, 1, 2, 3, 4]  # the processor's default: the first five frames
+        truth = video_ground_truth(record)
+        j = jaccard_per_frame(prediction, truth)
+        key_j.append(j[:5].mean())
+        propagated_j.append(j[5:].mean())
+    assert scores["key_frames"]["J"] == pytest.approx(np.mean(key_j))
+    assert scores["propagated_frames"]["J"] == pytest.approx(np.mean(propagated_j))
+    for kind in ("key_frames", "propagated_frames"):
+        assert scores[kind]["J&F"] == pytest.approx((scores[kind]["J"] + scores[kind]["F"]) / 2)

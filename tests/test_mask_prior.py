@@ -31,7 +31,7 @@ def test_each_mask_source_resolves_to_its_strategy_and_the_predicted_one_is_pass
     features, seg = frame_inputs(model)
     embeddings, high_res = features.image_embeddings, features.high_res_features
     prior = model.mask_prior(embeddings, seg, high_res_features=high_res)
-    pass_one, _ = model._decoder_pass(embeddings, high_res, seg)
+    pass_one = model._decoder_pass(embeddings, high_res, seg).mask_logits
     assert torch.equal(prior.mask_logits, pass_one)
     expected = F.interpolate(pass_one, size=embeddings.shape[-2:], mode="bilinear", antialias=True)
     assert torch.equal(prior.embedding_logits, expected)
@@ -72,7 +72,7 @@ def test_ground_truth_prior_in_training_and_the_predicted_one_without_ground_tru
     assert logits[0, 0, 1] == pytest.approx(0.0, abs=1e-6)  # half covered: logit(0.5)
     assert (logits[1] == logits[1, 0, 0]).all() and logits[1, 0, 0] < -13.0  # empty: logit(1e-6)
     without = model.mask_prior(embeddings, seg, high_res_features=high_res)
-    pass_one, _ = model._decoder_pass(embeddings, high_res, seg)
+    pass_one = model._decoder_pass(embeddings, high_res, seg).mask_logits
     assert torch.equal(without.mask_logits, pass_one)
 
 

@@ -59,7 +59,13 @@ def test_every_switch_runs_forward_and_backward(tiny_tokenizer, overrides):
     model.train()
     output = model(**make_batch(tiny_tokenizer, PROMPTS, ANSWERS))
     assert torch.isfinite(output.loss)
-    expected = output.lm_loss + 2.0 * output.mask_bce + 0.5 * output.mask_dice
+    expected = (
+        output.lm_loss
+        + 2.0 * output.mask_bce
+        + 0.5 * output.mask_dice
+        + 1.0 * output.iou_loss
+        + 1.0 * output.object_score_loss
+    )
     if output.prior_loss is not None:
         expected = expected + model.config.prior_loss_weight * output.prior_loss
     torch.testing.assert_close(output.loss, expected)

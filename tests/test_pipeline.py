@@ -18,6 +18,7 @@ from transformers import AutoModel, AutoProcessor, pipeline
 from transformers_maskcma.processing import ReferringSegmentationPipeline, save_model_folder
 from transformers_maskcma.tiny import build_tiny_model, build_tiny_processor
 from transformers_maskcma.processing.samples import draw_sample_shapes, sample_image_path
+from transformers_maskcma.trainer.collator import MaskCMADataCollator
 
 IMAGE_PROMPT = "Please segment the red circle."
 VIDEO_PROMPT = "Please segment the circle that moves right."
@@ -26,44 +27,43 @@ NUM_VIDEO_FRAMES = 7
 
 
 def write_frame_folder(folder) -> list[np.ndarray]:
-    """A 7-frame clip: the sample shapes with the red circle moving right by 6 px a frame."""
+    """A 7-frame clip: the sample shapes with the red circle moving right by 6 px a frame. Returns the circle's
+    mask in each frame."""
     folder.mkdir(parents=True, exist_ok=True)
     base, masks = draw_sample_shapes("shapes")
-    frames = []
+    circle_masks = []
     for t in range(NUM_VIDEO_FRAMES):
         frame = np.asarray(base).copy()
         frame[masks["red circle"]] = 128
         moved = np.roll(masks["red circle"], 6 * t, axis=1)
         frame[moved] = (220, 40, 40)
         Image.fromarray(frame).save(folder / f"{t:03d}.png")
-        frames.append(frame)
-    return frames
+        circle_masks.append(moved)
+    return circle_masks
 
 
 def build_answering_folder(root, steps: int = 20):
-    """Tiny model + processor whose LM learnt to answer "Sure, [SEG]." for the sample image and the sample clip,
-    saved with `save_model_folder` (remote code, processor, pipeline declaration). Returns
-    `(folder, frames_folder)`."""
+    """Tiny model + processor trained for a few steps on the sample image and the sample clip (the language model to
+    answer "Sure, [SEG].", the mask decoder and its heads on the red circle's masks), saved with `save_model_folder`
+    (remote code, processor, pipeline declaration). Returns `(folder, frames_folder)`."""
     frames_folder = root / "frames"
-    write_frame_folder(frames_folder)
+    circle_masks = write_frame_folder(frames_folder)
     model, tokenizer = build_tiny_model(seed=0)
     processor = build_tiny_processor(tokenizer)
+    collator = MaskCMADataCollator(processor)
     image, masks = draw_sample_shapes("shapes")
     samples = [
-        processor(images=image, text=IMAGE_PROMPT, answer=ANSWER, masks=[masks["red circle"]]),
-        processor(videos=str(frames_folder), text=VIDEO_PROMPT, answer=ANSWER, masks=[[None] * NUM_VIDEO_FRAMES]),
+        collator([processor(images=image, text=IMAGE_PROMPT, answer=ANSWER, masks=[masks["red circle"]])]),
+        collator([processor(videos=str(frames_folder), text=VIDEO_PROMPT, answer=ANSWER, masks=[circle_masks])]),
     ]
-    parameters = [p for p in model.vlm.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(parameters, lr=3e-3)
+    language_model = [p for p in model.vlm.parameters() if p.requires_grad]
+    others = [p for name, p in model.named_parameters() if p.requires_grad and not name.startswith("vlm.")]
+    optimizer = torch.optim.Adam([{"params": language_model, "lr": 3e-3}, {"params": others, "lr": 1e-3}])
     torch.manual_seed(0)
+    model.train()
     for _ in range(steps):
-        for features in samples:
-            loss = model.vlm(
-                input_ids=features["input_ids"],
-                attention_mask=features["attention_mask"],
-                pixel_values=features["pixel_values"],
-                labels=features["labels"],
-            ).loss
+        for batch in samples:
+            loss = model(**batch).loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -101,6 +101,8 @@ def test_pipeline_on_an_image_matches_the_model(segmenter, answering_folder):
     mask = result["masks"][0]
     assert mask.dtype == bool and mask.shape == (128, 192)
     assert isinstance(result["scores"][0], float)
+    _, shapes = draw_sample_shapes("shapes")
+    assert (mask & shapes["red circle"]).any()  # the trained model's mask covers the target
     model = AutoModel.from_pretrained(folder)
     inputs = segmenter.processor(images=str(sample_image_path()), text=IMAGE_PROMPT)
     direct = model.segment(**inputs)
@@ -115,6 +117,8 @@ def test_pipeline_on_a_video_gives_masks_for_every_frame(segmenter, answering_fo
     assert result["answer"] == ANSWER
     assert len(result["masks"]) == 1
     assert result["masks"][0].shape == (NUM_VIDEO_FRAMES, 128, 192) and result["masks"][0].dtype == bool
+    # the target is present on every frame: the mask is non-empty on key frames and propagated frames alike
+    assert result["masks"][0].reshape(NUM_VIDEO_FRAMES, -1).any(axis=1).all()
     frames = [np.asarray(Image.open(frames_folder / f"{t:03d}.png")) for t in range(NUM_VIDEO_FRAMES)]
     as_list = segmenter({"video": frames, "text": VIDEO_PROMPT})
     assert np.array_equal(as_list["masks"][0], result["masks"][0])
@@ -199,4 +203,4 @@ def test_remote_code_processor_model_and_pipeline_in_a_fresh_process(answering_f
     video = model.segment(**processor(videos=str(frames_folder), text=VIDEO_PROMPT))
     assert remote["video"][0] == ANSWER
     assert remote["video"][1] == [[NUM_VIDEO_FRAMES, 128, 192]]
-    assert remote["video"][2] == int(video.masks[0][0].sum())
+    assert remote["video"][2] == int(video.masks[0][0].sum()) > 0

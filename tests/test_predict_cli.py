@@ -47,7 +47,7 @@ def test_predict_on_an_image_writes_the_mask_and_the_overlay(answering_folder, t
     assert f"answer: {ANSWER!r}" in printed and "1 object(s)" in printed
     assert sorted(p.name for p in out.iterdir()) == ["mask_0.png", "maskcma_run.json", "overlay.png"]
     mask = np.asarray(Image.open(out / "mask_0.png")) > 0
-    assert mask.shape == (128, 192)
+    assert mask.shape == (128, 192) and mask.any()  # the trained model's mask of the red circle is not empty
     overlay = np.asarray(Image.open(out / "overlay.png").convert("RGB"))
     expected = overlay_masks(Image.open(sample_image_path()), [mask])
     assert np.array_equal(overlay, np.asarray(expected))
@@ -88,6 +88,7 @@ def test_predict_on_a_frame_folder_writes_every_frame_and_a_gif(answering_folder
     assert len(rles) == NUM_VIDEO_FRAMES
     for path, rle in zip(mask_files, rles):
         assert np.array_equal(np.asarray(Image.open(path)) > 0, decode_rle(rle))
+        assert decode_rle(rle).any()  # the target is present on every frame, and so is the mask
     with Image.open(out / "overlay.gif") as gif:
         assert gif.n_frames == NUM_VIDEO_FRAMES and gif.size == (192, 128)
     assert str(out / "overlay.gif") in summary["files"]
@@ -108,7 +109,9 @@ def test_predict_on_a_video_file_writes_an_mp4_overlay(answering_folder, tmp_pat
     out = tmp_path / "mp4"
     assert predict("--model", folder, "--text", VIDEO_PROMPT, clip, "--output", out, "--overlay-format", "mp4") == 0
     capsys.readouterr()
-    assert len(list((out / "masks" / "object_0").iterdir())) == NUM_VIDEO_FRAMES
+    mask_files = sorted((out / "masks" / "object_0").iterdir())
+    assert len(mask_files) == NUM_VIDEO_FRAMES
+    assert all((np.asarray(Image.open(path)) > 0).any() for path in mask_files)  # the circle is in every frame
     with av.open(str(out / "overlay.mp4")) as written:
         frames = list(written.decode(video=0))
     assert len(frames) == NUM_VIDEO_FRAMES and (frames[0].height, frames[0].width) == (128, 192)

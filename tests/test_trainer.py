@@ -107,7 +107,7 @@ def test_gradient_accumulation_two_by_one_equals_one_batch_of_two(tmp_path, reco
         torch.testing.assert_close(accumulated[name], full[name], rtol=1e-4, atol=1e-6, msg=name)
     # the logged loss and components are those of the whole batch
     batch_log, accumulated_log = batch_trainer.state.log_history[0], accumulated_trainer.state.log_history[0]
-    for key in ("loss", "lm_loss", "mask_bce", "mask_dice", "prior_loss"):
+    for key in ("loss", "lm_loss", "mask_bce", "mask_dice", "prior_loss", "iou_loss", "object_score_loss"):
         assert accumulated_log[key] == pytest.approx(batch_log[key], rel=1e-5), key
 
     # the test is sensitive: averaging the two micro-batch losses (the default for a model whose loss is a batch
@@ -134,7 +134,9 @@ def test_tmc_term_is_the_mean_over_micro_batches(tmp_path, records, processor):
     assert not two_objects.skipped and two_objects.num_objects == 2
     assert log["tmc_loss"] == pytest.approx(two_objects.loss.item() / 2, rel=1e-4)
     assert log["tmc_skipped_fraction"] == pytest.approx(0.5)
-    expected = log["lm_loss"] + 2.0 * log["mask_bce"] + 0.5 * log["mask_dice"] + 0.1 * log["tmc_loss"]
+    expected = (
+        log["lm_loss"] + 2.0 * log["mask_bce"] + 0.5 * log["mask_dice"] + log["iou_loss"] + log["object_score_loss"]
+    ) + 0.1 * log["tmc_loss"]
     assert log["loss"] == pytest.approx(expected, rel=1e-5)
 
 
@@ -192,6 +194,7 @@ def test_short_training_lowers_the_loss(tmp_path, records, processor):
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     for entry in logged:  # the logged total is the sum of the logged weighted components
         total = entry["lm_loss"] + 2.0 * entry["mask_bce"] + 0.5 * entry["mask_dice"] + 0.1 * entry["tmc_loss"]
+        total += 1.0 * entry["iou_loss"] + 1.0 * entry["object_score_loss"]  # SAM2's head losses, weights 1
         assert entry["loss"] == pytest.approx(total, rel=1e-4)
         assert {"cma_gamma", "cma_warmup_factor", "prior_loss"} <= entry.keys()
 

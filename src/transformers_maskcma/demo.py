@@ -9,7 +9,9 @@ What it does, on a CPU in a few minutes:
    model is random, so every part is trained, the SAM2 image encoder and the vision tower included;
 3. evaluates on the held-out images: cIoU (and gIoU) of the masks `model.segment` produces from generated answers,
    and the same with the prompts shuffled across samples (`shuffled_prompts`): a model that reads the text loses
-   most of its score there;
+   most of its score there; the Spearman rank correlation of `scores` with the true IoU of each predicted object;
+   and on the held-out clips J, F and J&F (`evaluation.metrics.video`) separately on the key frames (decoded from
+   ``[SEG]``) and on the propagated frames (SAM2's memory), beside the same with shuffled prompts;
 4. saves the model folder (weights, remote code, processor), reloads it and checks the reloaded model gives the
    same masks, and runs `maskcma predict` on a held-out image and a held-out clip, writing mask PNGs and overlays;
 5. trains and evaluates the same model with ``use_cma=False`` (the plain Sa2VA path) — in a second process, at the
@@ -40,6 +42,8 @@ from transformers import TrainingArguments
 from .data.schema import decode_rle
 from .data.synthetic import SyntheticConfig, assert_disjoint, load_synthetic, shuffled_prompts
 from .evaluation.metrics import ReferringImageMetrics, image_referring_metrics
+from .evaluation.metrics.image import intersection_and_union
+from .evaluation.metrics.video import ExpressionScores, aggregate_video, video_expression_scores
 from .modeling import MaskCMAModel
 
 TARGET_CIOU = 0.75
@@ -138,6 +142,9 @@ class RunResult:
     train_runtime_s: float
     eval_runtime_s: float
     final_logs: dict
+    score_iou_spearman: float | None = None
+    video: dict | None = None
+    shuffled_video: dict | None = None
 
     @property
     def margin(self) -> float:
@@ -402,8 +409,9 @@ class FlattenCollator:
 
 
 @torch.no_grad()
-def predict_masks(model: MaskCMAModel, processor, records: datasets.Dataset, batch_size: int, desc: str) -> list:
-    """`model.segment` on image records, batched; returns per record the union of its predicted masks `(H, W)`."""
+def predict_objects(model: MaskCMAModel, processor, records: datasets.Dataset, batch_size: int, desc: str) -> list:
+    """`model.segment` on image records, batched; returns per record `(masks, scores)`: the predicted masks
+    `(num_objects, H, W)` bool and their `scores` `(num_objects,)` (SAM2's predicted IoU), as numpy arrays."""
     device = next(model.parameters()).device
     predictions = []
     for start in tqdm(range(0, len(records), batch_size), desc=desc, unit="batch"):
@@ -411,32 +419,162 @@ def predict_masks(model: MaskCMAModel, processor, records: datasets.Dataset, bat
         inputs = processor(images=[r["frames"][0] for r in batch], text=list(batch["prompt"]))
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         output = model.segment(**inputs, max_new_tokens=16)
-        for masks in output.masks:
-            predictions.append(masks.cpu().numpy().any(axis=0) if masks.shape[0] else None)
+        for masks, scores in zip(output.masks, output.scores):
+            predictions.append((masks.cpu().numpy(), scores.float().cpu().numpy()))
     return predictions
 
 
-def evaluate_referring(model, processor, records: datasets.Dataset, batch_size: int, desc: str) -> ReferringImageMetrics:
+def union_prediction(masks: np.ndarray) -> np.ndarray | None:
+    """The union of a record's predicted masks `(H, W)`, `None` when the answer had no ``[SEG]``."""
+    return masks.any(axis=0) if masks.shape[0] else None
+
+
+def predict_masks(model: MaskCMAModel, processor, records: datasets.Dataset, batch_size: int, desc: str) -> list:
+    """Per image record, the union of its predicted masks `(H, W)` (`None` without ``[SEG]``)."""
+    return [union_prediction(masks) for masks, _ in predict_objects(model, processor, records, batch_size, desc)]
+
+
+def evaluate_referring(
+    model, processor, records: datasets.Dataset, batch_size: int, desc: str
+) -> ReferringImageMetrics:
     """gIoU/cIoU (`evaluation.metrics.image_referring_metrics`) of the model on image records."""
     predictions = predict_masks(model, processor, records, batch_size, desc)
     return image_referring_metrics(predictions, [ground_truth(r) for r in records])
 
 
+def object_ground_truths(record: dict) -> list[np.ndarray]:
+    """The ground-truth mask of each referred object of an image record, `(H, W)` bool, in mask order."""
+    width, height = record["frames"][0].size
+    return [decode_rle(object_masks[0], expected_size=(height, width)) for object_masks in record["masks"]]
+
+
+def scores_and_true_ious(predictions: list, records: datasets.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs `(score, actual IoU)` of every predicted object of the records whose answer has one ``[SEG]`` per
+    referred object (object k of the answer is scored against referred object k)."""
+    scores, ious = [], []
+    for (masks, object_scores), record in zip(predictions, records):
+        truths = object_ground_truths(record)
+        if masks.shape[0] != len(truths):
+            continue
+        for mask, score, truth in zip(masks, object_scores, truths):
+            intersection, union = intersection_and_union(mask, truth)
+            scores.append(float(score))
+            ious.append(intersection / union if union else 1.0)
+    return np.asarray(scores), np.asarray(ious)
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks 1..n of `values`, tied values sharing the mean of their ranks."""
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values), dtype=np.float64)
+    ranks[order] = np.arange(1, len(values) + 1)
+    for value in np.unique(values):
+        tied = values == value
+        if tied.sum() > 1:
+            ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman_correlation(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Spearman's rank correlation (Pearson correlation of the average ranks); `None` with fewer than two pairs or
+    a constant side."""
+    if len(x) != len(y):
+        raise ValueError(f"spearman_correlation needs pairs, got {len(x)} and {len(y)} values")
+    if len(x) < 2:
+        return None
+    rank_x, rank_y = average_ranks(np.asarray(x, float)), average_ranks(np.asarray(y, float))
+    if rank_x.std() == 0 or rank_y.std() == 0:
+        return None
+    return float(np.corrcoef(rank_x, rank_y)[0, 1])
+
+
+def video_records(records: datasets.Dataset) -> datasets.Dataset:
+    """The video clips of a split."""
+    media = records["media_type"]
+    return records.select([i for i, kind in enumerate(media) if kind == "video"])
+
+
+def video_ground_truth(record: dict) -> np.ndarray:
+    """Union of the referred objects' masks in every frame of a clip, `(T, H, W)` bool (absent frames empty)."""
+    width, height = record["frames"][0].size
+    union = np.zeros((len(record["frames"]), height, width), dtype=bool)
+    for object_masks in record["masks"]:
+        for t, rle in enumerate(object_masks):
+            if rle is not None:
+                union[t] |= decode_rle(rle, expected_size=(height, width))
+    return union
+
+
+@torch.no_grad()
+def predict_video(model: MaskCMAModel, processor, record: dict) -> tuple[np.ndarray, list[int]]:
+    """`model.segment` on one clip: the union of the predicted objects in every frame `(T, H, W)` bool, and the
+    key frames the VLM saw (SAM2's conditioning frames; the others are propagated)."""
+    device = next(model.parameters()).device
+    inputs = processor(videos=list(record["frames"]), text=record["prompt"])
+    key_frames = [int(k) for k in torch.as_tensor(inputs["key_frame_indices"]).reshape(-1).tolist()]
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    output = model.segment(**inputs, max_new_tokens=16)
+    masks = output.masks[0].cpu().numpy()
+    width, height = record["frames"][0].size
+    union = masks.any(axis=0) if masks.shape[0] else np.zeros((len(record["frames"]), height, width), dtype=bool)
+    return union, sorted(set(key_frames))
+
+
+def evaluate_video(model, processor, clips: datasets.Dataset, desc: str) -> dict:
+    """J, F and J&F (`evaluation.metrics.video`) of the model on held-out clips, separately over the key frames
+    (decoded from ``[SEG]``) and over the propagated frames (SAM2's memory): each clip's frames of one kind form
+    an expression's frames; the metrics average over clips. Also the share of frames with a non-empty mask where
+    the target is present."""
+    key_scores: list[ExpressionScores] = []
+    propagated_scores: list[ExpressionScores] = []
+    present = shown = 0
+    for record in tqdm(clips, desc=desc, unit="clip"):
+        prediction, key_frames = predict_video(model, processor, record)
+        truth = video_ground_truth(record)
+        propagated = [t for t in range(len(truth)) if t not in key_frames]
+        key_scores.append(video_expression_scores(prediction[key_frames], truth[key_frames]))
+        if propagated:
+            propagated_scores.append(video_expression_scores(prediction[propagated], truth[propagated]))
+        target_frames = truth.any(axis=(1, 2))
+        present += int(target_frames.sum())
+        shown += int((prediction.any(axis=(1, 2)) & target_frames).sum())
+    result = {"n_clips": len(clips), "nonempty_where_present": shown / present if present else None}
+    for name, scores in (("key_frames", key_scores), ("propagated_frames", propagated_scores)):
+        result[name] = aggregate_video(scores).to_dict() if scores else None
+    return result
+
+
 def train_and_evaluate(
-    settings: DemoSettings, train: datasets.Dataset, held_out: datasets.Dataset, use_cma: bool, work_dir: Path
+    settings: DemoSettings,
+    train: datasets.Dataset,
+    held_out: datasets.Dataset,
+    use_cma: bool,
+    work_dir: Path,
+    held_out_clips: datasets.Dataset | None = None,
 ):
-    """Train one model and score it on the held-out images and on the shuffled-prompt control."""
+    """Train one model and score it on the held-out images (cIoU, gIoU and the rank correlation of `scores` with
+    the true IoU) and clips (J, F, J&F on key and on propagated frames), each beside the shuffled-prompt control."""
     label = "CMA on" if use_cma else "CMA off"
     print(f"\n== training the tiny model ({label}) for {settings.steps} steps ==", flush=True)
     started = time.time()
     model, processor, trainer = train_model(settings, train, use_cma, work_dir / ("cma_on" if use_cma else "cma_off"))
     train_runtime = time.time() - started
     started = time.time()
-    metrics = evaluate_referring(model, processor, held_out, settings.eval_batch_size, f"held-out ({label})")
+    predictions = predict_objects(model, processor, held_out, settings.eval_batch_size, f"held-out ({label})")
+    metrics = image_referring_metrics(
+        [union_prediction(masks) for masks, _ in predictions], [ground_truth(r) for r in held_out]
+    )
+    spearman = spearman_correlation(*scores_and_true_ious(predictions, held_out))
     control = evaluate_referring(
         model, processor, shuffled_prompts(held_out, seed=settings.seed), settings.eval_batch_size,
         f"shuffled prompts ({label})",
     )
+    video = shuffled_video = None
+    if held_out_clips is not None and len(held_out_clips):
+        video = evaluate_video(model, processor, held_out_clips, f"held-out clips ({label})")
+        shuffled_video = evaluate_video(
+            model, processor, shuffled_prompts(held_out_clips, seed=settings.seed), f"shuffled clip prompts ({label})"
+        )
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     result = RunResult(
         use_cma=use_cma,
@@ -447,13 +585,43 @@ def train_and_evaluate(
         train_runtime_s=train_runtime,
         eval_runtime_s=time.time() - started,
         final_logs=logs[-1] if logs else {},
+        score_iou_spearman=spearman,
+        video=video,
+        shuffled_video=shuffled_video,
     )
     print(
         f"{label}: held-out cIoU {result.ciou:.3f} (gIoU {result.giou:.3f}); shuffled prompts cIoU "
-        f"{result.shuffled_ciou:.3f} (gIoU {result.shuffled_giou:.3f})",
+        f"{result.shuffled_ciou:.3f} (gIoU {result.shuffled_giou:.3f}); Spearman(scores, IoU) "
+        f"{_number(result.score_iou_spearman)}",
         flush=True,
     )
+    if video is not None:
+        print(f"{label}: {video_line(video, shuffled_video)}", flush=True)
     return model, processor, result
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def video_line(video: dict, shuffled: dict | None) -> str:
+    """One line of video numbers: J&F (J, F) on key and on propagated frames, and the shuffled-prompt control."""
+
+    def part(scores: dict | None) -> str:
+        if scores is None:
+            return "n/a"
+        return f"J&F {scores['J&F']:.3f} (J {scores['J']:.3f}, F {scores['F']:.3f})"
+
+    line = (
+        f"held-out clips ({video['n_clips']}): key frames {part(video['key_frames'])}; propagated frames "
+        f"{part(video['propagated_frames'])}"
+    )
+    if shuffled is not None:
+        line += (
+            f"; shuffled prompts: key frames {part(shuffled['key_frames'])}, propagated frames "
+            f"{part(shuffled['propagated_frames'])}"
+        )
+    return line
 
 
 class AblationRun:
@@ -463,7 +631,14 @@ class AblationRun:
     child reads the same records (saved with `datasets.Dataset.save_to_disk`) and writes its console output to
     ``<work_dir>/cma_off.log``; :meth:`result` waits for it and prints its summary line."""
 
-    def __init__(self, settings: DemoSettings, train: datasets.Dataset, held_out: datasets.Dataset, work_dir: Path):
+    def __init__(
+        self,
+        settings: DemoSettings,
+        train: datasets.Dataset,
+        held_out: datasets.Dataset,
+        work_dir: Path,
+        held_out_clips: datasets.Dataset | None = None,
+    ):
         import concurrent.futures
         import multiprocessing
 
@@ -472,6 +647,8 @@ class AblationRun:
         self._data_dir = data_dir = work_dir / "cma_off_data"
         train.save_to_disk(str(data_dir / "train"))
         held_out.save_to_disk(str(data_dir / "held_out"))
+        if held_out_clips is not None:
+            held_out_clips.save_to_disk(str(data_dir / "held_out_clips"))
         self._executor = concurrent.futures.ProcessPoolExecutor(
             max_workers=1, mp_context=multiprocessing.get_context("spawn")
         )
@@ -492,6 +669,8 @@ class AblationRun:
             f"{result.shuffled_ciou:.3f} (gIoU {result.shuffled_giou:.3f})",
             flush=True,
         )
+        if result.video is not None:
+            print(f"CMA off: {video_line(result.video, result.shuffled_video)}", flush=True)
         return result
 
 
@@ -504,7 +683,9 @@ def _ablation_worker(settings: DemoSettings, data_dir: Path, work_dir: Path, log
         torch.manual_seed(settings.seed)
         train = datasets.load_from_disk(str(data_dir / "train"))
         held_out = datasets.load_from_disk(str(data_dir / "held_out"))
-        _, _, result = train_and_evaluate(settings, train, held_out, False, work_dir)
+        clips_dir = data_dir / "held_out_clips"
+        clips = datasets.load_from_disk(str(clips_dir)) if clips_dir.exists() else None
+        _, _, result = train_and_evaluate(settings, train, held_out, False, work_dir, clips)
         return result
 
 
@@ -613,9 +794,18 @@ def run_predictions(model_dir: Path, test: datasets.Dataset, output_dir: Path) -
         record = test[rows[0]]
         source = write_inputs(record, output_dir / "inputs")
         summary = run_predict(
-            model_path=model_dir, text=record["prompt"], input_path=source, output_dir=output_dir / "predict" / media
+            model_path=model_dir,
+            text=record["prompt"],
+            input_path=source,
+            output_dir=output_dir / "predict" / media,
+            with_rle=True,
         )
         summary["prompt"] = record["prompt"]
+        if media == "video":  # what the overlay GIF shows: frames where some object has a mask
+            summary["frames_with_mask"] = sum(
+                any(decode_rle(obj["rle"][t]).any() for obj in summary["objects"])
+                for t in range(summary["num_frames"])
+            )
         summaries.append(summary)
         print(f"predict ({media}): {record['prompt']!r} -> answer {summary['answer']!r}, wrote {summary['output']}")
     return summaries
@@ -687,13 +877,17 @@ def run_demo(output_dir: str | Path, settings: DemoSettings | None = None, overw
     print("== generating synthetic data ==", flush=True)
     train, test = demo_data(settings)
     held_out = image_records(test)
+    held_out_clips = video_records(test)
     if len(held_out) == 0:
         raise ValueError("the held-out split has no image sample; raise eval_samples or lower the video fraction")
-    print(f"{len(train)} training samples, {len(test)} held-out samples ({len(held_out)} images scored)")
+    print(
+        f"{len(train)} training samples, {len(test)} held-out samples ({len(held_out)} images and "
+        f"{len(held_out_clips)} clips scored)"
+    )
 
     work_dir = output_dir / "work"
-    ablation = AblationRun(settings, train, held_out, work_dir) if settings.ablation else None
-    model, processor, main_run = train_and_evaluate(settings, train, held_out, True, work_dir)
+    ablation = AblationRun(settings, train, held_out, work_dir, held_out_clips) if settings.ablation else None
+    model, processor, main_run = train_and_evaluate(settings, train, held_out, True, work_dir, held_out_clips)
     print("\n== saving, reloading and predicting ==", flush=True)
     model_dir = output_dir / "model"
     round_trip = save_and_reload(model, processor, model_dir, held_out.select(range(min(4, len(held_out)))))
@@ -746,6 +940,20 @@ def _print_summary(runs: list[RunResult], results: dict, output_dir: Path) -> No
     )
     for run in runs[1:]:
         print(f"CMA off: held-out cIoU {run.ciou:.3f}, shuffled {run.shuffled_ciou:.3f} (margin {run.margin:+.3f})")
+        if run.video is not None:
+            print(f"CMA off: {video_line(run.video, run.shuffled_video)}")
+    print(f"Spearman(scores, true IoU)     {_number(main_run.score_iou_spearman)}   (held-out images)")
+    if main_run.video is not None:
+        video, shuffled = main_run.video, main_run.shuffled_video
+        for kind in ("key_frames", "propagated_frames"):
+            scores, control = video[kind], (shuffled or {}).get(kind)
+            if scores is None:
+                continue
+            print(
+                f"video {kind.replace('_', ' '):17s}  J&F {scores['J&F']:.3f} (J {scores['J']:.3f}, F "
+                f"{scores['F']:.3f}); shuffled prompts J&F {_number(None if control is None else control['J&F'])}"
+            )
+        print(f"video frames with a mask where the target is present: {_number(video['nonempty_where_present'])}")
     print(f"save/load round trip identical: {results['round_trip_identical']}")
     print(f"wall time {results['wall_time_s']:.0f} s; results in {output_dir}")
 
@@ -756,7 +964,8 @@ def _print_summary(runs: list[RunResult], results: dict, output_dir: Path) -> No
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="train the tiny model on synthetic shapes, evaluate held-out cIoU vs a shuffled-prompt control, "
+        help="train the tiny model on synthetic shapes, evaluate held-out cIoU and video J&F (key and propagated "
+        "frames) vs a shuffled-prompt control, "
         "save, predict, and compare CMA on/off",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

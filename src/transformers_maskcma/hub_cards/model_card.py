@@ -364,6 +364,9 @@ _SWITCH_DOCS = (
     ("prior_loss_weight", "weight of the mask loss on the prior"),
     ("bce_loss_weight", "mask BCE weight"),
     ("dice_loss_weight", "mask Dice weight"),
+    ("iou_loss_weight", "weight of SAM2's IoU-head loss (L1 to each candidate mask's actual IoU)"),
+    ("object_score_loss_weight", "weight of SAM2's object-score loss (BCE, object present or not)"),
+    ("object_presence", "mask where SAM2's object score is <= 0: `keep` (Sa2VA) or `blank` (SAM2)"),
 )
 
 # facts of the research recipe this package reproduces (docs/training.md, `maskcma train`)
@@ -374,7 +377,8 @@ REFERENCE_RECIPE = {
     "lora": "r=128, alpha=256, dropout 0.05 on q/k/v/o and MLP projections of the LLM",
     "trained": "SAM2 mask decoder, seg_proj, text_proj, CMA, LoRA, embeddings and LM-head rows of new tokens",
     "frozen": "SAM2 image encoder and memory modules, VLM vision tower",
-    "losses": "LM next-token + 2.0·BCE + 0.5·Dice on 256×256 mask logits + tmc_weight·TMC",
+    "losses": "LM next-token + 2.0·BCE + 0.5·Dice on 256×256 mask logits + tmc_weight·TMC (this package adds SAM2's "
+    "IoU-head and object-score losses, weight 1 each)",
 }
 
 

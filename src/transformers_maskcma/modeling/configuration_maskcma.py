@@ -16,6 +16,7 @@ MaskSource = Literal["pred", "conv", "gt"]
 CmaDirection = Literal["visual_to_text", "text_to_visual"]
 CmaGate = Literal["output", "attention"]
 CmaWarmupTarget = Literal["residual", "mask"]
+ObjectPresence = Literal["keep", "blank"]
 
 # flat fields of configs saved before `cma_config` existed → their field in `MaskCMAAttentionConfig`
 LEGACY_CMA_FIELDS = {
@@ -129,6 +130,21 @@ class MaskCMAConfig(PreTrainedConfig):
             Weight of the per-pixel binary cross-entropy on the 256×256 (low-resolution) mask logits.
         dice_loss_weight (`float`, *optional*, defaults to 0.5):
             Weight of the Dice loss (smoothing 1) on the same logits.
+        iou_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of SAM2's IoU-prediction loss: the L1 distance between the IoU head's prediction and the actual
+            IoU of each of the three multimask outputs with the ground truth, on targets whose object is present
+            (SAM2's training recipe). The IoU head chooses among the multimask outputs and gives `scores`. 0 leaves
+            the head frozen (when SAM2 is frozen).
+        object_score_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of SAM2's object-score loss: binary cross-entropy between the object-score logit and whether the
+            ground truth has a foreground pixel (empty targets, as in MeViS and ReVOS, teach "absent"). 0 leaves the
+            head frozen (when SAM2 is frozen).
+        object_presence (`str`, *optional*, defaults to `"keep"`):
+            What a mask becomes where SAM2's object score says the object is absent (logit <= 0), on every path
+            (images, video key frames, propagated frames). `"keep"`: the mask is kept as decoded (Sa2VA's SAM2);
+            the score still selects the learned no-object pointer and adds the no-object embedding to the video
+            memory. `"blank"`: the mask is replaced by SAM2's no-object logits (-1024, an empty mask), as SAM2
+            itself does.
         mask_threshold (`float`, *optional*, defaults to 0.0):
             Logit threshold for a foreground pixel (0.0 ⇔ sigmoid > 0.5).
         mask_intermediate_size (`int` or `None`, *optional*, defaults to `None`):
@@ -172,6 +188,9 @@ class MaskCMAConfig(PreTrainedConfig):
     prior_loss_weight: float = 0.0
     bce_loss_weight: float = 2.0
     dice_loss_weight: float = 0.5
+    iou_loss_weight: float = 1.0
+    object_score_loss_weight: float = 1.0
+    object_presence: ObjectPresence = "keep"
     mask_threshold: float = 0.0
     mask_intermediate_size: int | None = None
     freeze_sam2_image_encoder: bool = True
@@ -193,6 +212,7 @@ class MaskCMAConfig(PreTrainedConfig):
 
     def _validate_switches(self) -> None:
         check_choice(self, "mask_source", MaskSource)
+        check_choice(self, "object_presence", ObjectPresence)
 
         topk = self.cma_topk_tokens
         if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
@@ -219,7 +239,14 @@ class MaskCMAConfig(PreTrainedConfig):
             raise ValueError(
                 f"MaskCMAConfig.tmc_temperature={self.tmc_temperature!r} is not valid; it must be > 0"
             )
-        for field in ("tmc_weight", "prior_loss_weight", "bce_loss_weight", "dice_loss_weight"):
+        for field in (
+            "tmc_weight",
+            "prior_loss_weight",
+            "bce_loss_weight",
+            "dice_loss_weight",
+            "iou_loss_weight",
+            "object_score_loss_weight",
+        ):
             if float(getattr(self, field)) < 0.0:
                 raise ValueError(f"MaskCMAConfig.{field}={getattr(self, field)!r} is not valid; it must be >= 0")
 

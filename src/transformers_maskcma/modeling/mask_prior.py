@@ -17,10 +17,11 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from .configuration_maskcma import MaskCMAConfig
+from .mask_decoding import SamDecoderOutput
 
 # `decoder_pass(image_embeddings (N, D, h, w), high_res_features, seg_embeds (N, D))`
-#     → `(mask_logits (N, 1, 4h, 4w), iou_scores (N,))`
-DecoderPass = Callable[[torch.Tensor, list, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+#     → `SamDecoderOutput` (its `mask_logits` are `(N, 1, 4h, 4w)`)
+DecoderPass = Callable[[torch.Tensor, list, torch.Tensor], SamDecoderOutput]
 # `conv_head(image_embeddings (N, D, h, w), seg_embeds (N, D))` → prior logits `(N, 1, h, w)`
 ConvHead = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -98,7 +99,7 @@ class PredictedMaskPrior(MaskPrior):
 
     Args:
         decoder_pass (`Callable`): the model's decoder pass, `(image_embeddings, high_res_features, seg_embeds)` →
-            `(mask_logits (N, 1, 4h, 4w), iou_scores (N,))`.
+            a `SamDecoderOutput` whose `mask_logits` are `(N, 1, 4h, 4w)`.
     """
 
     def __init__(self, decoder_pass: DecoderPass):
@@ -107,7 +108,7 @@ class PredictedMaskPrior(MaskPrior):
     def __call__(self, image_embeddings, seg_embeds, high_res_features=None, gt_masks=None, previous_mask_logits=None):
         if high_res_features is None:
             raise ValueError("the predicted mask prior needs the high-resolution features for its decoder pass")
-        mask_logits, _ = self.decoder_pass(image_embeddings, high_res_features, seg_embeds)
+        mask_logits = self.decoder_pass(image_embeddings, high_res_features, seg_embeds).mask_logits
         return MaskPriorOutput(
             embedding_logits=logits_at_embedding(mask_logits, image_embeddings), mask_logits=mask_logits
         )

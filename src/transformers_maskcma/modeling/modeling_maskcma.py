@@ -24,8 +24,19 @@ from transformers.utils import ModelOutput, cached_file, logging
 
 from .cma import MaskGuidedCrossModalAttention, resolve_cross_modal_attention
 from .configuration_maskcma import MaskCMAConfig
-from .mask_decoding import SamFrameFeatures, dice_loss, sigmoid_bce_loss, upsample_mask_logits
+from .mask_decoding import (
+    SamDecoderOutput,
+    SamFrameFeatures,
+    apply_object_presence,
+    dice_loss,
+    iou_prediction_loss,
+    object_presence_targets,
+    object_score_loss,
+    sigmoid_bce_loss,
+    upsample_mask_logits,
+)
 from .mask_prior import ConvMaskPriorHead, resolve_mask_prior, resolve_propagation_mask_prior
+from .sam2_tracking import MaskCMASam2VideoModel
 from .target_mapping import SegTargets, build_seg_targets
 
 logger = logging.get_logger(__name__)
@@ -39,10 +50,14 @@ class MaskCMAOutput(ModelOutput):
 
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*):
-            ``lm_loss + bce_loss_weight·mask_bce + dice_loss_weight·mask_dice + prior_loss_weight·prior_loss``,
-            from the parts that were computable (LM part needs `labels`, mask parts need `gt_masks`).
+            ``lm_loss + bce_loss_weight·mask_bce + dice_loss_weight·mask_dice + prior_loss_weight·prior_loss
+            + iou_loss_weight·iou_loss + object_score_loss_weight·object_score_loss``, from the parts that were
+            computable (LM part needs `labels`, mask parts need `gt_masks`).
         lm_loss, mask_bce, mask_dice, prior_loss (`torch.FloatTensor` of shape `()`, *optional*):
             The components; `prior_loss` is BCE·w_bce + Dice·w_dice on the mask prior.
+        iou_loss, object_score_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            SAM2's losses for its IoU head (L1 to the actual IoU of every candidate mask, on present objects) and its
+            object-score head (BCE against "the ground truth has a foreground pixel"), on the final decoder pass.
         logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
             Language-model logits.
         pred_masks (`torch.FloatTensor` of shape `(num_targets, mask_height, mask_width)`):
@@ -51,6 +66,8 @@ class MaskCMAOutput(ModelOutput):
             Mask prior logits (pass 1 or the conv head, upsampled); `None` without CMA or with the GT prior.
         iou_scores (`torch.FloatTensor` of shape `(num_targets,)`):
             SAM2's predicted IoU of each chosen mask.
+        object_score_logits (`torch.FloatTensor` of shape `(num_targets,)`):
+            SAM2's object-presence logit of each target.
         seg_embeds (`torch.FloatTensor` of shape `(num_seg_tokens, 256)`):
             Projected ``[SEG]`` embeddings, in reading order over the batch.
         mask_pooled_embeds (`torch.FloatTensor` of shape `(num_targets, 256)`, *optional*):
@@ -73,10 +90,13 @@ class MaskCMAOutput(ModelOutput):
     mask_bce: torch.FloatTensor | None = None
     mask_dice: torch.FloatTensor | None = None
     prior_loss: torch.FloatTensor | None = None
+    iou_loss: torch.FloatTensor | None = None
+    object_score_loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     pred_masks: torch.FloatTensor | None = None
     prior_masks: torch.FloatTensor | None = None
     iou_scores: torch.FloatTensor | None = None
+    object_score_logits: torch.FloatTensor | None = None
     seg_embeds: torch.FloatTensor | None = None
     mask_pooled_embeds: torch.FloatTensor | None = None
     target_has_mask: torch.BoolTensor | None = None
@@ -147,7 +167,8 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
 
     Holds:
     - `vlm`: the image-text-to-text model (`AutoModelForImageTextToText`, InternVL by default);
-    - `sam2`: transformers' native `Sam2VideoModel` (image encoder, prompt encoder, mask decoder, memory);
+    - `sam2`: [`MaskCMASam2VideoModel`], transformers' `Sam2VideoModel` (image encoder, prompt encoder, mask decoder,
+      memory; same weights and keys) with the conditioning and tracking steps of the video path;
     - `seg_proj`: `Linear(H, H) → ReLU → Linear(H, 256)` on the ``[SEG]`` hidden state;
     - `text_proj`: `Linear(H, 256)` on the prompt's text-token hidden states (the CMA's keys);
     - `cma`: [`VisualToTextAttention`] or [`TextToVisualAttention`] (`cma_config.direction`); `prior_head`:
@@ -163,7 +184,7 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
     def __init__(self, config: MaskCMAConfig):
         super().__init__(config)
         self.vlm = AutoModelForImageTextToText.from_config(config.vlm_config)
-        self.sam2 = Sam2VideoModel(config.sam2_config)
+        self.sam2 = MaskCMASam2VideoModel(config.sam2_config)
         hidden_size = config.text_hidden_size
         embed_dim = config.seg_embed_dim
         # checkpoints saved with a trailing `Dropout(0.0)` load unchanged: it held no weights
@@ -193,12 +214,17 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
 
     def sam2_frozen_modules(self) -> list[nn.Module]:
         """SAM2 parts that stay frozen: everything except the mask decoder (image encoder, prompt encoder, memory).
-        Inside the decoder, the IoU and object-score heads stay frozen too: no loss reaches them (their outputs only
-        rank the multimask candidates), and frozen they keep DDP free of unused trainable parameters. The
-        decoder's `conv_s0`/`conv_s1` (projections of the high-resolution features) are trained."""
+        Inside the decoder, the IoU head is trained by SAM2's IoU loss and the object-score head by its object-score
+        loss; a head whose loss weight is 0 stays frozen (no loss would reach it, and frozen it keeps DDP free of
+        unused trainable parameters). The decoder's `conv_s0`/`conv_s1` (projections of the high-resolution
+        features) are trained."""
         decoder = self.sam2.mask_decoder
         frozen = [module for name, module in self.sam2.named_children() if name != "mask_decoder"]
-        return frozen + [decoder.iou_prediction_head, decoder.pred_obj_score_head]
+        if self.config.iou_loss_weight == 0:
+            frozen.append(decoder.iou_prediction_head)
+        if self.config.object_score_loss_weight == 0:
+            frozen.append(decoder.pred_obj_score_head)
+        return frozen
 
     def apply_default_freezing(self) -> None:
         """Freeze SAM2's image encoder and memory modules and the VLM's vision tower, as configured."""
@@ -258,37 +284,19 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
 
     def _decoder_pass(
         self, image_embeddings: torch.Tensor, high_res_features: list[torch.Tensor], seg_embeds: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """SAM2's mask decoder with the sparse prompt `[no-point pad, s]`, multimask output, best predicted IoU kept.
+    ) -> SamDecoderOutput:
+        """SAM2's mask decoder with the sparse prompt `[no-point pad, s]`, multimask output, best predicted IoU kept
+        (`MaskCMASam2VideoModel.decode`).
 
         Args:
             image_embeddings: `(N, 256, h, w)`; high_res_features: `[(N, 32, 4h, 4w), (N, 64, 2h, 2w)]`;
             seg_embeds: `(N, 256)`.
 
         Returns:
-            `(mask_logits (N, 1, 4h, 4w), iou_scores (N,))`.
+            [`SamDecoderOutput`]: the chosen mask `(N, 1, 4h, 4w)`, its predicted IoU, the object score, the output
+            token, and all candidates.
         """
-        num_targets = image_embeddings.shape[0]
-        device = image_embeddings.device
-        points = torch.zeros(num_targets, 1, 1, 2, device=device, dtype=image_embeddings.dtype)
-        labels = -torch.ones(num_targets, 1, 1, device=device, dtype=torch.int32)
-        sparse, dense = self.sam2.prompt_encoder(
-            input_points=points, input_labels=labels, input_boxes=None, input_masks=None
-        )
-        sparse = torch.cat([sparse, seg_embeds[:, None, None, :].to(sparse.dtype)], dim=2)
-        positional = self.sam2.get_image_wide_positional_embeddings().repeat(num_targets, 1, 1, 1)
-        mask_logits, iou_scores, _, _ = self.sam2.mask_decoder(
-            image_embeddings=image_embeddings,
-            image_positional_embeddings=positional.to(image_embeddings.dtype),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense.to(image_embeddings.dtype),
-            multimask_output=True,
-            high_resolution_features=high_res_features,
-        )
-        mask_logits, iou_scores = mask_logits[:, 0], iou_scores[:, 0]  # (N, 3, H, W), (N, 3)
-        best = iou_scores.argmax(dim=-1)
-        rows = torch.arange(num_targets, device=device)
-        return mask_logits[rows, best].unsqueeze(1), iou_scores[rows, best]
+        return self.sam2.decode(image_embeddings, high_res_features, seg_embeds, multimask_output=True)
 
     def decode_masks(
         self,
@@ -309,27 +317,47 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
                 prior when `mask_source="gt"` in training.
 
         Returns:
-            dict with `mask_logits` `(N, 1, 4h, 4w)`, `iou_scores` `(N,)`, `prior_logits` `(N, 1, 4h, 4w)` or None.
+            dict with `mask_logits` `(N, 1, 4h, 4w)`, `iou_scores` `(N,)`, `prior_logits` `(N, 1, 4h, 4w)` or None,
+            and from the final decoder pass `object_score_logits` `(N,)`, `output_tokens` `(N, 256)`,
+            `multimask_logits` `(N, M, 4h, 4w)` and `multimask_iou_scores` `(N, M)` (M = 3 candidates). The masks
+            are as decoded: the object-presence rule is applied by the inference paths (`apply_object_presence`).
         """
         image_embeddings = frame_features.image_embeddings
         high_res = frame_features.high_res_features
         if image_embeddings.shape[0] == 0:  # no [SEG] in the batch: nothing to decode
             empty = image_embeddings.new_zeros(0, 1, *high_res[0].shape[-2:])
+            no_scores = image_embeddings.new_zeros(0)
             return {
                 "mask_logits": empty + 0.0 * seg_embeds.sum(),
-                "iou_scores": image_embeddings.new_zeros(0),
+                "iou_scores": no_scores,
                 "prior_logits": empty if self.config.use_cma else None,
+                "object_score_logits": no_scores,
+                "output_tokens": image_embeddings.new_zeros(0, image_embeddings.shape[1]),
+                "multimask_logits": empty,
+                "multimask_iou_scores": image_embeddings.new_zeros(0, 1),
             }
         if not self.config.use_cma:
-            mask_logits, iou_scores = self._decoder_pass(image_embeddings, high_res, seg_embeds)
-            return {"mask_logits": mask_logits, "iou_scores": iou_scores, "prior_logits": None}
+            final = self._decoder_pass(image_embeddings, high_res, seg_embeds)
+            return self._decoded(final, prior_logits=None)
 
         prior = self.mask_prior(  # the ground truth is a prior in training only
             image_embeddings, seg_embeds, high_res_features=high_res, gt_masks=gt_prior_masks if self.training else None
         )
         cma_output = self.cma(image_embeddings, text_tokens, text_token_mask, seg_embeds, prior.embedding_logits)
-        mask_logits, iou_scores = self._decoder_pass(cma_output.image_embeddings, high_res, seg_embeds)
-        return {"mask_logits": mask_logits, "iou_scores": iou_scores, "prior_logits": prior.mask_logits}
+        final = self._decoder_pass(cma_output.image_embeddings, high_res, seg_embeds)
+        return self._decoded(final, prior.mask_logits)
+
+    @staticmethod
+    def _decoded(final: SamDecoderOutput, prior_logits: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
+        return {
+            "mask_logits": final.mask_logits,
+            "iou_scores": final.iou_scores,
+            "prior_logits": prior_logits,
+            "object_score_logits": final.object_score_logits,
+            "output_tokens": final.output_tokens,
+            "multimask_logits": final.multimask_logits,
+            "multimask_iou_scores": final.multimask_iou_scores,
+        }
 
     # -- language side -----------------------------------------------------------------------------------------
 
@@ -471,6 +499,7 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
             )
             output.pred_masks = decoded["mask_logits"][:, 0]
             output.iou_scores = decoded["iou_scores"]
+            output.object_score_logits = decoded["object_score_logits"]
             output.prior_masks = None if decoded["prior_logits"] is None else decoded["prior_logits"][:, 0]
             output.target_seg_index = targets.seg_index
             output.target_frame_index = targets.frame_index
@@ -479,11 +508,14 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
                 output.mask_bce, output.mask_dice, output.prior_loss = (
                     mask_losses["bce"], mask_losses["dice"], mask_losses["prior"]
                 )
+                output.iou_loss, output.object_score_loss = mask_losses["iou"], mask_losses["object_score"]
                 output.mask_pooled_embeds = decoded["mask_pooled_embeds"]
                 output.target_has_mask = decoded["target_has_mask"]
                 mask_total = (
                     self.config.bce_loss_weight * mask_losses["bce"]
                     + self.config.dice_loss_weight * mask_losses["dice"]
+                    + self.config.iou_loss_weight * mask_losses["iou"]
+                    + self.config.object_score_loss_weight * mask_losses["object_score"]
                 )
                 if mask_losses["prior"] is not None:
                     mask_total = mask_total + self.config.prior_loss_weight * mask_losses["prior"]
@@ -526,7 +558,16 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
     def _mask_losses(self, decoded: dict, gt_masks: torch.Tensor) -> dict[str, torch.Tensor | None]:
         gt_low_res = decoded["gt_low_res"]
         logits = decoded["mask_logits"][:, 0]
-        losses = {"bce": sigmoid_bce_loss(logits, gt_low_res), "dice": dice_loss(logits, gt_low_res), "prior": None}
+        present = object_presence_targets(gt_masks)
+        losses = {
+            "bce": sigmoid_bce_loss(logits, gt_low_res),
+            "dice": dice_loss(logits, gt_low_res),
+            "prior": None,
+            "iou": iou_prediction_loss(
+                decoded["multimask_logits"], decoded["multimask_iou_scores"], gt_low_res, present
+            ),
+            "object_score": object_score_loss(decoded["object_score_logits"], present),
+        }
         if decoded["prior_logits"] is not None:
             prior = decoded["prior_logits"][:, 0]
             losses["prior"] = (
@@ -606,10 +647,14 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
             answer["text_tokens"][seg_sample_index],
             answer["text_token_mask"][seg_sample_index],
         )
+        # the object-presence rule of every inference path (config.object_presence)
+        mask_logits = apply_object_presence(
+            decoded["mask_logits"], decoded["object_score_logits"], self.config.object_presence
+        )
         masks, scores, logits = [], [], []
         for sample in range(batch_size):
             rows = (seg_sample_index == sample).nonzero(as_tuple=True)[0]
-            sample_logits = decoded["mask_logits"][rows, 0]
+            sample_logits = mask_logits[rows, 0]
             logits.append(sample_logits)
             scores.append(decoded["iou_scores"][rows])
             upsampled = upsample_mask_logits(sample_logits, tuple(sizes[sample]), self.config.mask_intermediate_size)

@@ -2,22 +2,22 @@
 frames from the ``[SEG]`` prompts (with the CMA, as for an image) and carries the objects through every other frame
 with its memory.
 
-How the pieces meet transformers' native `Sam2VideoModel` (no SAM2 code is copied here):
+How the pieces meet transformers' SAM2 video model (`model.sam2` is a [`MaskCMASam2VideoModel`], transformers'
+`Sam2VideoModel` with the steps below; no SAM2 code is copied here):
 
 - Key frames become SAM2 *conditioning frames*. Their masks come from [`MaskCMAModel.decode_masks`] (pass 1, CMA,
-  pass 2), exactly as in the image path. SAM2's video memory also needs the decoder's output token (for the object
-  pointer) and its object score, which `decode_masks` does not return, so a forward hook on the mask decoder reads
-  them from the final pass. The outputs are stored in the `Sam2VideoInferenceSession` and encoded into memory with
-  `Sam2VideoModel._batch_encode_memories`.
-- Every other frame is produced by `Sam2VideoModel.forward(inference_session, frame_idx, reverse)`, SAM2's own
-  propagation step (memory attention, mask decoder, memory encoder).
-- CMA on propagated frames (`config.cma_on_propagation`): SAM2 has no hook point between the memory-conditioned
-  embedding and its mask decoder, so for the duration of one propagation step the instance's
-  `_prepare_memory_conditioned_features` is wrapped: the wrapper calls the original method, then refines its output
-  ``F_mem`` with the CMA, ``F' = cma(F_mem, T ∪ {s}, G)``, and the native step continues with ``F'``. The prior ``G``
-  is the object's mask logits on the previous frame in propagation order (already in SAM2's state, no extra decoder
-  pass); with `mask_source="conv"` it is the conv prior head applied to ``F_mem``. With γ = 0 the CMA adds exactly
-  zero, so the masks equal SAM2's propagation without CMA bit for bit.
+  pass 2), exactly as in the image path; `sam2.store_conditioning_frame` stores them (with the object pointer from
+  the final pass's output token and its object score) in the `Sam2VideoInferenceSession` and encodes their memory.
+- Every other frame comes from `sam2.track_frame`, SAM2's propagation step (memory attention, mask decoder without
+  prompt, memory encoder).
+- CMA on propagated frames (`config.cma_on_propagation`): `track_frame` hands the memory-conditioned embedding
+  ``F_mem`` of each object to this module, which refines it with the CMA, ``F' = cma(F_mem, T ∪ {s}, G)``, before
+  SAM2's mask decoder sees it. The prior ``G`` is the object's mask logits on the previous frame in propagation order
+  (already in SAM2's state, no extra decoder pass); with `mask_source="conv"` it is the conv prior head applied to
+  ``F_mem``. With γ = 0 the CMA adds exactly zero, so the masks equal SAM2's propagation without CMA bit for bit.
+- Object presence (`config.object_presence`), the same rule as for images: `"keep"` (default, Sa2VA) keeps every
+  decoded mask whatever SAM2's object score; `"blank"` gives an empty mask (logits -1024) where the score is <= 0,
+  as SAM2 does. Either way the score selects the no-object pointer and the memory's no-object embedding.
 - Bounded memory: the frames are read lazily from a sequence-like source, one at a time, when SAM2 first needs
   their features (the session caches one frame's features). The session keeps every frame's outputs by default; here,
   after each step, whatever no later step can read is dropped: the high-resolution masks once encoded, the memory
@@ -34,20 +34,19 @@ beside it.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
-from transformers.models.sam2_video.modeling_sam2_video import NO_OBJ_SCORE, Sam2VideoInferenceSession
+from transformers.models.sam2_video.modeling_sam2_video import Sam2VideoInferenceSession
 from transformers.utils import logging
 from transformers.utils.logging import tqdm
 
-from .mask_decoding import SamFrameFeatures, upsample_mask_logits
+from .mask_decoding import SamDecoderOutput, upsample_mask_logits
+from .mask_prior import PreviousFrameMaskPrior
 from .modeling_maskcma import MaskCMASegmentationOutput
+from .sam2_tracking import Sam2TrackedFrame
 
 if TYPE_CHECKING:
     from .modeling_maskcma import MaskCMAModel
@@ -55,6 +54,7 @@ if TYPE_CHECKING:
 logger = logging.get_logger(__name__)
 
 _HEAVY_MEMORY_KEYS = ("maskmem_features", "maskmem_pos_enc")
+_DECODER_OUTPUT_FIELDS = tuple(field.name for field in fields(SamDecoderOutput))
 
 
 # -- inputs ----------------------------------------------------------------------------------------------------------
@@ -183,7 +183,8 @@ class VideoFrameMasks:
     Args:
         frame_index (`int`): the frame number.
         mask_logits (`torch.FloatTensor` of shape `(num_objects, h, w)`): low-resolution logits (256×256 for released
-            SAM2); SAM2's no-object score (-1024) where SAM2 judges the object absent.
+            SAM2), after the object-presence rule (with `object_presence="blank"`, SAM2's no-object score -1024
+            where SAM2 judges the object absent).
         iou_scores (`torch.FloatTensor` of shape `(num_objects,)`): SAM2's predicted IoU of each chosen mask.
         object_score_logits (`torch.FloatTensor` of shape `(num_objects,)`): SAM2's object-presence logit.
         is_key_frame (`bool`): whether the frame was decoded from the ``[SEG]`` prompts (else propagated).
@@ -202,17 +203,6 @@ def _check_eval_mode(model: MaskCMAModel) -> None:
             "video segmentation needs SAM2 in eval mode (its video state is defined for inference only): call "
             "model.eval() first"
         )
-
-
-@contextmanager
-def _capture_outputs(module: torch.nn.Module) -> Iterator[list]:
-    """Collect the outputs of every call of `module` while the context is open."""
-    calls: list = []
-    handle = module.register_forward_hook(lambda _module, _args, output: calls.append(output))
-    try:
-        yield calls
-    finally:
-        handle.remove()
 
 
 class VideoMaskPropagation:
@@ -271,8 +261,11 @@ class VideoMaskPropagation:
         self.state_device = torch.device("cpu") if offload_state_to_cpu else self.device
         self.output_device = self.state_device
         config = model.config
+        self.object_presence = config.object_presence
         self.cma_on_propagation = bool(config.use_cma and config.cma_on_propagation)
-        self.prior_from_previous_frame = self.cma_on_propagation and config.mask_source != "conv"
+        self.prior_from_previous_frame = self.cma_on_propagation and isinstance(
+            model.propagation_mask_prior, PreviousFrameMaskPrior
+        )
         self.low_res_size = tuple(int(size * 4) for size in sam2.backbone_feature_sizes[-1])
 
         self.inference_session = Sam2VideoInferenceSession(
@@ -340,122 +333,45 @@ class VideoMaskPropagation:
 
     @torch.no_grad()
     def _condition_on_key_frame(self, frame_index: int) -> VideoFrameMasks:
-        """Decode a key frame from the ``[SEG]`` prompts with the CMA, store it as a conditioning frame of every object
-        and encode it into SAM2's memory."""
-        sam2, session, num_objects = self.model.sam2, self.inference_session, self.num_objects
+        """Decode a key frame from the ``[SEG]`` prompts with the CMA (as an image), then make it a conditioning frame
+        of every object in SAM2's state (masks after the presence rule, object pointers, memory)."""
+        sam2, num_objects = self.model.sam2, self.num_objects
         # SAM2 computes (and caches for the memory encoder) the frame's features; they match `model.encode_frames`
-        vision_feats, _ = sam2._prepare_vision_features(session, frame_index, batch_size=1)
-        maps = [
-            level.permute(1, 2, 0).reshape(1, level.shape[2], *size)
-            for level, size in zip(vision_feats, sam2.backbone_feature_sizes)
-        ]
-        features = SamFrameFeatures(
-            image_embeddings=maps[-1] + sam2.no_memory_embedding.view(1, -1, 1, 1), high_res_features=maps[:-1]
-        )
+        features = sam2.frame_features(self.inference_session, frame_index)
         rows = torch.zeros(num_objects, dtype=torch.long, device=self.device)
-        with _capture_outputs(sam2.mask_decoder) as decoder_calls:
-            decoded = self.model.decode_masks(
-                features.select(rows),
-                self.seg_embeds,
-                self.text_tokens.expand(num_objects, -1, -1),
-                self.text_token_mask.expand(num_objects, -1),
-            )
-        # the final decoder pass: its output token gives the object pointer, its object score the presence
-        _, iou_pred, output_tokens, object_scores = decoder_calls[-1]
-        best = iou_pred[:, 0].argmax(dim=-1)
-        object_rows = torch.arange(num_objects, device=self.device)
-        output_token = output_tokens[object_rows, 0, best].unsqueeze(1)  # (N, 1, 256)
-        object_scores = object_scores.reshape(num_objects, 1, 1)
-        appearing = object_scores > 0
-        # SAM2's conventions for a decoded frame (as in `Sam2VideoModel._single_frame_forward`): a frame where the
-        # object is judged absent gets the no-object score and the learned no-object pointer
-        low_res = torch.where(appearing[..., None], decoded["mask_logits"], NO_OBJ_SCORE)  # (N, 1, h, w)
-        high_res = F.interpolate(
-            low_res.float(), size=(sam2.image_size, sam2.image_size), mode="bilinear", align_corners=False
-        ).to(low_res.dtype)
-        pointer = sam2.object_pointer_proj(output_token)
-        pointer = torch.where(appearing, pointer, sam2.no_object_pointer.to(pointer.dtype))  # (N, 1, 256)
-        for obj in range(num_objects):
-            session.store_output(
-                obj,
-                frame_index,
-                output_value={
-                    "pred_masks": low_res[obj : obj + 1],
-                    "object_pointer": pointer[obj : obj + 1],
-                    "high_res_masks": high_res[obj : obj + 1],
-                    "object_score_logits": object_scores[obj : obj + 1],
-                },
-                is_conditioning_frame=True,
-            )
-        if sam2.num_maskmem > 0:
-            sam2._batch_encode_memories(
-                inference_session=session,
-                frame_idx=frame_index,
-                objects_needing_memory_encoding=list(range(num_objects)),
-                high_res_masks_for_memory=[high_res[obj : obj + 1] for obj in range(num_objects)],
-                object_score_logits_for_memory=[object_scores[obj : obj + 1] for obj in range(num_objects)],
-                is_mask_from_pts_per_obj=[False] * num_objects,
-            )
-        self._release_state(remaining=None)
-        return VideoFrameMasks(
-            frame_index=frame_index,
-            mask_logits=low_res[:, 0].to(self.output_device),
-            iou_scores=decoded["iou_scores"].to(self.output_device),
-            object_score_logits=object_scores.reshape(num_objects).to(self.output_device),
-            is_key_frame=True,
+        decoded = self.model.decode_masks(
+            features.select(rows),
+            self.seg_embeds,
+            self.text_tokens.expand(num_objects, -1, -1),
+            self.text_token_mask.expand(num_objects, -1),
         )
+        final_pass = SamDecoderOutput(**{name: decoded[name] for name in _DECODER_OUTPUT_FIELDS})
+        stored = sam2.store_conditioning_frame(self.inference_session, frame_index, final_pass, self.object_presence)
+        self._release_state(remaining=None)
+        return self._frame_masks(frame_index, stored, is_key_frame=True)
 
     # -- propagated frames -------------------------------------------------------------------------------------------
 
     def _propagate(self, frame_index: int, reverse: bool) -> VideoFrameMasks:
-        """One step of SAM2's native propagation (all objects), with the CMA hooked in when enabled."""
-        with _capture_outputs(self.model.sam2.mask_decoder) as decoder_calls, self._cma_on_memory_features():
-            output = self.model.sam2(inference_session=self.inference_session, frame_idx=frame_index, reverse=reverse)
-        if len(decoder_calls) != self.num_objects:
-            raise RuntimeError(
-                f"expected one SAM2 mask-decoder call per object on frame {frame_index}, saw {len(decoder_calls)}: "
-                "this version of transformers' Sam2VideoModel propagates differently than video_segmentation expects"
-            )
-        with torch.no_grad():
-            # the IoU of the chosen mask: the best of the multimask outputs, or the single output
-            iou_scores = torch.cat([call[1].reshape(-1).max().reshape(1) for call in decoder_calls])
-            return VideoFrameMasks(
-                frame_index=frame_index,
-                mask_logits=output.pred_masks.reshape(self.num_objects, *output.pred_masks.shape[-2:]).to(
-                    self.output_device
-                ),
-                iou_scores=iou_scores.to(self.output_device),
-                object_score_logits=output.object_score_logits.reshape(self.num_objects).to(self.output_device),
-                is_key_frame=False,
-            )
+        """One step of SAM2's propagation (all objects), with the CMA on the memory-conditioned embedding when
+        enabled."""
+        tracked = self.model.sam2.track_frame(
+            self.inference_session,
+            frame_index,
+            reverse,
+            self.object_presence,
+            refine_memory_features=self._refine_with_cma if self.cma_on_propagation else None,
+        )
+        return self._frame_masks(frame_index, tracked, is_key_frame=False)
 
-    @contextmanager
-    def _cma_on_memory_features(self) -> Iterator[None]:
-        """While open (one propagation step), SAM2's memory-conditioned embedding of each object is refined by the
-        CMA before SAM2's mask decoder sees it. Does nothing when the CMA on propagation is off."""
-        if not self.cma_on_propagation:
-            yield
-            return
-        sam2 = self.model.sam2
-        original = sam2._prepare_memory_conditioned_features
-        signature = inspect.signature(original)
-
-        def conditioned_then_refined(*args, **kwargs):
-            conditioned = original(*args, **kwargs)
-            call = signature.bind(*args, **kwargs)
-            call.apply_defaults()
-            arguments = call.arguments
-            if arguments["is_initial_conditioning_frame"]:
-                return conditioned
-            return self._refine_with_cma(
-                conditioned, arguments["obj_idx"], arguments["frame_idx"], arguments["track_in_reverse_time"]
-            )
-
-        sam2._prepare_memory_conditioned_features = conditioned_then_refined
-        try:
-            yield
-        finally:
-            del sam2._prepare_memory_conditioned_features
+    def _frame_masks(self, frame_index: int, frame: Sam2TrackedFrame, is_key_frame: bool) -> VideoFrameMasks:
+        return VideoFrameMasks(
+            frame_index=frame_index,
+            mask_logits=frame.mask_logits.to(self.output_device),
+            iou_scores=frame.iou_scores.to(self.output_device),
+            object_score_logits=frame.object_score_logits.to(self.output_device),
+            is_key_frame=is_key_frame,
+        )
 
     def _refine_with_cma(
         self, conditioned: torch.Tensor, object_index: int, frame_index: int, reverse: bool
@@ -469,12 +385,13 @@ class VideoMaskPropagation:
             The refined embedding, same shape.
         """
         seg_embed = self.seg_embeds[object_index : object_index + 1]
+        previous_logits = None
         if self.prior_from_previous_frame:
             previous = frame_index + 1 if reverse else frame_index - 1
             previous_logits = self._stored_mask_logits(object_index, previous)
-            prior = F.interpolate(previous_logits, size=conditioned.shape[-2:], mode="bilinear", antialias=True)
-        else:
-            prior = self.model.prior_head(conditioned, seg_embed)
+        prior = self.model.propagation_mask_prior(
+            conditioned, seg_embed, previous_mask_logits=previous_logits
+        ).embedding_logits
         refined = self.model.cma(
             conditioned, self.text_tokens[None], self.text_token_mask[None], seg_embed, prior.to(conditioned.dtype)
         )

@@ -68,7 +68,7 @@ class TrainingSummary:
         logs = self.final_logs
         parts = [
             f"{name.replace('_loss', '').replace('mask_', '')} {logs[name]:.4f}"
-            for name in ("lm_loss", "mask_bce", "mask_dice", "prior_loss", "tmc_loss")
+            for name in ("lm_loss", "mask_bce", "mask_dice", "prior_loss", "iou_loss", "object_score_loss", "tmc_loss")
             if name in logs
         ]
         lines = [

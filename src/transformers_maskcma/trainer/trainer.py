@@ -2,7 +2,7 @@
 
 The training objective is the model's loss plus the weighted symmetric TMC loss (docs/training.md)::
 
-    loss = lm + w_bce·bce + w_dice·dice + w_prior·prior + tmc_weight · tmc
+    loss = lm + w_bce·bce + w_dice·dice + w_prior·prior + w_iou·iou + w_obj·object_score + tmc_weight · tmc
 
 Gradient accumulation and data parallelism are exact for the model's parts: the model averages the LM loss over
 the answer tokens and the mask losses over the targets *of the batch it sees*, so a plain average of micro-batch
@@ -19,9 +19,9 @@ micro-batch TMC losses over the micro-batches of the step and the processes. It 
 more negatives than two accumulated batches of one: there, only the model's parts are equal.
 
 Every component is logged through the usual Trainer logging (`lm_loss`, `mask_bce`, `mask_dice`, `prior_loss`,
-`tmc_loss`, `tmc_skipped_fraction`, `cma_gamma`, `cma_warmup_factor`): each is the value for the whole optimizer
-step (all micro-batches, all processes), averaged over the steps since the last log, exactly like `loss`. γ is
-gathered from its shard under FSDP and DeepSpeed ZeRO-3 (`sharding.full_scalar_value`).
+`iou_loss`, `object_score_loss`, `tmc_loss`, `tmc_skipped_fraction`, `cma_gamma`, `cma_warmup_factor`): each is the
+value for the whole optimizer step (all micro-batches, all processes), averaged over the steps since the last log,
+exactly like `loss`. γ is gathered from its shard under FSDP and DeepSpeed ZeRO-3 (`sharding.full_scalar_value`).
 """
 
 from __future__ import annotations
@@ -92,7 +92,16 @@ class MaskCMATrainer(Trainer):
     # compute_loss returns a loss already normalised over the whole accumulated batch
     loss_is_scaled_for_ga = True
 
-    LOGGED_COMPONENTS = ("lm_loss", "mask_bce", "mask_dice", "prior_loss", "tmc_loss", "tmc_skipped_fraction")
+    LOGGED_COMPONENTS = (
+        "lm_loss",
+        "mask_bce",
+        "mask_dice",
+        "prior_loss",
+        "iou_loss",
+        "object_score_loss",
+        "tmc_loss",
+        "tmc_skipped_fraction",
+    )
 
     def __init__(
         self,
@@ -216,6 +225,10 @@ class MaskCMATrainer(Trainer):
         if outputs.mask_bce is None:
             return None
         total = config.bce_loss_weight * outputs.mask_bce + config.dice_loss_weight * outputs.mask_dice
+        if outputs.iou_loss is not None:
+            total = total + config.iou_loss_weight * outputs.iou_loss
+        if outputs.object_score_loss is not None:
+            total = total + config.object_score_loss_weight * outputs.object_score_loss
         if outputs.prior_loss is not None:
             total = total + config.prior_loss_weight * outputs.prior_loss
         return total
@@ -228,6 +241,10 @@ class MaskCMATrainer(Trainer):
             "mask_bce": None if outputs.mask_bce is None else float(outputs.mask_bce.detach()) * mask_share,
             "mask_dice": None if outputs.mask_dice is None else float(outputs.mask_dice.detach()) * mask_share,
             "prior_loss": None if outputs.prior_loss is None else float(outputs.prior_loss.detach()) * mask_share,
+            "iou_loss": None if outputs.iou_loss is None else float(outputs.iou_loss.detach()) * mask_share,
+            "object_score_loss": (
+                None if outputs.object_score_loss is None else float(outputs.object_score_loss.detach()) * mask_share
+            ),
             "tmc_loss": None if tmc is None else float(tmc.loss.detach()) * tmc_share,
             "tmc_skipped_fraction": None if tmc is None else float(tmc.skipped) * tmc_share,
         }
