@@ -79,6 +79,26 @@ def seg_visual_embeddings(
     return sums / counts.clamp_min(1.0)[:, None], counts > 0
 
 
+def group_rows(keys: torch.LongTensor) -> torch.LongTensor:
+    """Group index of each row of `keys` `(R, K)`: rows that are equal share a group, groups are numbered in the
+    lexicographic order of their keys. Equal to `torch.unique(keys, dim=0, return_inverse=True)[1]`, computed with
+    stable sorts (one per column), which every backend implements (`unique(dim=0)` has no MPS kernel in older torch).
+
+    Returns:
+        `torch.LongTensor` of shape `(R,)`.
+    """
+    num_rows = keys.shape[0]
+    order = torch.arange(num_rows, device=keys.device)
+    for column in reversed(range(keys.shape[1])):  # least significant column first, stable sorts keep the rest
+        order = order[torch.sort(keys[order, column], stable=True).indices]
+    sorted_keys = keys[order]
+    starts = torch.ones(num_rows, dtype=torch.long, device=keys.device)
+    if num_rows > 1:
+        starts[1:] = (sorted_keys[1:] != sorted_keys[:-1]).any(dim=1).long()
+    group_of_sorted = starts.cumsum(0) - 1
+    return torch.empty_like(group_of_sorted).scatter_(0, order, group_of_sorted)
+
+
 def text_mask_contrastive_loss(
     seg_embeds: torch.Tensor,
     mask_pooled_embeds: torch.Tensor,
@@ -132,7 +152,7 @@ def text_mask_contrastive_loss(
     else:
         object_ids = seg_object_ids.to(seg_embeds.device).long()
     keys = torch.stack([seg_sample_index[rows].long(), object_ids[rows]], dim=1)  # (R, 2)
-    group_index = torch.unique(keys, dim=0, return_inverse=True)[1] if rows.numel() else rows
+    group_index = group_rows(keys)
     num_objects = int(group_index.max().item()) + 1 if rows.numel() else 0
     if num_objects < 2:
         return TMCOutput(
@@ -174,4 +194,4 @@ def tmc_loss_from_output(outputs, temperature: float) -> TMCOutput:
     )
 
 
-__all__ = ["TMCOutput", "seg_visual_embeddings", "text_mask_contrastive_loss", "tmc_loss_from_output"]
+__all__ = ["TMCOutput", "group_rows", "seg_visual_embeddings", "text_mask_contrastive_loss", "tmc_loss_from_output"]
