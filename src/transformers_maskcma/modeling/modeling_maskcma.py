@@ -30,6 +30,13 @@ from .target_mapping import SegTargets, build_seg_targets
 logger = logging.get_logger(__name__)
 
 
+def _module_device(module: nn.Module, default: torch.device) -> torch.device:
+    """Device of a module's first parameter (where its inputs must be); `default` for a module without any."""
+    for parameter in module.parameters():
+        return parameter.device
+    return default
+
+
 @dataclass
 class MaskCMAOutput(ModelOutput):
     r"""
@@ -400,7 +407,7 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
         input_ids, prompt_text_mask = input_ids.to(hidden_device), prompt_text_mask.to(hidden_device)
         seg_positions = (input_ids == self.config.seg_token_id).nonzero(as_tuple=False)  # row-major = reading order
         seg_hidden = last_hidden_state[seg_positions[:, 0], seg_positions[:, 1]]
-        seg_embeds = self.seg_proj(seg_hidden.to(self.seg_proj[0].weight.device))
+        seg_embeds = self.seg_proj(seg_hidden.to(_module_device(self.seg_proj, hidden_device)))
         seg_sample_index = seg_positions[:, 0]
 
         counts = prompt_text_mask.sum(dim=1)
@@ -408,7 +415,7 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
         order = torch.argsort((~prompt_text_mask).to(torch.int8), dim=1, stable=True)[:, :num_text]
         gathered = last_hidden_state.gather(1, order.unsqueeze(-1).expand(-1, -1, last_hidden_state.shape[-1]))
         text_token_mask = prompt_text_mask.gather(1, order)
-        text_tokens = self.text_proj(gathered.to(self.text_proj.weight.device))
+        text_tokens = self.text_proj(gathered.to(_module_device(self.text_proj, hidden_device)))
         return seg_embeds, seg_sample_index, text_tokens, text_token_mask
 
     # -- forward -----------------------------------------------------------------------------------------------

@@ -30,18 +30,26 @@ class TMCOutput:
     """
     Args:
         loss (`torch.FloatTensor` of shape `()`): the symmetric InfoNCE loss (0 when skipped).
-        num_rows (`int`): ``[SEG]`` tokens that took part (rows of the logits matrix).
-        num_objects (`int`): distinct (sample, object) groups among the rows.
-        skipped (`bool`): `True` when fewer than two distinct objects were present, so the loss is 0.
-        logits (`torch.FloatTensor` of shape `(num_rows, num_rows)` or `None`): ``v·tᵀ/τ`` before masking.
-        group_index (`torch.LongTensor` of shape `(num_rows,)` or `None`): group of each row.
+        num_rows (`int` or `torch.LongTensor` of shape `()`): ``[SEG]`` tokens that took part (those with a
+            visible target).
+        num_objects (`int` or `torch.LongTensor` of shape `()`): distinct (sample, object) groups among them.
+        skipped (`bool` or `torch.BoolTensor` of shape `()`): `True` when fewer than two distinct objects were
+            present, so the loss is 0.
+        logits (`torch.FloatTensor` of shape `(num_seg, num_seg)` or `None`): ``v·tᵀ/τ`` over every ``[SEG]``,
+            before masking; the rows that took part are `row_mask`.
+        row_mask (`torch.BoolTensor` of shape `(num_seg,)` or `None`): the ``[SEG]`` rows that took part.
+        group_index (`torch.LongTensor` of shape `(num_seg,)` or `None`): (sample, object) group of each ``[SEG]``.
+
+    The counts are 0-d tensors on the loss's device when computed (reading them is a host synchronisation, which
+    the trainer does only when it logs); plain Python values for an empty batch.
     """
 
     loss: torch.Tensor
-    num_rows: int
-    num_objects: int
-    skipped: bool
+    num_rows: int | torch.Tensor
+    num_objects: int | torch.Tensor
+    skipped: bool | torch.Tensor
     logits: torch.Tensor | None = None
+    row_mask: torch.Tensor | None = None
     group_index: torch.Tensor | None = None
 
 
@@ -145,33 +153,39 @@ def text_mask_contrastive_loss(
     if num_seg == 0:
         return TMCOutput(loss=_zero_loss(seg_embeds, mask_pooled_embeds), num_rows=0, num_objects=0, skipped=True)
 
+    # Computed over every [SEG] row with a mask for the rows without a visible target, and without a branch on
+    # the number of objects: no host synchronisation (the trainer reads the counts only when it logs).
     visual, has_visual = seg_visual_embeddings(mask_pooled_embeds, target_seg_index, target_has_mask.bool(), num_seg)
-    rows = has_visual.nonzero(as_tuple=True)[0]
+    device = seg_embeds.device
+    has_visual = has_visual.to(device)
     if seg_object_ids is None:
-        object_ids = torch.arange(num_seg, device=seg_embeds.device)
+        object_ids = torch.arange(num_seg, device=device)
     else:
-        object_ids = seg_object_ids.to(seg_embeds.device).long()
-    keys = torch.stack([seg_sample_index[rows].long(), object_ids[rows]], dim=1)  # (R, 2)
+        object_ids = seg_object_ids.to(device).long()
+    keys = torch.stack([seg_sample_index.to(device).long(), object_ids], dim=1)  # (S, 2)
     group_index = group_rows(keys)
-    num_objects = int(group_index.max().item()) + 1 if rows.numel() else 0
-    if num_objects < 2:
-        return TMCOutput(
-            loss=_zero_loss(seg_embeds, mask_pooled_embeds),
-            num_rows=int(rows.numel()),
-            num_objects=num_objects,
-            skipped=True,
-        )
+    group_visible = torch.zeros(num_seg, dtype=torch.long, device=device).scatter_reduce(
+        0, group_index, has_visual.long(), reduce="amax"
+    )
+    num_rows = has_visual.sum()
+    num_objects = group_visible.sum()
+    skipped = num_objects < 2
 
-    text = F.normalize(seg_embeds[rows].float(), dim=-1)
-    image = F.normalize(visual[rows].float(), dim=-1)
-    logits = image @ text.T / temperature  # (R, R): row i = visual of [SEG] i, column j = text of [SEG] j
+    text = F.normalize(seg_embeds.float(), dim=-1)
+    image = F.normalize(visual.to(device).float(), dim=-1)
+    logits = image @ text.T / temperature  # (S, S): row i = visual of [SEG] i, column j = text of [SEG] j
     same_object = group_index[:, None] == group_index[None, :]
-    diagonal = torch.eye(rows.numel(), dtype=torch.bool, device=logits.device)
-    masked = logits.masked_fill(same_object & ~diagonal, float("-inf"))
-    targets = torch.arange(rows.numel(), device=logits.device)
-    loss = 0.5 * (F.cross_entropy(masked, targets) + F.cross_entropy(masked.T, targets))
+    diagonal = torch.eye(num_seg, dtype=torch.bool, device=device)
+    # off the diagonal, drop the entries of the same object and of rows/columns without a visible target
+    removed = (same_object | ~has_visual[:, None] | ~has_visual[None, :]) & ~diagonal
+    masked = logits.masked_fill(removed, float("-inf"))
+    targets = torch.arange(num_seg, device=device)
+    per_row = F.cross_entropy(masked, targets, reduction="none") + F.cross_entropy(masked.T, targets, reduction="none")
+    weights = has_visual.float()
+    loss = 0.5 * (per_row * weights).sum() / weights.sum().clamp_min(1.0)
+    loss = torch.where(skipped, _zero_loss(seg_embeds, mask_pooled_embeds), loss)
     return TMCOutput(
-        loss=loss, num_rows=int(rows.numel()), num_objects=num_objects, skipped=False, logits=logits,
+        loss=loss, num_rows=num_rows, num_objects=num_objects, skipped=skipped, logits=logits, row_mask=has_visual,
         group_index=group_index,
     )
 
