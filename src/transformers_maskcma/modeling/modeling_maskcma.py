@@ -322,12 +322,7 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
         image_embeddings = frame_features.image_embeddings
         high_res = frame_features.high_res_features
         if image_embeddings.shape[0] == 0:  # no [SEG] in the batch: nothing to decode
-            empty = image_embeddings.new_zeros(0, 1, *high_res[0].shape[-2:])
-            return {
-                "mask_logits": empty + 0.0 * seg_embeds.sum(),
-                "iou_scores": image_embeddings.new_zeros(0),
-                "prior_logits": empty if self.config.use_cma else None,
-            }
+            return self._decode_no_target(frame_features, seg_embeds, text_tokens, text_token_mask, gt_prior_masks)
         if not self.config.use_cma:
             mask_logits, iou_scores = self._decoder_pass(image_embeddings, high_res, seg_embeds)
             return {"mask_logits": mask_logits, "iou_scores": iou_scores, "prior_logits": None}
@@ -358,6 +353,35 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
         )
         mask_logits, iou_scores = self._decoder_pass(cma_output.image_embeddings, high_res, seg_embeds)
         return {"mask_logits": mask_logits, "iou_scores": iou_scores, "prior_logits": prior_logits}
+
+    def _decode_no_target(self, frame_features, seg_embeds, text_tokens, text_token_mask, gt_prior_masks):
+        """Empty outputs for a batch without targets, attached to one zero-input pass through the decoder, the CMA
+        and the prior head with weight 0: every trainable module takes part in the graph on every process, as DDP
+        with `find_unused_parameters=False` requires (a micro-batch without ``[SEG]`` otherwise skips them)."""
+        image_embeddings = frame_features.image_embeddings
+        high_res = frame_features.high_res_features
+
+        def one_zero_row(tensor):  # a zero row that stays attached to `tensor`'s graph
+            return tensor.new_zeros(1, *tensor.shape[1:]) + 0.0 * tensor.sum()
+
+        num_text = max(text_tokens.shape[1], 1)
+        dummy_text = text_tokens.new_zeros(1, num_text, text_tokens.shape[-1]) + 0.0 * text_tokens.sum()
+        dummy = self.decode_masks(
+            SamFrameFeatures(
+                image_embeddings=one_zero_row(image_embeddings), high_res_features=[one_zero_row(f) for f in high_res]
+            ),
+            one_zero_row(seg_embeds),
+            dummy_text,
+            torch.ones(1, num_text, dtype=torch.bool, device=dummy_text.device),
+            None if gt_prior_masks is None else one_zero_row(gt_prior_masks),
+        )
+        zero = sum(0.0 * value.float().sum() for value in dummy.values() if value is not None)
+        empty = image_embeddings.new_zeros(0, 1, *high_res[0].shape[-2:]) + zero.to(image_embeddings.dtype)
+        return {
+            "mask_logits": empty,
+            "iou_scores": image_embeddings.new_zeros(0),
+            "prior_logits": empty if self.config.use_cma else None,
+        }
 
     # -- language side -----------------------------------------------------------------------------------------
 
