@@ -154,3 +154,14 @@ def test_boundaries_move_tensors_between_the_vlm_and_the_heads_and_sam2():
     assert out.seg_embeds.device.type == "meta" and out.seg_embeds.shape[0] == 3
     assert out.pred_masks.device.type == "meta" and out.pred_masks.shape[0] == 3
     assert out.target_seg_index.tolist() == [0, 1, 2]
+
+
+def test_bf16_model_from_parts_saves_and_reloads_in_bf16(tmp_path):
+    source, tokenizer = build_tiny_model(seed=3)
+    model = MaskCMAModel.from_pretrained_parts(source.vlm, source.sam2, tokenizer=tokenizer, dtype="bfloat16")
+    model.save_pretrained(tmp_path)
+    reloaded = MaskCMAModel.from_pretrained(tmp_path)
+    assert reloaded.dtype == torch.bfloat16 and {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
+    expected = model.state_dict()
+    for name, value in reloaded.state_dict().items():
+        assert torch.equal(value, expected[name]), name
