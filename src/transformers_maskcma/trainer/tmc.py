@@ -80,7 +80,9 @@ def seg_visual_embeddings(
     Returns:
         `(visual (num_seg, D), has_visual (num_seg,))`; rows without a visible target are 0 and `has_visual` False.
     """
-    weights = target_has_mask.to(mask_pooled_embeds.dtype)
+    # under a device_map the targets' indices may live on the VLM's device and the embeddings on SAM2's
+    target_seg_index = target_seg_index.to(mask_pooled_embeds.device)
+    weights = target_has_mask.to(device=mask_pooled_embeds.device, dtype=mask_pooled_embeds.dtype)
     sums = mask_pooled_embeds.new_zeros(num_seg, mask_pooled_embeds.shape[-1])
     sums = sums.index_add(0, target_seg_index, mask_pooled_embeds * weights[:, None])
     counts = mask_pooled_embeds.new_zeros(num_seg).index_add(0, target_seg_index, weights)
