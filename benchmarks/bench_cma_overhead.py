@@ -66,17 +66,17 @@ def repeats_for(settings: BenchSettings, size: str) -> dict[str, int]:
 def measure_size(size: str, settings: BenchSettings) -> dict[str, Any]:
     """Timings, memory and FLOPs of the four variants at one SAM2 size."""
     repeats = repeats_for(settings, size)
-    model = build_sam2_bench_model(size, seed=settings.seed, device=settings.device, dtype=settings.dtype)
-    inputs = make_image_inputs(size, seed=settings.seed, device=settings.device, dtype=settings.dtype)
+    model = build_sam2_bench_model(size, seed=settings.seed, device=settings.device, dtype=settings.weight_dtype)
+    inputs = make_image_inputs(size, seed=settings.seed, device=settings.device, dtype=settings.weight_dtype)
     forward_calls = {variant: variant_call(variant, model, inputs) for variant in FORWARD_VARIANTS}
     forward_times = time_interleaved(
-        forward_calls, repeats=repeats["forward"], warmup=1, device=settings.device, progress=f"{NAME} {size} forward"
+        forward_calls, repeats=repeats["forward"], warmup=1, device=settings.device, autocast_dtype=settings.autocast_dtype, progress=f"{NAME} {size} forward"
     )
     with torch.inference_mode():
         features = model.encode_frames(inputs.sam_pixel_values)
     decoder_calls = {variant: variant_call(variant, model, inputs, features) for variant in DECODER_VARIANTS}
     decoder_times = time_interleaved(
-        decoder_calls, repeats=repeats["decoder"], warmup=1, device=settings.device, progress=f"{NAME} {size} decoder"
+        decoder_calls, repeats=repeats["decoder"], warmup=1, device=settings.device, autocast_dtype=settings.autocast_dtype, progress=f"{NAME} {size} decoder"
     )
     parameters = parameter_counts(model)
     del model, features, forward_calls, decoder_calls

@@ -49,10 +49,10 @@ def measure_size(size: str, settings: BenchSettings) -> dict[str, Any]:
         repeats = QUICK_REPEATS
     else:
         repeats = (GPU_REPEATS if settings.device == "cuda" else CPU_REPEATS)[size]
-    model = build_sam2_bench_model(size, seed=settings.seed, device=settings.device, dtype=settings.dtype)
-    inputs = make_image_inputs(size, seed=settings.seed, device=settings.device, dtype=settings.dtype)
+    model = build_sam2_bench_model(size, seed=settings.seed, device=settings.device, dtype=settings.weight_dtype)
+    inputs = make_image_inputs(size, seed=settings.seed, device=settings.device, dtype=settings.weight_dtype)
     calls = {variant: variant_call(variant, model, inputs) for variant in VARIANTS}
-    timings = time_interleaved(calls, repeats=repeats, warmup=1, device=settings.device, progress=f"{NAME} {size}")
+    timings = time_interleaved(calls, repeats=repeats, warmup=1, device=settings.device, autocast_dtype=settings.autocast_dtype, progress=f"{NAME} {size}")
     del model, calls
     memory = {}
     for variant in VARIANTS:

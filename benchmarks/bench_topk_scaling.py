@@ -51,7 +51,7 @@ def build_cma(top_k: int | None, settings: BenchSettings, seed: int) -> MaskGuid
         module = VisualToTextAttention(MaskCMAAttentionConfig(num_heads=8), embed_dim=EMBED_DIM, top_k=top_k)
     with torch.no_grad():
         module.gamma.fill_(0.5)
-    return module.to(device=settings.device, dtype=settings.dtype).eval()
+    return module.to(device=settings.device, dtype=settings.weight_dtype).eval()
 
 
 def make_inputs(num_tokens: int, settings: BenchSettings, seed: int, device: str | None = None) -> dict[str, torch.Tensor]:
@@ -62,8 +62,8 @@ def make_inputs(num_tokens: int, settings: BenchSettings, seed: int, device: str
 
     def draw(*shape):
         if device == "meta":
-            return torch.empty(*shape, device="meta", dtype=settings.dtype)
-        return torch.randn(*shape, generator=generator).to(device=device, dtype=settings.dtype)
+            return torch.empty(*shape, device="meta", dtype=settings.weight_dtype)
+        return torch.randn(*shape, generator=generator).to(device=device, dtype=settings.weight_dtype)
 
     return {
         "image_embeddings": draw(1, EMBED_DIM, MAP_SIDE, MAP_SIDE),
@@ -107,7 +107,7 @@ def measure(settings: BenchSettings, token_counts: tuple[int, ...], repeats: int
         inputs = make_inputs(count, settings, settings.seed)
         calls[f"top2@{count}"] = cma_call(routed, inputs)
         calls[f"all@{count}"] = cma_call(full, inputs)
-    timings = time_interleaved(calls, repeats=repeats, warmup=2, device=settings.device, progress=NAME)
+    timings = time_interleaved(calls, repeats=repeats, warmup=2, device=settings.device, autocast_dtype=settings.autocast_dtype, progress=NAME)
     base = timings[f"top2@{token_counts[0]}"]
     return {
         "timings_s": timings,

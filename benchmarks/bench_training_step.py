@@ -103,7 +103,7 @@ def build_variant(variant: str, settings: BenchSettings) -> torch.nn.Module:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if variant in ("lora", "lora_gc"):
         model = apply_lora(model, default_lora_config(model, **TINY_LORA))
-    model.to(device=settings.device, dtype=settings.dtype)
+    model.to(device=settings.device, dtype=settings.weight_dtype)
     model.train()
     return model
 
@@ -140,7 +140,7 @@ def build_step_workload(params: dict[str, Any], settings: BenchSettings) -> Call
     the baseline holds weights + optimiser state and the increment is the step's activations and gradients."""
     model = build_variant(params["variant"], settings)
     tokenizer = build_tiny_model(seed=settings.seed)[1]
-    batch = make_batch(tokenizer, settings.seed, settings.device, settings.dtype)
+    batch = make_batch(tokenizer, settings.seed, settings.device, settings.weight_dtype)
     return make_step(model, batch)
 
 
@@ -161,13 +161,13 @@ def run(settings: BenchSettings) -> dict[str, Any]:
     else:
         repeats = GPU_REPEATS if settings.device == "cuda" else CPU_REPEATS
     tokenizer = build_tiny_model(seed=settings.seed)[1]
-    batch = make_batch(tokenizer, settings.seed, settings.device, settings.dtype)
+    batch = make_batch(tokenizer, settings.seed, settings.device, settings.weight_dtype)
     tokens_per_step = int(batch["attention_mask"].sum())
     models = {variant: build_variant(variant, settings) for variant in VARIANTS}
     parameters = {variant: count_parameters(model) for variant, model in models.items()}
     steps = {variant: make_step(model, batch) for variant, model in models.items()}
     losses = {variant: step() for variant, step in steps.items()}  # first step of each: same weights, same loss
-    timings = time_interleaved(steps, repeats=repeats, warmup=2, device=settings.device, progress=NAME)
+    timings = time_interleaved(steps, repeats=repeats, warmup=2, device=settings.device, autocast_dtype=settings.autocast_dtype, progress=NAME)
     del models, steps
     memory = {}
     for variant in VARIANTS:

@@ -34,6 +34,7 @@ from .common import (
     save_figure,
     summarize,
     target_row,
+    autocast_call,
     time_call,
     write_result,
 )
@@ -88,7 +89,7 @@ def prompt_inputs(tokenizer, settings: BenchSettings, num_key_frames: int = 1) -
     return {
         "input_ids": encoded.input_ids.to(settings.device),
         "attention_mask": encoded.attention_mask.to(settings.device),
-        "pixel_values": pixel_values.to(device=settings.device, dtype=settings.dtype),
+        "pixel_values": pixel_values.to(device=settings.device, dtype=settings.weight_dtype),
         "answer_ids": [tokenizer(ANSWER).input_ids],
     }
 
@@ -97,14 +98,14 @@ def build_model(settings: BenchSettings):
     model, tokenizer = build_tiny_model(seed=settings.seed)
     with torch.no_grad():
         model.cma.gamma.fill_(0.5)  # a CMA that changes the embedding (γ = 0 would skip nothing, but stay honest)
-    return model.to(device=settings.device, dtype=settings.dtype).eval(), tokenizer
+    return model.to(device=settings.device, dtype=settings.weight_dtype).eval(), tokenizer
 
 
 def start_stream(model, inputs: dict[str, Any], num_frames: int, settings: BenchSettings):
     """The VLM answers; returns the not yet consumed `VideoSegmentationStream`."""
     from transformers_maskcma.modeling.video_segmentation import iter_segment_video
 
-    video = SyntheticVideo(num_frames, model.sam2.config.image_size, settings.seed, settings.dtype)
+    video = SyntheticVideo(num_frames, model.sam2.config.image_size, settings.seed, settings.weight_dtype)
     with torch.inference_mode():
         return iter_segment_video(
             model,
@@ -161,12 +162,14 @@ def measure(
     for round_index in tqdm(range(repeats + 1), desc=NAME, leave=False):  # round 0: warm-up, not recorded
         for count in frame_counts:
             holder = {}
-            answer_time = time_call(lambda: holder.setdefault("stream", start_stream(model, inputs, count, settings)),
-                                    settings.device)
+            answer_time = time_call(autocast_call(
+                lambda: holder.setdefault("stream", start_stream(model, inputs, count, settings)),
+                settings.device, settings.autocast_dtype), settings.device)
             per_frame: list[float] = []
             frames_seen = {}
-            total = time_call(lambda: frames_seen.setdefault("n", consume(holder["stream"], per_frame, settings.device)),
-                              settings.device)
+            total = time_call(autocast_call(
+                lambda: frames_seen.setdefault("n", consume(holder["stream"], per_frame, settings.device)),
+                settings.device, settings.autocast_dtype), settings.device)
             if frames_seen["n"] != count:
                 raise RuntimeError(f"the stream yielded {frames_seen['n']} frames for a video of {count}")
             if round_index > 0:

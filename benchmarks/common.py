@@ -97,6 +97,49 @@ class BenchSettings:
         """Fix the number of intra-op threads (and inter-op to 1) for the whole run."""
         torch.set_num_threads(self.threads)
 
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """Dtype of the weights and inputs: float32 under mixed precision (see `autocast_dtype`), else `dtype`."""
+        return weight_and_autocast_dtypes(self.device, self.dtype)[0]
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of the compute, or `None`: on CUDA a half `dtype` means the Trainer's mixed-precision
+        step (`bf16=True`/`fp16=True`): float32 weights, autocast activations (not a pure half cast)."""
+        return weight_and_autocast_dtypes(self.device, self.dtype)[1]
+
+
+def weight_and_autocast_dtypes(device: str, dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype | None]:
+    """`(weight dtype, autocast dtype or None)` for a benchmark on `device` asked to run in `dtype`."""
+    if device == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        return torch.float32, dtype
+    return dtype, None
+
+
+def autocast_call(function: Callable[[], Any], device: str, autocast_dtype: torch.dtype | None) -> Callable[[], Any]:
+    """`function` run under `torch.autocast(device, autocast_dtype)` (unchanged when `autocast_dtype` is None)."""
+    if autocast_dtype is None:
+        return function
+
+    def call():
+        with torch.autocast(device_type=device, dtype=autocast_dtype):
+            return function()
+
+    return call
+
+
+def warm_up_cuda(dtype: torch.dtype | None = None) -> None:
+    """Create the CUDA context, the cuBLAS workspace and the cuDNN handles before anything is measured (a variant
+    measured first would otherwise carry them in its peak memory). Afterwards they are part of every baseline."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("warm_up_cuda needs a CUDA GPU")
+    for compute_dtype in {torch.float32, dtype or torch.float32}:
+        a = torch.randn(64, 64, device="cuda", dtype=compute_dtype, requires_grad=True)
+        (a @ a).sum().backward()
+        image = torch.randn(1, 4, 16, 16, device="cuda", dtype=compute_dtype)
+        torch.nn.functional.conv2d(image, torch.randn(4, 4, 3, 3, device="cuda", dtype=compute_dtype))
+    torch.cuda.synchronize()
+
 
 def parse_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
@@ -193,6 +236,7 @@ def time_interleaved(
     warmup: int,
     device: str = "cpu",
     progress: str | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, list[float]]:
     """Time several variants in rounds: every round calls each variant once, in the mapping's order.
 
@@ -202,6 +246,7 @@ def time_interleaved(
         warmup: rounds run first and not recorded (allocator, caches, lazy initialisation).
         device: `"cuda"` synchronises around each call.
         progress: a tqdm description, or `None` for no progress bar.
+        autocast_dtype: run every call under `torch.autocast(device, autocast_dtype)` (mixed precision).
 
     Returns:
         name → list of `repeats` durations in seconds, round by round (so `result[a][i]` and `result[b][i]` were
@@ -213,6 +258,9 @@ def time_interleaved(
         raise ValueError(f"warmup={warmup} must be >= 0")
     from tqdm.auto import tqdm
 
+    variants = {name: autocast_call(function, device, autocast_dtype) for name, function in variants.items()}
+    if device == "cuda":
+        warm_up_cuda(autocast_dtype)
     samples: dict[str, list[float]] = {name: [] for name in variants}
     rounds = range(warmup + repeats)
     for round_index in tqdm(rounds, desc=progress, disable=progress is None, leave=False):

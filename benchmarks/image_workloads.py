@@ -173,18 +173,18 @@ def build_image_variant(params: dict[str, Any], settings: BenchSettings) -> Call
     """Memory-probe builder: `params = {"size", "variant", "num_objects", "num_text_tokens"}`. Decoder-only variants
     get random features of the right shapes (built before the measurement, so they count in the baseline)."""
     size, variant = params["size"], params["variant"]
-    model = build_sam2_bench_model(size, seed=settings.seed, device=settings.device, dtype=settings.dtype)
+    model = build_sam2_bench_model(size, seed=settings.seed, device=settings.device, dtype=settings.weight_dtype)
     inputs = make_image_inputs(
         size,
         num_objects=int(params.get("num_objects", 1)),
         num_text_tokens=int(params.get("num_text_tokens", DEFAULT_NUM_TEXT_TOKENS)),
         seed=settings.seed,
         device=settings.device,
-        dtype=settings.dtype,
+        dtype=settings.weight_dtype,
     )
     features = None
     if variant.startswith("decoder"):
-        features = random_features(model, size, settings.seed, settings.device, settings.dtype)
+        features = random_features(model, size, settings.seed, settings.device, settings.weight_dtype)
     return variant_call(variant, model, inputs, features)
 
 

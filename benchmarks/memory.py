@@ -149,7 +149,10 @@ def _measure_cpu(function: Callable[[], Any], repeats: int, warmup: int) -> dict
 
 
 def _measure_cuda(function: Callable[[], Any], repeats: int, warmup: int) -> dict[str, Any]:
-    for _ in range(warmup):
+    from .common import warm_up_cuda
+
+    warm_up_cuda()  # context, cuBLAS workspace, cuDNN: in every variant's baseline, in none's delta
+    for _ in range(max(warmup, 1)):
         function()
     baselines, peaks = [], []
     for _ in range(repeats):
@@ -195,7 +198,9 @@ def measure_workload_memory(
     """Peak memory of a workload, in a fresh interpreter (CPU, `memory_isolation="subprocess"`) or in this process
     (GPU, or `"inprocess"`)."""
     if settings.device == "cuda" or settings.memory_isolation == "inprocess":
-        function = workload.build(settings)
+        from .common import autocast_call
+
+        function = autocast_call(workload.build(settings), settings.device, settings.autocast_dtype)
         result = measure_peak_memory(function, settings.device, repeats=repeats, warmup=warmup)
         del function
         gc.collect()

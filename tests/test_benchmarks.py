@@ -368,3 +368,36 @@ def test_demo_diagnostics_on_a_saved_tiny_model(tmp_path):
     assert set(payload["seg_probes"]) == {"color", "shape", "position"} and payload["answer_style"] == "prompt"
     with pytest.raises(SystemExit):
         diagnostics_main([str(tmp_path / "missing")])
+
+
+def test_gpu_runner_parses_its_arguments_and_refuses_without_cuda(capsys, monkeypatch):
+    from benchmarks.common import weight_and_autocast_dtypes
+    from benchmarks.gpu import run_all_gpu
+
+    args = run_all_gpu.build_parser().parse_args(["--dtype", "float16", "--budget-s", "300", "--quick"])
+    names = [name for name, _ in run_all_gpu.plan(args)]
+    assert names == ["check_split_devices", "check_offload_state", "test_precision", "benchmarks"]
+    bench_command = dict(run_all_gpu.plan(args))["benchmarks"]
+    assert bench_command[-7:] == ["--device", "cuda", "--dtype", "float16", "--output-dir", str(args.output_dir), "--quick"]
+    skipping = run_all_gpu.build_parser().parse_args(["--skip-benchmarks"])
+    assert "benchmarks" not in dict(run_all_gpu.plan(skipping))
+    with pytest.raises(SystemExit):
+        run_all_gpu.build_parser().parse_args(["--dtype", "float8"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert run_all_gpu.main([]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    # the CUDA half path is the Trainer's mixed-precision step: float32 weights under autocast
+    assert weight_and_autocast_dtypes("cuda", torch.bfloat16) == (torch.float32, torch.bfloat16)
+    assert weight_and_autocast_dtypes("cuda", torch.float32) == (torch.float32, None)
+    assert weight_and_autocast_dtypes("cpu", torch.bfloat16) == (torch.bfloat16, None)
+
+
+def test_gpu_split_check_refuses_without_cuda():
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}  # no GPU visible, even on a GPU machine
+    done = subprocess.run([sys.executable, "tests/gpu/check_split_devices.py"], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parent.parent, env=env)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "no CUDA GPU" in done.stdout

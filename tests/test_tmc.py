@@ -120,3 +120,17 @@ def test_bad_inputs_are_named():
         text_mask_contrastive_loss(**inputs, temperature=0.0)
     with pytest.raises(ValueError, match="one row per target"):
         text_mask_contrastive_loss(**{**inputs, "target_has_mask": torch.tensor([True])})
+
+
+def test_sort_based_grouping_equals_unique_dim0_on_random_keys_with_repeats():
+    from transformers_maskcma.trainer.tmc import group_rows
+
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(50):
+        num_rows = int(torch.randint(1, 40, (1,), generator=generator))
+        high = int(torch.randint(1, 6, (1,), generator=generator))  # small range: many repeated rows
+        keys = torch.randint(0, high, (num_rows, 2), generator=generator)
+        expected = torch.unique(keys, dim=0, return_inverse=True)[1]
+        assert torch.equal(group_rows(keys), expected), keys
+    empty = torch.zeros(0, 2, dtype=torch.long)
+    assert group_rows(empty).shape == (0,)

@@ -42,6 +42,13 @@ from .target_mapping import SegTargets, build_seg_targets
 logger = logging.get_logger(__name__)
 
 
+def _module_device(module: nn.Module, default: torch.device) -> torch.device:
+    """Device of a module's first parameter (where its inputs must be); `default` for a module without any."""
+    for parameter in module.parameters():
+        return parameter.device
+    return default
+
+
 @dataclass
 class MaskCMAOutput(ModelOutput):
     r"""
@@ -143,7 +150,9 @@ class MaskCMAPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _no_split_modules = ["VisualToTextAttention", "TextToVisualAttention"]
+    # SAM2 stays whole on one device under `device_map` (its decoder, memory and prompt encoder exchange many
+    # tensors per frame); the VLM's own blocks are added by transformers from the VLM's `_no_split_modules`
+    _no_split_modules = ["VisualToTextAttention", "TextToVisualAttention", "MaskCMASam2VideoModel"]
     # Trainer must not divide our loss by the number of items in the batch: the loss is already a mean
     accepts_loss_kwargs = False
 
@@ -296,6 +305,7 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
             [`SamDecoderOutput`]: the chosen mask `(N, 1, 4h, 4w)`, its predicted IoU, the object score, the output
             token, and all candidates.
         """
+        seg_embeds = seg_embeds.to(image_embeddings.device)  # SAM2 may sit on another device than the heads
         return self.sam2.decode(image_embeddings, high_res_features, seg_embeds, multimask_output=True)
 
     def decode_masks(
@@ -325,25 +335,23 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
         image_embeddings = frame_features.image_embeddings
         high_res = frame_features.high_res_features
         if image_embeddings.shape[0] == 0:  # no [SEG] in the batch: nothing to decode
-            empty = image_embeddings.new_zeros(0, 1, *high_res[0].shape[-2:])
-            no_scores = image_embeddings.new_zeros(0)
-            return {
-                "mask_logits": empty + 0.0 * seg_embeds.sum(),
-                "iou_scores": no_scores,
-                "prior_logits": empty if self.config.use_cma else None,
-                "object_score_logits": no_scores,
-                "output_tokens": image_embeddings.new_zeros(0, image_embeddings.shape[1]),
-                "multimask_logits": empty,
-                "multimask_iou_scores": image_embeddings.new_zeros(0, 1),
-            }
+            return self._decode_no_target(frame_features, seg_embeds, text_tokens, text_token_mask, gt_prior_masks)
         if not self.config.use_cma:
             final = self._decoder_pass(image_embeddings, high_res, seg_embeds)
             return self._decoded(final, prior_logits=None)
 
+        device = image_embeddings.device
+        seg_embeds = seg_embeds.to(device)
         prior = self.mask_prior(  # the ground truth is a prior in training only
             image_embeddings, seg_embeds, high_res_features=high_res, gt_masks=gt_prior_masks if self.training else None
         )
-        cma_output = self.cma(image_embeddings, text_tokens, text_token_mask, seg_embeds, prior.embedding_logits)
+        cma_output = self.cma(
+            image_embeddings,
+            text_tokens.to(device),
+            text_token_mask.to(device),
+            seg_embeds,
+            prior.embedding_logits.to(device),
+        )
         final = self._decoder_pass(cma_output.image_embeddings, high_res, seg_embeds)
         return self._decoded(final, prior.mask_logits)
 
@@ -357,6 +365,40 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
             "output_tokens": final.output_tokens,
             "multimask_logits": final.multimask_logits,
             "multimask_iou_scores": final.multimask_iou_scores,
+        }
+
+    def _decode_no_target(self, frame_features, seg_embeds, text_tokens, text_token_mask, gt_prior_masks):
+        """Empty outputs for a batch without targets, attached to one zero-input pass through the decoder, the CMA
+        and the prior head with weight 0: every trainable module takes part in the graph on every process, as DDP
+        with `find_unused_parameters=False` requires (a micro-batch without ``[SEG]`` otherwise skips them)."""
+        image_embeddings = frame_features.image_embeddings
+        high_res = frame_features.high_res_features
+
+        def one_zero_row(tensor):  # a zero row that stays attached to `tensor`'s graph
+            return tensor.new_zeros(1, *tensor.shape[1:]) + 0.0 * tensor.sum()
+
+        num_text = max(text_tokens.shape[1], 1)
+        dummy_text = text_tokens.new_zeros(1, num_text, text_tokens.shape[-1]) + 0.0 * text_tokens.sum()
+        dummy = self.decode_masks(
+            SamFrameFeatures(
+                image_embeddings=one_zero_row(image_embeddings), high_res_features=[one_zero_row(f) for f in high_res]
+            ),
+            one_zero_row(seg_embeds),
+            dummy_text,
+            torch.ones(1, num_text, dtype=torch.bool, device=dummy_text.device),
+            None if gt_prior_masks is None else one_zero_row(gt_prior_masks),
+        )
+        zero = sum(0.0 * value.float().sum() for value in dummy.values() if value is not None)
+        empty = image_embeddings.new_zeros(0, 1, *high_res[0].shape[-2:]) + zero.to(image_embeddings.dtype)
+        no_scores = image_embeddings.new_zeros(0)
+        return {
+            "mask_logits": empty,
+            "iou_scores": no_scores,
+            "prior_logits": empty if self.config.use_cma else None,
+            "object_score_logits": no_scores,
+            "output_tokens": image_embeddings.new_zeros(0, image_embeddings.shape[1]),
+            "multimask_logits": empty,
+            "multimask_iou_scores": image_embeddings.new_zeros(0, 1),
         }
 
     # -- language side -----------------------------------------------------------------------------------------
@@ -403,9 +445,11 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
                 "MaskCMAConfig.seg_token_id is not set; build the model with the tokenizer's [SEG] id "
                 "(config.seg_token_id = tokenizer.convert_tokens_to_ids('[SEG]'))"
             )
+        hidden_device = last_hidden_state.device
+        input_ids, prompt_text_mask = input_ids.to(hidden_device), prompt_text_mask.to(hidden_device)
         seg_positions = (input_ids == self.config.seg_token_id).nonzero(as_tuple=False)  # row-major = reading order
         seg_hidden = last_hidden_state[seg_positions[:, 0], seg_positions[:, 1]]
-        seg_embeds = self.seg_proj(seg_hidden)
+        seg_embeds = self.seg_proj(seg_hidden.to(_module_device(self.seg_proj, hidden_device)))
         seg_sample_index = seg_positions[:, 0]
 
         counts = prompt_text_mask.sum(dim=1)
@@ -413,7 +457,7 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
         order = torch.argsort((~prompt_text_mask).to(torch.int8), dim=1, stable=True)[:, :num_text]
         gathered = last_hidden_state.gather(1, order.unsqueeze(-1).expand(-1, -1, last_hidden_state.shape[-1]))
         text_token_mask = prompt_text_mask.gather(1, order)
-        text_tokens = self.text_proj(gathered)
+        text_tokens = self.text_proj(gathered.to(_module_device(self.text_proj, hidden_device)))
         return seg_embeds, seg_sample_index, text_tokens, text_token_mask
 
     # -- forward -----------------------------------------------------------------------------------------------
@@ -534,16 +578,22 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
         text_mask: torch.Tensor,
         gt_masks: torch.Tensor | None,
     ) -> dict[str, torch.Tensor | None]:
-        frame_features = self.encode_frames(sam_pixel_values)
-        target_features = frame_features.select(targets.frame_index)
-        target_samples = targets.sample_index
-        target_seg = seg_embeds[targets.seg_index]
+        frame_features = self.encode_frames(sam_pixel_values.to(self.sam2.device))
+        device = frame_features.image_embeddings.device
+        target_features = frame_features.select(targets.frame_index.to(device))
+        target_samples = targets.sample_index.to(device)
+        target_seg = seg_embeds.to(device)[targets.seg_index.to(device)]
         low_res_size = target_features.high_res_features[0].shape[-2:]
         gt_low_res = None
         if gt_masks is not None:
+            gt_masks = gt_masks.to(device)
             gt_low_res = F.interpolate(gt_masks[:, None].float(), size=low_res_size, mode="nearest")[:, 0]
         decoded = self.decode_masks(
-            target_features, target_seg, text_tokens[target_samples], text_mask[target_samples], gt_low_res
+            target_features,
+            target_seg,
+            text_tokens.to(device)[target_samples],
+            text_mask.to(device)[target_samples],
+            gt_low_res,
         )
         if gt_masks is not None:
             embeddings = target_features.image_embeddings
@@ -639,13 +689,14 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
         threshold = self.config.mask_threshold if mask_threshold is None else mask_threshold
         batch_size = input_ids.shape[0]
         sizes = self._original_sizes(original_sizes, batch_size, sam_pixel_values)
-        frame_features = self.encode_frames(sam_pixel_values)
-        seg_sample_index = answer["seg_sample_index"]
+        frame_features = self.encode_frames(sam_pixel_values.to(self.sam2.device))
+        device = frame_features.image_embeddings.device
+        seg_sample_index = answer["seg_sample_index"].to(device)
         decoded = self.decode_masks(
             frame_features.select(seg_sample_index),
-            answer["seg_embeds"],
-            answer["text_tokens"][seg_sample_index],
-            answer["text_token_mask"][seg_sample_index],
+            answer["seg_embeds"].to(device),
+            answer["text_tokens"].to(device)[seg_sample_index],
+            answer["text_token_mask"].to(device)[seg_sample_index],
         )
         # the object-presence rule of every inference path (config.object_presence)
         mask_logits = apply_object_presence(
@@ -808,6 +859,7 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
         sam2: str | os.PathLike | PreTrainedModel,
         tokenizer=None,
         seg_token: str = "[SEG]",
+        dtype: torch.dtype | str | None = None,
         **config_overrides,
     ) -> MaskCMAModel:
         """Build a MaskCMA model from an existing VLM and SAM2 (folders, Hub ids or loaded models).
@@ -819,10 +871,28 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
         VLM and SAM2 checkpoints given by name are loaded strictly: a weight the model expects but the checkpoint
         lacks (which transformers would fill with random values), one the checkpoint holds but the model does not
         use, or one of another shape is a `ValueError` naming the checkpoint and the keys.
+
+        One dtype: the VLM, SAM2, the heads and the CMA all end in `dtype` (`torch_dtype=` is accepted as its old
+        name). `dtype=None` loads named checkpoints in torch's default dtype (float32) and keeps a given VLM's dtype;
+        `dtype="auto"` takes the VLM checkpoint's saved dtype. Models passed in are cast in place.
+
+        Memory: the VLM and SAM2 are loaded once and become the submodules themselves (no second copy is built and
+        filled); the new heads are built on the meta device and materialised on SAM2's device.
         """
+        if "torch_dtype" in config_overrides:
+            legacy = config_overrides.pop("torch_dtype")
+            if dtype is not None and legacy != dtype:
+                raise ValueError(f"pass either dtype= or torch_dtype=, not both (got {dtype} and {legacy})")
+            dtype = legacy
+        if isinstance(dtype, str) and dtype != "auto":
+            resolved = getattr(torch, dtype, None)
+            if not isinstance(resolved, torch.dtype):
+                raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'bfloat16', 'float16', 'float32' or 'auto'")
+            dtype = resolved
+        load_dtype = torch.get_default_dtype() if dtype is None else dtype
 
         def load_strictly(loader, name, what):
-            loaded, info = loader.from_pretrained(name, output_loading_info=True)
+            loaded, info = loader.from_pretrained(name, output_loading_info=True, dtype=load_dtype)
             problems = {
                 "missing": sorted(info.get("missing_keys") or []),
                 "unexpected": sorted(info.get("unexpected_keys") or []),
@@ -858,12 +928,30 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
                 vlm.resize_token_embeddings(len(tokenizer))
         if seg_token_id is None:
             raise ValueError("pass the tokenizer (or seg_token_id=...) so that the model knows the [SEG] token id")
+        target_dtype = vlm.dtype if dtype in (None, "auto") else dtype
+        vlm.to(dtype=target_dtype)
+        sam2.to(dtype=target_dtype)
         config = MaskCMAConfig(
             vlm_config=vlm.config, sam2_config=sam2.config, seg_token_id=seg_token_id, **config_overrides
         )
-        model = cls(config)
-        model.vlm.load_state_dict(vlm.state_dict(), strict=True)
-        model.sam2.load_state_dict(sam2.state_dict(), strict=True)
+        # Build on the meta device (nothing allocated), then use the loaded VLM and SAM2 as the submodules and
+        # materialise only the new heads. post_init's weight initialisation is `_init_weights`, applied below.
+        with torch.device("meta"):
+            model = cls(config)
+        model.vlm = vlm
+        model.sam2 = sam2
+        head_device = next(sam2.parameters()).device
+        for name, module in model.named_children():
+            if name in ("vlm", "sam2"):
+                continue
+            module.to_empty(device=head_device)
+            module.apply(model._init_weights)
+            module.to(dtype=target_dtype)
+        model.config.dtype = target_dtype
+        still_meta = [name for name, tensor in model.state_dict().items() if tensor.device.type == "meta"]
+        if still_meta:
+            raise RuntimeError(f"from_pretrained_parts left tensors on the meta device: {still_meta[:10]}")
+        model.apply_default_freezing()
         model.tokenizer = tokenizer
         return model
 

@@ -30,18 +30,26 @@ class TMCOutput:
     """
     Args:
         loss (`torch.FloatTensor` of shape `()`): the symmetric InfoNCE loss (0 when skipped).
-        num_rows (`int`): ``[SEG]`` tokens that took part (rows of the logits matrix).
-        num_objects (`int`): distinct (sample, object) groups among the rows.
-        skipped (`bool`): `True` when fewer than two distinct objects were present, so the loss is 0.
-        logits (`torch.FloatTensor` of shape `(num_rows, num_rows)` or `None`): ``v·tᵀ/τ`` before masking.
-        group_index (`torch.LongTensor` of shape `(num_rows,)` or `None`): group of each row.
+        num_rows (`int` or `torch.LongTensor` of shape `()`): ``[SEG]`` tokens that took part (those with a
+            visible target).
+        num_objects (`int` or `torch.LongTensor` of shape `()`): distinct (sample, object) groups among them.
+        skipped (`bool` or `torch.BoolTensor` of shape `()`): `True` when fewer than two distinct objects were
+            present, so the loss is 0.
+        logits (`torch.FloatTensor` of shape `(num_seg, num_seg)` or `None`): ``v·tᵀ/τ`` over every ``[SEG]``,
+            before masking; the rows that took part are `row_mask`.
+        row_mask (`torch.BoolTensor` of shape `(num_seg,)` or `None`): the ``[SEG]`` rows that took part.
+        group_index (`torch.LongTensor` of shape `(num_seg,)` or `None`): (sample, object) group of each ``[SEG]``.
+
+    The counts are 0-d tensors on the loss's device when computed (reading them is a host synchronisation, which
+    the trainer does only when it logs); plain Python values for an empty batch.
     """
 
     loss: torch.Tensor
-    num_rows: int
-    num_objects: int
-    skipped: bool
+    num_rows: int | torch.Tensor
+    num_objects: int | torch.Tensor
+    skipped: bool | torch.Tensor
     logits: torch.Tensor | None = None
+    row_mask: torch.Tensor | None = None
     group_index: torch.Tensor | None = None
 
 
@@ -72,11 +80,33 @@ def seg_visual_embeddings(
     Returns:
         `(visual (num_seg, D), has_visual (num_seg,))`; rows without a visible target are 0 and `has_visual` False.
     """
-    weights = target_has_mask.to(mask_pooled_embeds.dtype)
+    # under a device_map the targets' indices may live on the VLM's device and the embeddings on SAM2's
+    target_seg_index = target_seg_index.to(mask_pooled_embeds.device)
+    weights = target_has_mask.to(device=mask_pooled_embeds.device, dtype=mask_pooled_embeds.dtype)
     sums = mask_pooled_embeds.new_zeros(num_seg, mask_pooled_embeds.shape[-1])
     sums = sums.index_add(0, target_seg_index, mask_pooled_embeds * weights[:, None])
     counts = mask_pooled_embeds.new_zeros(num_seg).index_add(0, target_seg_index, weights)
     return sums / counts.clamp_min(1.0)[:, None], counts > 0
+
+
+def group_rows(keys: torch.LongTensor) -> torch.LongTensor:
+    """Group index of each row of `keys` `(R, K)`: rows that are equal share a group, groups are numbered in the
+    lexicographic order of their keys. Equal to `torch.unique(keys, dim=0, return_inverse=True)[1]`, computed with
+    stable sorts (one per column), which every backend implements (`unique(dim=0)` has no MPS kernel in older torch).
+
+    Returns:
+        `torch.LongTensor` of shape `(R,)`.
+    """
+    num_rows = keys.shape[0]
+    order = torch.arange(num_rows, device=keys.device)
+    for column in reversed(range(keys.shape[1])):  # least significant column first, stable sorts keep the rest
+        order = order[torch.sort(keys[order, column], stable=True).indices]
+    sorted_keys = keys[order]
+    starts = torch.ones(num_rows, dtype=torch.long, device=keys.device)
+    if num_rows > 1:
+        starts[1:] = (sorted_keys[1:] != sorted_keys[:-1]).any(dim=1).long()
+    group_of_sorted = starts.cumsum(0) - 1
+    return torch.empty_like(group_of_sorted).scatter_(0, order, group_of_sorted)
 
 
 def text_mask_contrastive_loss(
@@ -125,33 +155,39 @@ def text_mask_contrastive_loss(
     if num_seg == 0:
         return TMCOutput(loss=_zero_loss(seg_embeds, mask_pooled_embeds), num_rows=0, num_objects=0, skipped=True)
 
+    # Computed over every [SEG] row with a mask for the rows without a visible target, and without a branch on
+    # the number of objects: no host synchronisation (the trainer reads the counts only when it logs).
     visual, has_visual = seg_visual_embeddings(mask_pooled_embeds, target_seg_index, target_has_mask.bool(), num_seg)
-    rows = has_visual.nonzero(as_tuple=True)[0]
+    device = seg_embeds.device
+    has_visual = has_visual.to(device)
     if seg_object_ids is None:
-        object_ids = torch.arange(num_seg, device=seg_embeds.device)
+        object_ids = torch.arange(num_seg, device=device)
     else:
-        object_ids = seg_object_ids.to(seg_embeds.device).long()
-    keys = torch.stack([seg_sample_index[rows].long(), object_ids[rows]], dim=1)  # (R, 2)
-    group_index = torch.unique(keys, dim=0, return_inverse=True)[1] if rows.numel() else rows
-    num_objects = int(group_index.max().item()) + 1 if rows.numel() else 0
-    if num_objects < 2:
-        return TMCOutput(
-            loss=_zero_loss(seg_embeds, mask_pooled_embeds),
-            num_rows=int(rows.numel()),
-            num_objects=num_objects,
-            skipped=True,
-        )
+        object_ids = seg_object_ids.to(device).long()
+    keys = torch.stack([seg_sample_index.to(device).long(), object_ids], dim=1)  # (S, 2)
+    group_index = group_rows(keys)
+    group_visible = torch.zeros(num_seg, dtype=torch.long, device=device).scatter_reduce(
+        0, group_index, has_visual.long(), reduce="amax"
+    )
+    num_rows = has_visual.sum()
+    num_objects = group_visible.sum()
+    skipped = num_objects < 2
 
-    text = F.normalize(seg_embeds[rows].float(), dim=-1)
-    image = F.normalize(visual[rows].float(), dim=-1)
-    logits = image @ text.T / temperature  # (R, R): row i = visual of [SEG] i, column j = text of [SEG] j
+    text = F.normalize(seg_embeds.float(), dim=-1)
+    image = F.normalize(visual.to(device).float(), dim=-1)
+    logits = image @ text.T / temperature  # (S, S): row i = visual of [SEG] i, column j = text of [SEG] j
     same_object = group_index[:, None] == group_index[None, :]
-    diagonal = torch.eye(rows.numel(), dtype=torch.bool, device=logits.device)
-    masked = logits.masked_fill(same_object & ~diagonal, float("-inf"))
-    targets = torch.arange(rows.numel(), device=logits.device)
-    loss = 0.5 * (F.cross_entropy(masked, targets) + F.cross_entropy(masked.T, targets))
+    diagonal = torch.eye(num_seg, dtype=torch.bool, device=device)
+    # off the diagonal, drop the entries of the same object and of rows/columns without a visible target
+    removed = (same_object | ~has_visual[:, None] | ~has_visual[None, :]) & ~diagonal
+    masked = logits.masked_fill(removed, float("-inf"))
+    targets = torch.arange(num_seg, device=device)
+    per_row = F.cross_entropy(masked, targets, reduction="none") + F.cross_entropy(masked.T, targets, reduction="none")
+    weights = has_visual.float()
+    loss = 0.5 * (per_row * weights).sum() / weights.sum().clamp_min(1.0)
+    loss = torch.where(skipped, _zero_loss(seg_embeds, mask_pooled_embeds), loss)
     return TMCOutput(
-        loss=loss, num_rows=int(rows.numel()), num_objects=num_objects, skipped=False, logits=logits,
+        loss=loss, num_rows=num_rows, num_objects=num_objects, skipped=skipped, logits=logits, row_mask=has_visual,
         group_index=group_index,
     )
 
@@ -174,4 +210,4 @@ def tmc_loss_from_output(outputs, temperature: float) -> TMCOutput:
     )
 
 
-__all__ = ["TMCOutput", "seg_visual_embeddings", "text_mask_contrastive_loss", "tmc_loss_from_output"]
+__all__ = ["TMCOutput", "group_rows", "seg_visual_embeddings", "text_mask_contrastive_loss", "tmc_loss_from_output"]

@@ -75,6 +75,14 @@ def count_mask_targets(batch: dict) -> int:
     return 0 if gt_masks is None else int(gt_masks.shape[0])
 
 
+def _lm_token_count(batch: dict, device: torch.device) -> torch.Tensor:
+    """`count_lm_tokens` as an int64 tensor on `device`, without a host synchronisation."""
+    labels = batch.get("labels")
+    if labels is None:
+        return torch.zeros((), dtype=torch.long, device=device)
+    return (labels[..., 1:] != -100).sum().to(device)
+
+
 class MaskCMATrainer(Trainer):
     """`Trainer` with the TMC loss, exact gradient accumulation and per-component logging (module docstring).
 
@@ -131,29 +139,29 @@ class MaskCMATrainer(Trainer):
         self._logged_components = [
             name for name in self.LOGGED_COMPONENTS if name != "prior_loss" or config.use_cma
         ]
-        self._component_sums = torch.zeros(len(self._logged_components), dtype=torch.float64)
+        # float32 sums on the training device, read only when logging (no float64: MPS has none)
+        self._component_sums: torch.Tensor | None = None
         self._component_last_logged_step: int | None = None
-        self.tmc_skipped_micro_batches = 0
+        self._tmc_skipped_count: torch.Tensor | None = None
 
     # -- counting the accumulated batch ---------------------------------------------------------------------------
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
         """Fetch the micro-batches of one optimizer step and count their LM tokens and targets on all processes."""
         batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
-        counts = torch.tensor(
-            [
-                float(sum(count_lm_tokens(batch) for batch in batch_samples)),
-                float(sum(count_mask_targets(batch) for batch in batch_samples)),
-            ],
-            dtype=torch.float64,
-            device=device,
-        )
+        # int64 counts (exact, and available on every backend), summed on the device: one read per optimizer step
+        lm_tokens = torch.zeros((), dtype=torch.long, device=device)
+        for batch in batch_samples:
+            lm_tokens = lm_tokens + _lm_token_count(batch, device)
+        mask_targets = sum(count_mask_targets(batch) for batch in batch_samples)
+        counts = torch.stack([lm_tokens, torch.tensor(mask_targets, dtype=torch.long, device=device)])
         world_size = self.accelerator.num_processes
         if world_size > 1:
             counts = self.accelerator.reduce(counts, reduction="sum")
+        total_lm, total_masks = counts.tolist()
         return batch_samples, AccumulationCounts(
-            lm_tokens=float(counts[0]),
-            mask_targets=float(counts[1]),
+            lm_tokens=float(total_lm),
+            mask_targets=float(total_masks),
             micro_batches=max(len(batch_samples), 1),
             world_size=world_size,
         )
@@ -189,13 +197,9 @@ class MaskCMATrainer(Trainer):
         use_tmc = self.tmc_weight > 0 and outputs.mask_pooled_embeds is not None
         tmc = self.compute_tmc(outputs) if use_tmc else None
         tmc_loss = tmc.loss if tmc is not None else outputs.loss.new_zeros(())
-        if tmc is not None and tmc.skipped:
-            self.tmc_skipped_micro_batches += 1
-            logger.warning_once(
-                "TMC loss skipped: a micro-batch had fewer than two distinct objects with a visible mask (the loss is "
-                "0 for it; `tmc_skipped_fraction` in the logs says how often). Use larger micro-batches or samples "
-                "with several objects for the contrastive loss to act."
-            )
+        if tmc is not None:  # counted on the device; the warning is given when the count is read (logging)
+            skipped = torch.as_tensor(tmc.skipped, device=tmc_loss.device).long()
+            self._tmc_skipped_count = skipped if self._tmc_skipped_count is None else self._tmc_skipped_count + skipped
 
         counts = num_items_in_batch if isinstance(num_items_in_batch, AccumulationCounts) else None
         if counts is None or not model.training:
@@ -203,7 +207,7 @@ class MaskCMATrainer(Trainer):
             if model.training:  # a direct training call without counts: plain mean over accumulation steps
                 loss = loss / max(getattr(self, "current_gradient_accumulation_steps", 1), 1)
         else:
-            lm_share = self._share(count_lm_tokens(inputs), counts.lm_tokens)
+            lm_share = self._share(_lm_token_count(inputs, outputs.loss.device), counts.lm_tokens)
             mask_share = self._share(count_mask_targets(inputs), counts.mask_targets)
             tmc_share = 1.0 / (counts.micro_batches * counts.world_size)
             global_part = outputs.loss.new_zeros(())
@@ -217,8 +221,16 @@ class MaskCMATrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     @staticmethod
-    def _share(local: int, total: float) -> float:
+    def _share(local: int | torch.Tensor, total: float) -> float | torch.Tensor:
+        if isinstance(local, torch.Tensor):  # stays on the device (no synchronisation)
+            return local.float() / total if total > 0 else local.float() * 0.0
         return float(local) / total if total > 0 else 0.0
+
+    @property
+    def tmc_skipped_micro_batches(self) -> int:
+        """Micro-batches whose TMC loss was skipped (fewer than two visible objects) since training began. Reading
+        it synchronises with the device."""
+        return 0 if self._tmc_skipped_count is None else int(self._tmc_skipped_count)
 
     @staticmethod
     def _weighted_mask_loss(outputs, config) -> torch.Tensor | None:
@@ -235,37 +247,52 @@ class MaskCMATrainer(Trainer):
 
     # -- logging --------------------------------------------------------------------------------------------------
 
-    def _record_components(self, outputs, tmc: TMCOutput | None, lm_share: float, mask_share: float, tmc_share: float):
+    def _record_components(self, outputs, tmc: TMCOutput | None, lm_share, mask_share, tmc_share: float):
+        """Add this micro-batch's weighted components to the running sums, on the device (no synchronisation)."""
+
+        def weighted(value, share):
+            return None if value is None else value.detach().float() * share
+
+        device = outputs.loss.device
         values = {
-            "lm_loss": None if outputs.lm_loss is None else float(outputs.lm_loss.detach()) * lm_share,
-            "mask_bce": None if outputs.mask_bce is None else float(outputs.mask_bce.detach()) * mask_share,
-            "mask_dice": None if outputs.mask_dice is None else float(outputs.mask_dice.detach()) * mask_share,
-            "prior_loss": None if outputs.prior_loss is None else float(outputs.prior_loss.detach()) * mask_share,
-            "iou_loss": None if outputs.iou_loss is None else float(outputs.iou_loss.detach()) * mask_share,
-            "object_score_loss": (
-                None if outputs.object_score_loss is None else float(outputs.object_score_loss.detach()) * mask_share
+            "lm_loss": weighted(outputs.lm_loss, lm_share),
+            "mask_bce": weighted(outputs.mask_bce, mask_share),
+            "mask_dice": weighted(outputs.mask_dice, mask_share),
+            "prior_loss": weighted(outputs.prior_loss, mask_share),
+            "iou_loss": weighted(outputs.iou_loss, mask_share),
+            "object_score_loss": weighted(outputs.object_score_loss, mask_share),
+            "tmc_loss": None if tmc is None else weighted(tmc.loss, tmc_share),
+            "tmc_skipped_fraction": (
+                None if tmc is None else torch.as_tensor(tmc.skipped, device=device).float() * tmc_share
             ),
-            "tmc_loss": None if tmc is None else float(tmc.loss.detach()) * tmc_share,
-            "tmc_skipped_fraction": None if tmc is None else float(tmc.skipped) * tmc_share,
         }
         if self._component_last_logged_step is None:
             self._component_last_logged_step = self.state.global_step
-        for index, name in enumerate(self._logged_components):
-            if values[name] is not None:
-                self._component_sums[index] += values[name]
+        zero = torch.zeros((), dtype=torch.float32, device=device)
+        step = torch.stack([zero if values[name] is None else values[name].to(device) for name in self._logged_components])
+        self._component_sums = step if self._component_sums is None else self._component_sums + step
 
     def component_logs(self) -> dict[str, float]:
         """The mean per-step value of every loss component since the last log, over all processes, and the current
         γ and warm-up factor. Resets the running sums. Collective: call it on every process."""
         last = self._component_last_logged_step
         steps = 0 if last is None else self.state.global_step - last
-        sums = self._component_sums.to(self.args.device)
+        if self._component_sums is None:
+            sums = torch.zeros(len(self._logged_components), dtype=torch.float32, device=self.args.device)
+        else:
+            sums = self._component_sums.to(self.args.device)
         if self.accelerator.num_processes > 1:
             sums = self.accelerator.reduce(sums, reduction="sum")
         logs: dict[str, float] = {}
         if steps > 0:
             logs = {name: float(value) / steps for name, value in zip(self._logged_components, sums.tolist())}
-        self._component_sums.zero_()
+        self._component_sums = None
+        if self.tmc_skipped_micro_batches > 0:
+            logger.warning_once(
+                "TMC loss skipped: a micro-batch had fewer than two distinct objects with a visible mask (the loss is "
+                "0 for it; `tmc_skipped_fraction` in the logs says how often). Use larger micro-batches or samples "
+                "with several objects for the contrastive loss to act."
+            )
         self._component_last_logged_step = self.state.global_step
         logs["cma_gamma"] = self.cma_gamma()
         logs["cma_warmup_factor"] = float(active_cma(self.model).warmup_factor)
