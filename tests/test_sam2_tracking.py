@@ -42,6 +42,25 @@ def test_the_subclass_adds_no_weight_and_loads_sam2_checkpoints_strictly():
     native.load_state_dict(model.sam2.state_dict(), strict=True)
 
 
+def test_a_loaded_sam2_becomes_the_subclass_sharing_its_tensors():
+    model, _ = build_tiny_model(seed=0)
+    native = Sam2VideoModel(model.config.sam2_config).eval()
+    native.load_state_dict(model.sam2.state_dict(), strict=True)
+    native.vision_encoder.requires_grad_(False)
+    tracking = MaskCMASam2VideoModel.from_sam2_video_model(native)
+    assert type(tracking) is MaskCMASam2VideoModel and not tracking.training
+    shared = dict(native.named_parameters()) | dict(native.named_buffers())
+    for name, tensor in list(tracking.named_parameters()) + list(tracking.named_buffers()):
+        assert tensor.data_ptr() == shared[name].data_ptr(), name  # the same storage: nothing copied, nothing on meta
+    assert all(p.requires_grad == native.get_parameter(n).requires_grad for n, p in tracking.named_parameters())
+    assert MaskCMASam2VideoModel.from_sam2_video_model(tracking) is tracking
+    pixels = torch.randn(1, 3, model.config.sam2_config.image_size, model.config.sam2_config.image_size)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            tracking.get_image_features(pixels)[0][-1], native.get_image_features(pixels)[0][-1], rtol=0, atol=0
+        )
+
+
 def tracked_models(seed: int, **overrides):
     model, tokenizer = build_tiny_model(seed=seed, cma_on_propagation=False, **overrides)
     model.eval()

@@ -913,12 +913,13 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
         if not isinstance(vlm, PreTrainedModel):
             vlm = load_strictly(AutoModelForImageTextToText, vlm, "VLM")
         if not isinstance(sam2, PreTrainedModel):
-            sam2 = load_strictly(Sam2VideoModel, sam2, "SAM2")
+            sam2 = load_strictly(MaskCMASam2VideoModel, sam2, "SAM2")
         if not isinstance(sam2, Sam2VideoModel):
             raise TypeError(
                 f"sam2 must be a Sam2VideoModel (it holds the image path and the video memory), got {type(sam2).__name__}; "
                 "load SAM2 checkpoints with Sam2VideoModel.from_pretrained"
             )
+        sam2 = MaskCMASam2VideoModel.from_sam2_video_model(sam2)  # same tensors, with the video path's steps
         seg_token_id = config_overrides.pop("seg_token_id", None)
         if tokenizer is not None:
             if seg_token not in tokenizer.get_vocab():

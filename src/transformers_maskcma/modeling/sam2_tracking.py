@@ -91,6 +91,24 @@ class MaskCMASam2VideoModel(Sam2VideoModel):
 
     # -- features --------------------------------------------------------------------------------------------------
 
+    @classmethod
+    def from_sam2_video_model(cls, sam2: Sam2VideoModel) -> MaskCMASam2VideoModel:
+        """The same SAM2 as this class, sharing `sam2`'s tensors (nothing is copied): the subclass adds no weight, so
+        every parameter and buffer maps one to one (strictly)."""
+        if isinstance(sam2, cls):
+            return sam2
+        with torch.device("meta"):
+            tracking = cls(sam2.config)
+        tracking.load_state_dict(sam2.state_dict(), strict=True, assign=True)
+        source_buffers = dict(sam2.named_buffers())
+        for name, buffer in list(tracking.named_buffers()):
+            if buffer.is_meta:  # non-persistent buffers are not in the state dict
+                owner, _, leaf = name.rpartition(".")
+                tracking.get_submodule(owner)._buffers[leaf] = source_buffers[name]
+        for name, parameter in tracking.named_parameters():
+            parameter.requires_grad_(sam2.get_parameter(name).requires_grad)
+        return tracking.train(sam2.training)
+
     def frame_features(self, inference_session: Sam2VideoInferenceSession, frame_idx: int) -> SamFrameFeatures:
         """SAM2's features of frame `frame_idx`, as the image path uses them (with the no-memory embedding added).
 
