@@ -1,0 +1,430 @@
+"""Benchmark 6 — one VLM pass: the whole `segment()` (processor to masks) against the former two-pass path and the floor.
+
+`segment()` reads the ``[SEG]`` and prompt-token states from its own `generate` call (`after`). Before, it generated
+the answer and then ran the whole VLM again — vision tower included — over prompt + answer to read them (`before`,
+kept here as `two_pass_generate_answer`, the former code, for this benchmark only). The floor is the work no path
+can avoid: one plain `generate` + one SAM2 image encode + the mask decoding (with the CMA) and the upsampling.
+Every variant starts from the PIL image and the prompt (the processor runs in each) and ends with the masks.
+
+Model: InternVL2.5-1B-shaped VLM (InternViT-300M vision tower at 448 px, 256 tokens a tile; Qwen2.5-0.5B-shaped LLM)
+and SAM2.1 Hiera-L at 1024 px, random weights, built from configs; the tiny tokenizer's ids (a subset of the LLM's
+vocabulary). The answer is forced to `Sure, [SEG].` + end-of-sequence (6 new tokens). Image sizes: one tile (a plain
+resize to 448²) and InternVL's dynamic tiling at 12 tiles + a thumbnail (a 4:3 image, 13 × 256 image tokens).
+
+Timing and peak memory come from the same calls: a 12-tile call takes minutes on one CPU thread, so a separate
+memory round would double the run. glibc's page-size mmap threshold (see `benchmarks.memory`) is set before the first
+call, in-process, for every variant alike.
+
+Target: `after` / floor ≤ 1.1× in latency at both tile counts.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from .common import (
+    BenchSettings,
+    compare,
+    machine_caption,
+    new_figure,
+    plot_path,
+    result_payload,
+    save_figure,
+    summarize,
+    synchronize,
+    target_row,
+    write_result,
+)
+from .memory import current_rss_bytes, fix_malloc_thresholds, peak_rss_bytes, release_free_memory, reset_peak_rss
+
+NAME = "one_pass"
+TITLE = "One VLM pass: segment() vs the two-pass path and the floor"
+VARIANTS = ("floor", "after", "before")
+TILE_SETTINGS = {"1_tile": 1, "12_tiles": 12}
+FORCED_ANSWER = "Sure, [SEG]."
+PROMPT = "<image>\nPlease segment the red car on the left."
+# (recorded rounds, warm-up rounds) per tile setting
+CPU_ROUNDS = {"1_tile": (3, 1), "12_tiles": (2, 0)}
+GPU_ROUNDS = {"1_tile": (10, 2), "12_tiles": (10, 2)}
+QUICK_ROUNDS = (2, 1)
+TARGET_LIMIT = 1.1
+IMAGE_SIZES = {"1_tile": (480, 640), "12_tiles": (1344, 1792)}  # (height, width); 4:3 → a 4×3 grid + thumbnail
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the model
+# ------------------------------------------------------------------------------------------------------------
+
+
+def internvl_1b_vlm_config():
+    """`InternVLConfig` of InternVL2.5-1B's shape: InternViT-300M-448px (24 layers, width 1024, 16 heads, MLP 4096,
+    patch 14, layer norm, layer scale) + pixel shuffle 0.5 + Qwen2.5-0.5B (24 layers, width 896, 14 query / 2
+    key-value heads, MLP 4864, vocabulary 151674, tied embeddings). Special-token ids are the tiny tokenizer's."""
+    from transformers import InternVLConfig
+
+    from transformers_maskcma.modeling.tiny_configs import TINY_IMAGE_TOKEN_ID, TINY_PAD_TOKEN_ID
+
+    return InternVLConfig(
+        vision_config={
+            "hidden_size": 1024,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "intermediate_size": 4096,
+            "image_size": [448, 448],
+            "patch_size": [14, 14],
+            "use_qk_norm": False,
+            "norm_type": "layer_norm",
+            "layer_scale_init_value": 0.1,
+        },
+        text_config={
+            "model_type": "qwen2",
+            "vocab_size": 151674,
+            "hidden_size": 896,
+            "intermediate_size": 4864,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 14,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 32768,
+            "rope_theta": 1000000.0,
+            "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": True,
+            "bos_token_id": None,
+            "eos_token_id": 2,
+            "pad_token_id": TINY_PAD_TOKEN_ID,
+        },
+        image_token_id=TINY_IMAGE_TOKEN_ID,
+        image_seq_length=256,
+        downsample_ratio=0.5,
+        tie_word_embeddings=True,
+    )
+
+
+def build_bench_model(quick: bool, settings: BenchSettings):
+    """`(model, tokenizer)`: the InternVL2.5-1B-shaped VLM + Hiera-L SAM2 (the tiny default in quick mode), random
+    weights, eval mode, CMA γ = 0.5 so that the CMA really changes the embedding."""
+    from transformers_maskcma.modeling import MaskCMAModel
+    from transformers_maskcma.processing.tiny_tokenizer import build_tiny_tokenizer
+    from transformers_maskcma.tiny import tiny_config
+
+    from .sam2_sizes import official_hiera_sam2_config
+
+    overrides = {} if quick else {"vlm_config": internvl_1b_vlm_config(), "sam2_config": official_hiera_sam2_config("hiera_large")}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        model = MaskCMAModel(tiny_config(**overrides))
+    with torch.no_grad():
+        model.cma.gamma.fill_(0.5)
+    tokenizer = build_tiny_tokenizer()
+    model.tokenizer = tokenizer
+    model.vlm.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.vlm.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device=settings.device, dtype=settings.dtype).eval(), tokenizer
+
+
+def bench_image(setting: str):
+    """A deterministic RGB image of the setting's size (a gradient with a bright rectangle)."""
+    from PIL import Image
+
+    height, width = IMAGE_SIZES[setting]
+    ys = torch.linspace(0, 1, height)[:, None].expand(height, width)
+    xs = torch.linspace(0, 1, width)[None, :].expand(height, width)
+    pixels = torch.stack([xs, ys, 1 - xs], dim=-1)
+    pixels[height // 4 : height // 2, width // 8 : width // 3] = torch.tensor([0.9, 0.1, 0.1])
+    return Image.fromarray((pixels * 255).round().to(torch.uint8).numpy())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the former two-pass path and the floor
+# ------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def two_pass_generate_answer(
+    model, input_ids, attention_mask, pixel_values, text_token_mask, max_new_tokens, **generate_kwargs
+) -> dict:
+    """The former `MaskCMAModel.generate_answer`: generate, then one more forward of the whole VLM (vision tower
+    included, every layer's states returned) over prompt + answer to read the ``[SEG]`` and prompt-token states."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    prompt_len = input_ids.shape[1]
+    pad_id = model._pad_token_id()
+    sequences = model.vlm.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        pixel_values=pixel_values,
+        max_new_tokens=max_new_tokens,
+        do_sample=generate_kwargs.pop("do_sample", False),
+        pad_token_id=pad_id,
+        **generate_kwargs,
+    )
+    answer_ids = sequences[:, prompt_len:]
+    answer_mask = model._answer_mask(answer_ids)
+    full_mask = torch.cat([attention_mask, answer_mask.to(attention_mask.dtype)], dim=1)
+    full_ids = torch.cat([input_ids, answer_ids.masked_fill(~answer_mask, pad_id)], dim=1)
+    outputs = model.vlm(
+        input_ids=full_ids, attention_mask=full_mask, pixel_values=pixel_values, output_hidden_states=True, return_dict=True
+    )
+    if text_token_mask is None:
+        prompt_mask = model._prompt_text_mask(input_ids, attention_mask, None, None)
+    else:
+        prompt_mask = text_token_mask.bool()
+    full_text_mask = torch.cat([prompt_mask, torch.zeros_like(answer_mask)], dim=1)
+    seg_ids = full_ids.clone()
+    seg_ids[:, :prompt_len] = pad_id  # only [SEG] tokens of the answer decode masks
+    seg_ids = seg_ids.masked_fill(~full_mask.bool(), pad_id)
+    seg_embeds, seg_sample_index, text_tokens, text_mask = model.project_text_and_seg(
+        outputs.hidden_states[-1], seg_ids, full_text_mask
+    )
+    kept_ids = [row[mask] for row, mask in zip(answer_ids, answer_mask)]
+    answers = None
+    if model.tokenizer is not None:
+        answers = [model._strip_answer(model.tokenizer.decode(ids, skip_special_tokens=False)) for ids in kept_ids]
+    return {
+        "answers": answers,
+        "answer_ids": kept_ids,
+        "seg_embeds": seg_embeds,
+        "seg_sample_index": seg_sample_index,
+        "text_tokens": text_tokens,
+        "text_token_mask": text_mask,
+    }
+
+
+def _vlm_inputs(inputs) -> dict:
+    return {key: inputs[key] for key in ("input_ids", "attention_mask", "pixel_values", "text_token_mask")}
+
+
+def variant_calls(model, processor, image, settings: BenchSettings) -> dict[str, Any]:
+    """variant → zero-argument call from the PIL image to the masks, and the facts of the inputs."""
+    from transformers_maskcma.modeling.video_segmentation import forced_answer_generate_kwargs
+
+    device, dtype = settings.device, settings.dtype
+    answer_ids = processor.tokenizer(FORCED_ANSWER, add_special_tokens=False).input_ids
+    eos = processor.tokenizer.eos_token_id
+
+    def prepare():
+        inputs = processor(images=image, text=PROMPT)
+        moved = {}
+        for key, value in inputs.items():
+            if isinstance(value, torch.Tensor):
+                value = value.to(device)
+                if value.is_floating_point():
+                    value = value.to(dtype)
+            moved[key] = value
+        forced = forced_answer_generate_kwargs([answer_ids], moved["input_ids"].shape[1], eos)
+        return moved, forced
+
+    def after():
+        inputs, forced = prepare()
+        return model.segment(**inputs, **forced)
+
+    def before():
+        inputs, forced = prepare()
+        max_new_tokens = forced.pop("max_new_tokens")
+        answer = two_pass_generate_answer(model, **_vlm_inputs(inputs), max_new_tokens=max_new_tokens, **forced)
+        return model.decode_answer_masks(answer, inputs["sam_pixel_values"], inputs["original_sizes"])
+
+    with torch.no_grad():
+        inputs, forced = prepare()
+        reference = model.generate_answer(**_vlm_inputs(inputs), **forced)
+    # the floor decodes from the states of this answer: same masks, without reading any state
+    floor_answer = {key: reference[key] for key in ("answers", "answer_ids", "seg_embeds", "seg_sample_index",
+                                                    "text_tokens", "text_token_mask")}
+
+    @torch.no_grad()
+    def floor():
+        inputs, forced = prepare()
+        model.vlm.generate(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            pixel_values=inputs["pixel_values"],
+            do_sample=False,
+            pad_token_id=model._pad_token_id(),
+            **forced,
+        )
+        return model.decode_answer_masks(floor_answer, inputs["sam_pixel_values"], inputs["original_sizes"])
+
+    facts = {
+        "num_tiles": int(inputs["pixel_values"].shape[0]),
+        "prompt_tokens": int(inputs["input_ids"].shape[1]),
+        "answer": reference["answers"][0],
+        "new_tokens": int(reference["answer_ids"][0].numel()),
+        "image_size_hw": [image.height, image.width],
+    }
+    return {"floor": floor, "after": after, "before": before}, facts
+
+
+# ------------------------------------------------------------------------------------------------------------
+# measurement
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _memory_before_call(device: str) -> int:
+    if device == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    release_free_memory()
+    baseline = current_rss_bytes()
+    reset_peak_rss()
+    return baseline
+
+
+def _memory_after_call(device: str) -> int:
+    if device == "cuda":
+        synchronize(device)
+        return torch.cuda.max_memory_allocated()
+    return peak_rss_bytes()
+
+
+def time_and_memory_interleaved(
+    variants: dict[str, Any], repeats: int, warmup: int, device: str
+) -> tuple[dict[str, list[float]], dict[str, dict[str, list[int]]]]:
+    """Rounds of every variant (as `common.time_interleaved`), with the peak memory of each recorded call.
+
+    Returns:
+        `(timings, memory)`: variant → `repeats` durations in seconds; variant → `{"baseline_bytes", "peak_bytes"}`
+        lists (memory before the call, highest point during it).
+    """
+    if device == "cpu":
+        fix_malloc_thresholds()
+    timings: dict[str, list[float]] = {name: [] for name in variants}
+    memory: dict[str, dict[str, list[int]]] = {name: {"baseline_bytes": [], "peak_bytes": []} for name in variants}
+    for round_index in range(warmup + repeats):
+        for name, function in variants.items():
+            baseline = _memory_before_call(device)
+            synchronize(device)
+            start = time.perf_counter()
+            function()
+            synchronize(device)
+            duration = time.perf_counter() - start
+            peak = _memory_after_call(device)
+            if round_index >= warmup:
+                timings[name].append(duration)
+                memory[name]["baseline_bytes"].append(baseline)
+                memory[name]["peak_bytes"].append(peak)
+            print(f"[bench] {NAME}: round {round_index + 1}/{warmup + repeats} {name}: {duration:.2f} s", flush=True)
+    return timings, memory
+
+
+def _memory_summary(samples: dict[str, list[int]]) -> dict[str, Any]:
+    deltas = [peak - base for peak, base in zip(samples["peak_bytes"], samples["baseline_bytes"])]
+    return {
+        "baseline_bytes": int(statistics.median(samples["baseline_bytes"])),
+        "peak_bytes": int(statistics.median(samples["peak_bytes"])),
+        "delta_bytes": int(statistics.median(deltas)),
+        "samples": {**samples, "delta_bytes": deltas},
+    }
+
+
+def measure_setting(setting: str, model, tokenizer, settings: BenchSettings) -> dict[str, Any]:
+    from transformers_maskcma.processing import MaskCMAProcessor
+
+    if settings.quick:
+        repeats, warmup = QUICK_ROUNDS
+    else:
+        repeats, warmup = (GPU_ROUNDS if settings.device == "cuda" else CPU_ROUNDS)[setting]
+    processor = MaskCMAProcessor.from_model_config(model.config, tokenizer, max_image_tiles=TILE_SETTINGS[setting])
+    calls, facts = variant_calls(model, processor, bench_image(setting), settings)
+    outputs = {name: call() for name, call in calls.items()}  # also checks that the three give the same masks
+    same_masks = {
+        name: bool(all(torch.equal(a, b) for a, b in zip(outputs[name].masks, outputs["after"].masks)))
+        for name in ("floor", "before")
+    }
+    max_logit_difference = {
+        name: float(max((a - b).abs().max() for a, b in zip(outputs[name].mask_logits, outputs["after"].mask_logits)))
+        for name in ("floor", "before")
+    }
+    del outputs
+    timings, memory_samples = time_and_memory_interleaved(calls, repeats, warmup, settings.device)
+    memory = {name: _memory_summary(samples) for name, samples in memory_samples.items()}
+    return {
+        **facts,
+        "repeats": repeats,
+        "warmup": warmup,
+        "same_masks_as_after": same_masks,
+        "max_mask_logit_difference_vs_after": max_logit_difference,
+        "timings_s": timings,
+        "summary_s": {name: summarize(samples) for name, samples in timings.items()},
+        "latency_ratio_after_vs_floor": compare(timings["after"], timings["floor"]),
+        "latency_ratio_before_vs_floor": compare(timings["before"], timings["floor"]),
+        "latency_ratio_after_vs_before": compare(timings["after"], timings["before"]),
+        "memory": memory,
+        "memory_ratio_after_vs_floor_peak": memory["after"]["peak_bytes"] / memory["floor"]["peak_bytes"],
+        "memory_ratio_before_vs_floor_peak": memory["before"]["peak_bytes"] / memory["floor"]["peak_bytes"],
+        "memory_ratio_after_vs_floor_increment": memory["after"]["delta_bytes"] / max(memory["floor"]["delta_bytes"], 1),
+        "memory_ratio_before_vs_floor_increment": memory["before"]["delta_bytes"] / max(memory["floor"]["delta_bytes"], 1),
+    }
+
+
+def targets_from(results: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for setting, result in results.items():
+        rows.append(
+            target_row(
+                f"latency, segment() / floor (one generate + one SAM2 encode + decoding), {result['num_tiles']} "
+                f"tile(s)",
+                f"≤ {TARGET_LIMIT}×",
+                result["latency_ratio_after_vs_floor"]["ratio_of_medians"],
+                TARGET_LIMIT,
+            )
+        )
+    return rows
+
+
+def plot(payload: dict[str, Any], path) -> None:
+    results = payload["results"]
+    settings = list(results)
+    figure, (latency_axis, memory_axis) = new_figure(columns=2)
+    width = 0.27
+    labels = {"floor": "floor (generate + SAM2)", "after": "segment(), one pass", "before": "two passes (former)"}
+    for offset, variant in enumerate(VARIANTS):
+        positions = [index + (offset - 1) * width for index in range(len(settings))]
+        latency_axis.bar(positions, [results[s]["summary_s"][variant]["median"] for s in settings], width,
+                         label=labels[variant])
+        memory_axis.bar(positions, [results[s]["memory"][variant]["delta_bytes"] / 2**20 for s in settings], width,
+                        label=labels[variant])
+    tick_labels = [f"{results[s]['num_tiles']} tile(s)" for s in settings]
+    latency_axis.set_xticks(range(len(settings)), tick_labels)
+    latency_axis.set_ylabel("median latency, processor to masks [s]")
+    latency_axis.legend(fontsize=7)
+    memory_axis.set_xticks(range(len(settings)), tick_labels)
+    memory_axis.set_ylabel("memory added by the call [MiB]")
+    memory_axis.legend(fontsize=7)
+    figure.suptitle(f"{TITLE} — {machine_caption(payload)}", fontsize=8)
+    save_figure(figure, path)
+
+
+def run(settings: BenchSettings) -> dict[str, Any]:
+    """Run the benchmark, write `one_pass.json` and `.png` to `settings.output_dir`, return the payload."""
+    started = time.perf_counter()
+    settings.apply()
+    model, tokenizer = build_bench_model(settings.quick, settings)
+    results = {setting: measure_setting(setting, model, tokenizer, settings) for setting in TILE_SETTINGS}
+    payload = result_payload(
+        NAME,
+        settings,
+        {
+            "vlm": "tiny" if settings.quick else "InternVL2.5-1B-shaped (InternViT-300M + Qwen2.5-0.5B), random weights",
+            "sam2": "tiny" if settings.quick else "SAM2.1 Hiera-L, 1024 px, random weights",
+            "forced_answer": FORCED_ANSWER,
+            "settings": list(results),
+        },
+        results,
+        targets_from(results),
+        [
+            "Each variant runs from the PIL image to the masks; the three are timed in the same rounds.",
+            "floor: processor, one plain generate, SAM2 encode, mask decoding (with the CMA), upsampling; after: "
+            "segment(); before: the former two-pass generate_answer (benchmarks/bench_one_pass.py), then the same "
+            "mask decoding.",
+            "Peak memory is read around the timed calls themselves (CPU: VmHWM with glibc's page-size mmap threshold, "
+            "GPU: max_memory_allocated); peak includes the weights, increment is what the call adds.",
+        ],
+        started,
+    )
+    write_result(payload, settings.output_dir)
+    plot(payload, plot_path(settings.output_dir, NAME))
+    return payload
