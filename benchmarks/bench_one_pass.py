@@ -46,7 +46,7 @@ TITLE = "One VLM pass: segment() vs the two-pass path and the floor"
 VARIANTS = ("floor", "after", "before")
 TILE_SETTINGS = {"1_tile": 1, "12_tiles": 12}
 FORCED_ANSWER = "Sure, [SEG]."
-PROMPT = "<image>\nPlease segment the red car on the left."
+PROMPT = "Please segment the red car on the left."
 # (recorded rounds, warm-up rounds) per tile setting
 CPU_ROUNDS = {"1_tile": (3, 1), "12_tiles": (2, 0)}
 GPU_ROUNDS = {"1_tile": (10, 2), "12_tiles": (10, 2)}
