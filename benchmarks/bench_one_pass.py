@@ -48,7 +48,7 @@ TILE_SETTINGS = {"1_tile": 1, "12_tiles": 12}
 FORCED_ANSWER = "Sure, [SEG]."
 PROMPT = "Please segment the red car on the left."
 # (recorded rounds, warm-up rounds) per tile setting
-CPU_ROUNDS = {"1_tile": (3, 1), "12_tiles": (2, 0)}
+CPU_ROUNDS = {"1_tile": (3, 1), "12_tiles": (2, 0)}  # a 12-tile call takes minutes on one CPU thread
 GPU_ROUNDS = {"1_tile": (10, 2), "12_tiles": (10, 2)}
 QUICK_ROUNDS = (2, 1)
 TARGET_LIMIT = 1.1
@@ -282,23 +282,25 @@ def _memory_after_call(device: str) -> int:
 
 def time_and_memory_interleaved(
     variants: dict[str, Any], repeats: int, warmup: int, device: str
-) -> tuple[dict[str, list[float]], dict[str, dict[str, list[int]]]]:
+) -> tuple[dict[str, list[float]], dict[str, dict[str, list[int]]], dict[str, Any]]:
     """Rounds of every variant (as `common.time_interleaved`), with the peak memory of each recorded call.
 
     Returns:
-        `(timings, memory)`: variant → `repeats` durations in seconds; variant → `{"baseline_bytes", "peak_bytes"}`
-        lists (memory before the call, highest point during it).
+        `(timings, memory, outputs)`: variant → `repeats` durations in seconds; variant → `{"baseline_bytes",
+        "peak_bytes"}` lists (memory before the call, highest point during it); variant → what its last call returned.
     """
     if device == "cpu":
         fix_malloc_thresholds()
     timings: dict[str, list[float]] = {name: [] for name in variants}
     memory: dict[str, dict[str, list[int]]] = {name: {"baseline_bytes": [], "peak_bytes": []} for name in variants}
+    outputs: dict[str, Any] = {}
     for round_index in range(warmup + repeats):
         for name, function in variants.items():
+            outputs.pop(name, None)
             baseline = _memory_before_call(device)
             synchronize(device)
             start = time.perf_counter()
-            function()
+            outputs[name] = function()
             synchronize(device)
             duration = time.perf_counter() - start
             peak = _memory_after_call(device)
@@ -307,7 +309,7 @@ def time_and_memory_interleaved(
                 memory[name]["baseline_bytes"].append(baseline)
                 memory[name]["peak_bytes"].append(peak)
             print(f"[bench] {NAME}: round {round_index + 1}/{warmup + repeats} {name}: {duration:.2f} s", flush=True)
-    return timings, memory
+    return timings, memory, outputs
 
 
 def _memory_summary(samples: dict[str, list[int]]) -> dict[str, Any]:
@@ -329,7 +331,9 @@ def measure_setting(setting: str, model, tokenizer, settings: BenchSettings) -> 
         repeats, warmup = (GPU_ROUNDS if settings.device == "cuda" else CPU_ROUNDS)[setting]
     processor = MaskCMAProcessor.from_model_config(model.config, tokenizer, max_image_tiles=TILE_SETTINGS[setting])
     calls, facts = variant_calls(model, processor, bench_image(setting), settings)
-    outputs = {name: call() for name, call in calls.items()}  # also checks that the three give the same masks
+    timings, memory_samples, outputs = time_and_memory_interleaved(calls, repeats, warmup, settings.device)
+    memory = {name: _memory_summary(samples) for name, samples in memory_samples.items()}
+    # the three variants give the same masks (outputs of the last round)
     same_masks = {
         name: bool(all(torch.equal(a, b) for a, b in zip(outputs[name].masks, outputs["after"].masks)))
         for name in ("floor", "before")
@@ -339,8 +343,6 @@ def measure_setting(setting: str, model, tokenizer, settings: BenchSettings) -> 
         for name in ("floor", "before")
     }
     del outputs
-    timings, memory_samples = time_and_memory_interleaved(calls, repeats, warmup, settings.device)
-    memory = {name: _memory_summary(samples) for name, samples in memory_samples.items()}
     return {
         **facts,
         "repeats": repeats,
