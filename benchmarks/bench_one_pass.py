@@ -48,7 +48,7 @@ TILE_SETTINGS = {"1_tile": 1, "12_tiles": 12}
 FORCED_ANSWER = "Sure, [SEG]."
 PROMPT = "Please segment the red car on the left."
 # (recorded rounds, warm-up rounds) per tile setting
-CPU_ROUNDS = {"1_tile": (3, 1), "12_tiles": (2, 0)}  # a 12-tile call takes minutes on one CPU thread
+CPU_ROUNDS = {"1_tile": (2, 1), "12_tiles": (1, 0)}  # a 12-tile round takes ~10 CPU-minutes
 GPU_ROUNDS = {"1_tile": (10, 2), "12_tiles": (10, 2)}
 QUICK_ROUNDS = (2, 1)
 TARGET_LIMIT = 1.1
@@ -333,21 +333,24 @@ def measure_setting(setting: str, model, tokenizer, settings: BenchSettings) -> 
     calls, facts = variant_calls(model, processor, bench_image(setting), settings)
     timings, memory_samples, outputs = time_and_memory_interleaved(calls, repeats, warmup, settings.device)
     memory = {name: _memory_summary(samples) for name, samples in memory_samples.items()}
-    # the three variants give the same masks (outputs of the last round)
-    same_masks = {
-        name: bool(all(torch.equal(a, b) for a, b in zip(outputs[name].masks, outputs["after"].masks)))
+    # the three variants give the same masks (outputs of the last round), up to pixels whose logit lies within float
+    # rounding of the threshold
+    differing_pixels = {
+        name: int(sum((a != b).sum() for a, b in zip(outputs[name].masks, outputs["after"].masks)))
         for name in ("floor", "before")
     }
     max_logit_difference = {
         name: float(max((a - b).abs().max() for a, b in zip(outputs[name].mask_logits, outputs["after"].mask_logits)))
         for name in ("floor", "before")
     }
+    mask_pixels = int(sum(mask.numel() for mask in outputs["after"].masks))
     del outputs
     return {
         **facts,
         "repeats": repeats,
         "warmup": warmup,
-        "same_masks_as_after": same_masks,
+        "mask_pixels_differing_from_after": differing_pixels,
+        "mask_pixels": mask_pixels,
         "max_mask_logit_difference_vs_after": max_logit_difference,
         "timings_s": timings,
         "summary_s": {name: summarize(samples) for name, samples in timings.items()},
