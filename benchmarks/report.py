@@ -205,8 +205,6 @@ def one_pass_table(payload: Mapping[str, Any]) -> str:
     rows = []
     for result in payload["results"].values():
         summary, memory = result["summary_s"], result["memory"]
-        differing = result["mask_pixels_differing_from_after"]
-        logit_difference = max(result["max_mask_logit_difference_vs_after"].values())
         rows.append([
             f"{result['num_tiles']} ({result['prompt_tokens']} prompt tokens)",
             _spread(summary["floor"]),
@@ -217,12 +215,14 @@ def one_pass_table(payload: Mapping[str, Any]) -> str:
             _ratio(result["latency_ratio_after_vs_before"]),
             " → ".join(_mib(memory[name]["peak_bytes"]) for name in ("floor", "after", "before")),
             " → ".join(_mib(memory[name]["delta_bytes"]) for name in ("floor", "after", "before")),
-            f"{logit_difference:.1e}; {differing['before']} / {result['mask_pixels']:,}",
+            f"{'yes' if result['same_answers_before_after'] else '**no**'}; "
+            f"{result['max_mask_logit_difference_before_after']:.1e}; "
+            f"{result['mask_pixels_differing_before_after']} / {result['mask_pixels']:,}",
         ])
     header = ["VLM tiles", "floor (generate + SAM2)", "segment(), one pass", "two passes (former)",
               "one pass / floor (paired range)", "two passes / floor", "one pass / two passes",
               "peak memory floor → one pass → two passes", "increment floor → one pass → two passes",
-              "masks vs one pass: max Δ logit; pixels differing (two passes)"]
+              "two passes vs one pass: same answers; max Δ mask logit; mask pixels differing"]
     return _table(header, rows)
 
 
