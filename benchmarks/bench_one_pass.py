@@ -44,12 +44,14 @@ from .memory import current_rss_bytes, fix_malloc_thresholds, peak_rss_bytes, re
 
 NAME = "one_pass"
 TITLE = "One VLM pass: segment() vs the two-pass path and the floor"
-VARIANTS = ("floor", "after", "before")
+VARIANTS = ("after", "floor", "before")
 TILE_SETTINGS = {"1_tile": 1, "12_tiles": 12}
 FORCED_ANSWER = "Sure, [SEG]."
 PROMPT = "Please segment the red car on the left."
 # (recorded rounds, warm-up rounds) per tile setting
-CPU_ROUNDS = {"1_tile": (2, 1), "12_tiles": (1, 0)}  # a 12-tile round takes ~10 CPU-minutes
+# On a shared CPU a 12-tile round takes tens of minutes: one recorded round each, no warm-up round; the first call of
+# the run is the one-pass `segment()` (`VARIANTS` order), so one-time costs count against it, not for it.
+CPU_ROUNDS = {"1_tile": (1, 0), "12_tiles": (1, 0)}
 GPU_ROUNDS = {"1_tile": (10, 2), "12_tiles": (10, 2)}
 QUICK_ROUNDS = (2, 1)
 TARGET_LIMIT = 1.1
@@ -263,7 +265,8 @@ def variant_calls(model, processor, image, settings: BenchSettings) -> dict[str,
         "new_tokens": len(answer_ids) + 1,
         "image_size_hw": [image.height, image.width],
     }
-    return {"floor": floor, "after": after, "before": before}, facts
+    calls = {"after": after, "floor": floor, "before": before}
+    return {name: calls[name] for name in VARIANTS}, facts
 
 
 # ------------------------------------------------------------------------------------------------------------
