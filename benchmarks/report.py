@@ -204,15 +204,19 @@ def research_path_table(payload: Mapping[str, Any]) -> str:
 def one_pass_table(payload: Mapping[str, Any]) -> str:
     rows = []
     for result in payload["results"].values():
-        summary, memory = result["summary_s"], result["memory"]
+        memory = result["memory"]
+        primary = "cpu" if result.get("primary_time") == "cpu" else "latency"
+        summary = result["cpu_summary_s" if primary == "cpu" else "summary_s"]
+        wall = result["summary_s"]
         rows.append([
             f"{result['num_tiles']} ({result['prompt_tokens']} prompt tokens)",
             _spread(summary["floor"]),
             _spread(summary["after"]),
             _spread(summary["before"]),
-            _ratio(result["latency_ratio_after_vs_floor"]),
-            _ratio(result["latency_ratio_before_vs_floor"]),
-            _ratio(result["latency_ratio_after_vs_before"]),
+            _ratio(result[f"{primary}_ratio_after_vs_floor"]),
+            _ratio(result[f"{primary}_ratio_before_vs_floor"]),
+            _ratio(result[f"{primary}_ratio_after_vs_before"]),
+            " / ".join(_seconds(wall[name]["median"]) for name in ("floor", "after", "before")),
             " → ".join(_mib(memory[name]["peak_bytes"]) for name in ("floor", "after", "before")),
             " → ".join(_mib(memory[name]["delta_bytes"]) for name in ("floor", "after", "before")),
             f"{'yes' if result['same_answers_before_after'] else '**no**'}; "
@@ -221,6 +225,7 @@ def one_pass_table(payload: Mapping[str, Any]) -> str:
         ])
     header = ["VLM tiles", "floor (generate + SAM2)", "segment(), one pass", "two passes (former)",
               "one pass / floor (paired range)", "two passes / floor", "one pass / two passes",
+              "wall clock floor / one pass / two passes",
               "peak memory floor → one pass → two passes", "increment floor → one pass → two passes",
               "two passes vs one pass: same answers; max Δ mask logit; mask pixels differing"]
     return _table(header, rows)
