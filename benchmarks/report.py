@@ -18,7 +18,7 @@ from typing import Any
 from .common import DEFAULT_OUTPUT_DIR, GPU_OUTPUT_DIR, REPO_ROOT
 
 DOC_PATH = REPO_ROOT / "docs" / "benchmarks.md"
-BENCHMARK_ORDER = ("cma_overhead", "topk_scaling", "video_scaling", "training_step", "research_path")
+BENCHMARK_ORDER = ("cma_overhead", "topk_scaling", "video_scaling", "training_step", "research_path", "one_pass")
 SIZE_LABELS = {"tiny": "tiny (128 px)", "hiera_tiny": "Hiera-T (1024 px)", "hiera_large": "Hiera-L (1024 px)"}
 _BLOCK = re.compile(
     r"(<!-- BEGIN GENERATED: (?P<name>[\w:]+) -->\n)(?P<body>.*?)(<!-- END GENERATED: (?P=name) -->)", re.DOTALL
@@ -201,12 +201,43 @@ def research_path_table(payload: Mapping[str, Any]) -> str:
     return _table(header, rows)
 
 
+def one_pass_table(payload: Mapping[str, Any]) -> str:
+    rows = []
+    for result in payload["results"].values():
+        memory = result["memory"]
+        primary = "cpu" if result.get("primary_time") == "cpu" else "latency"
+        summary = result["cpu_summary_s" if primary == "cpu" else "summary_s"]
+        wall = result["summary_s"]
+        rows.append([
+            f"{result['num_tiles']} ({result['prompt_tokens']} prompt tokens)",
+            _spread(summary["floor"]),
+            _spread(summary["after"]),
+            _spread(summary["before"]),
+            _ratio(result[f"{primary}_ratio_after_vs_floor"]),
+            _ratio(result[f"{primary}_ratio_before_vs_floor"]),
+            _ratio(result[f"{primary}_ratio_after_vs_before"]),
+            " / ".join(_seconds(wall[name]["median"]) for name in ("floor", "after", "before")),
+            " → ".join(_mib(memory[name]["peak_bytes"]) for name in ("floor", "after", "before")),
+            " → ".join(_mib(memory[name]["delta_bytes"]) for name in ("floor", "after", "before")),
+            f"{'yes' if result['same_answers_before_after'] else '**no**'}; "
+            f"{result['max_mask_logit_difference_before_after']:.1e}; "
+            f"{result['mask_pixels_differing_before_after']} / {result['mask_pixels']:,}",
+        ])
+    header = ["VLM tiles", "floor (generate + SAM2)", "segment(), one pass", "two passes (former)",
+              "one pass / floor (paired range)", "two passes / floor", "one pass / two passes",
+              "wall clock floor / one pass / two passes",
+              "peak memory floor → one pass → two passes", "increment floor → one pass → two passes",
+              "two passes vs one pass: same answers; max Δ mask logit; mask pixels differing"]
+    return _table(header, rows)
+
+
 TABLES: dict[str, Callable[[Mapping[str, Any]], str]] = {
     "cma_overhead": cma_overhead_table,
     "topk_scaling": topk_scaling_table,
     "video_scaling": video_scaling_table,
     "training_step": training_step_table,
     "research_path": research_path_table,
+    "one_pass": one_pass_table,
 }
 
 

@@ -26,6 +26,7 @@ BENCHMARKS = {
     "video_scaling": "benchmarks.bench_video_scaling",
     "training_step": "benchmarks.bench_training_step",
     "research_path": "benchmarks.bench_research_path",
+    "one_pass": "benchmarks.bench_one_pass",
 }
 
 

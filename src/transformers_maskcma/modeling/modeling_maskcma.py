@@ -7,6 +7,7 @@ modules beside it (with flat relative imports).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -137,6 +138,55 @@ class MaskCMASegmentationOutput(ModelOutput):
     masks: list | None = None
     scores: list | None = None
     mask_logits: list | None = None
+
+
+class LastHiddenStateRecorder:
+    r"""Records the last-layer hidden states that the VLM's language model computes while the recorder is open — the
+    states of one `generate` call, read without a second forward.
+
+    A forward hook on the language model (`vlm.get_decoder()`) keeps its `last_hidden_state` (what
+    `hidden_states[-1]` of a forward with `output_hidden_states=True` holds): `(batch_size, prompt_len, H)` from the
+    prefill, then `(batch_size, 1, H)` from every decoding step, the state of the token that step consumed. No other
+    layer is kept (`generate(output_hidden_states=True)` would keep every layer of every step until it returns).
+
+    Use as a context manager; `states()` concatenates the recorded calls along the sequence: with greedy or sampled
+    decoding and a key/value cache, column `t` is the state of token `t` of `generate`'s output sequence.
+
+    Args:
+        language_model (`nn.Module`): the module whose output carries `last_hidden_state`.
+    """
+
+    def __init__(self, language_model: nn.Module):
+        self.language_model = language_model
+        self.chunks: list[torch.Tensor] = []
+        self._handle = None
+
+    def __enter__(self) -> LastHiddenStateRecorder:
+        self.chunks = []
+        self._handle = self.language_model.register_forward_hook(self._record)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._handle.remove()
+        self._handle = None
+
+    def _record(self, module: nn.Module, args, output) -> None:
+        state = getattr(output, "last_hidden_state", None)
+        if state is None and isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+            state = output[0]
+        if not isinstance(state, torch.Tensor) or state.ndim != 3:
+            raise TypeError(
+                f"{type(module).__name__} (the VLM's language model, from vlm.get_decoder()) returned "
+                f"{type(output).__name__}, which carries no last_hidden_state of shape (batch, seq, hidden); "
+                "segment() reads the [SEG] states from it"
+            )
+        self.chunks.append(state.detach())
+
+    def states(self) -> torch.Tensor:
+        """The recorded states `(batch_size, num_positions, H)`, calls concatenated in order."""
+        if not self.chunks:
+            raise RuntimeError("the language model was not called while the recorder was open: nothing was recorded")
+        return torch.cat(self.chunks, dim=1)
 
 
 class MaskCMAPreTrainedModel(PreTrainedModel):
@@ -445,20 +495,61 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
                 "MaskCMAConfig.seg_token_id is not set; build the model with the tokenizer's [SEG] id "
                 "(config.seg_token_id = tokenizer.convert_tokens_to_ids('[SEG]'))"
             )
-        hidden_device = last_hidden_state.device
-        input_ids, prompt_text_mask = input_ids.to(hidden_device), prompt_text_mask.to(hidden_device)
-        seg_positions = (input_ids == self.config.seg_token_id).nonzero(as_tuple=False)  # row-major = reading order
-        seg_hidden = last_hidden_state[seg_positions[:, 0], seg_positions[:, 1]]
-        seg_embeds = self.seg_proj(seg_hidden.to(_module_device(self.seg_proj, hidden_device)))
-        seg_sample_index = seg_positions[:, 0]
+        seg_embeds, seg_sample_index = self.project_seg_states(
+            last_hidden_state, input_ids.to(last_hidden_state.device) == self.config.seg_token_id
+        )
+        text_tokens, text_token_mask = self.project_text_states(last_hidden_state, prompt_text_mask)
+        return seg_embeds, seg_sample_index, text_tokens, text_token_mask
 
+    def project_seg_states(
+        self, hidden_states: torch.Tensor, seg_mask: torch.BoolTensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`seg_proj` of the hidden states at the ``[SEG]`` positions.
+
+        Args:
+            hidden_states: `(batch_size, seq_len, H)`; seg_mask: `(batch_size, seq_len)` bool, the ``[SEG]`` positions.
+
+        Returns:
+            `seg_embeds (num_seg, 256)` in reading order over the batch (row-major) and `seg_sample_index (num_seg,)`.
+        """
+        seg_hidden, seg_sample_index = self.gather_seg_states(hidden_states, seg_mask.to(hidden_states.device))
+        return self.seg_proj(seg_hidden.to(_module_device(self.seg_proj, seg_hidden.device))), seg_sample_index
+
+    @staticmethod
+    def gather_seg_states(
+        hidden_states: torch.Tensor, seg_mask: torch.BoolTensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The hidden states at the ``[SEG]`` positions `(num_seg, H)`, in reading order over the batch (row-major),
+        and the batch index of each `(num_seg,)`."""
+        seg_positions = seg_mask.nonzero(as_tuple=False)  # row-major = reading order
+        return hidden_states[seg_positions[:, 0], seg_positions[:, 1]], seg_positions[:, 0]
+
+    def project_text_states(
+        self, hidden_states: torch.Tensor, prompt_text_mask: torch.BoolTensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`text_proj` of the prompt's text-token hidden states, gathered to the front of each row.
+
+        Args:
+            hidden_states: `(batch_size, seq_len, H)`; prompt_text_mask: `(batch_size, seq_len)` bool.
+
+        Returns:
+            `text_tokens (batch_size, T, 256)` and `text_token_mask (batch_size, T)`, `T` the largest number of prompt
+            text tokens in the batch (at least 1).
+        """
+        gathered, text_token_mask = self.gather_text_states(hidden_states, prompt_text_mask.to(hidden_states.device))
+        return self.text_proj(gathered.to(_module_device(self.text_proj, gathered.device))), text_token_mask
+
+    @staticmethod
+    def gather_text_states(
+        hidden_states: torch.Tensor, prompt_text_mask: torch.BoolTensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt's text-token hidden states moved to the front of each row: `(batch_size, T, H)` and their mask
+        `(batch_size, T)`, `T` the largest number of prompt text tokens in the batch (at least 1)."""
         counts = prompt_text_mask.sum(dim=1)
         num_text = max(int(counts.max().item()) if counts.numel() else 0, 1)
         order = torch.argsort((~prompt_text_mask).to(torch.int8), dim=1, stable=True)[:, :num_text]
-        gathered = last_hidden_state.gather(1, order.unsqueeze(-1).expand(-1, -1, last_hidden_state.shape[-1]))
-        text_token_mask = prompt_text_mask.gather(1, order)
-        text_tokens = self.text_proj(gathered.to(_module_device(self.text_proj, hidden_device)))
-        return seg_embeds, seg_sample_index, text_tokens, text_token_mask
+        gathered = hidden_states.gather(1, order.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1]))
+        return gathered, prompt_text_mask.gather(1, order)
 
     # -- forward -----------------------------------------------------------------------------------------------
 
@@ -686,8 +777,30 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
         if sam_pixel_values is None:
             raise ValueError("segment() needs sam_pixel_values (the processor's SAM2 input) to decode masks")
         answer = self.generate_answer(input_ids, attention_mask, pixel_values, text_token_mask, max_new_tokens, **kwargs)
+        return self.decode_answer_masks(answer, sam_pixel_values, original_sizes, mask_threshold)
+
+    @torch.no_grad()
+    def decode_answer_masks(
+        self,
+        answer: dict,
+        sam_pixel_values: torch.FloatTensor,
+        original_sizes: torch.LongTensor | None = None,
+        mask_threshold: float | None = None,
+    ) -> MaskCMASegmentationOutput:
+        r"""The image half of `segment()`: SAM2 encodes each image once and every ``[SEG]`` of the answers is decoded
+        into a mask (with the CMA).
+
+        Args:
+            answer (`dict`): what [`~MaskCMAModel.generate_answer`] returns.
+            sam_pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, S, S)`): SAM2 inputs, one per sample.
+            original_sizes (`torch.LongTensor` of shape `(batch_size, 2)`, *optional*): mask sizes (default `S×S`).
+            mask_threshold (`float`, *optional*): logit threshold (default `config.mask_threshold`).
+
+        Returns:
+            [`MaskCMASegmentationOutput`].
+        """
         threshold = self.config.mask_threshold if mask_threshold is None else mask_threshold
-        batch_size = input_ids.shape[0]
+        batch_size = sam_pixel_values.shape[0]
         sizes = self._original_sizes(original_sizes, batch_size, sam_pixel_values)
         frame_features = self.encode_frames(sam_pixel_values.to(self.sam2.device))
         device = frame_features.image_embeddings.device
@@ -729,53 +842,71 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
         max_new_tokens: int,
         **generate_kwargs,
     ) -> dict:
-        """Generate the answers, then run the VLM once over prompt + answer to read the last-layer hidden states
-        at every ``[SEG]`` of the answers and at the prompt's text tokens (the same computation as in training).
+        """Generate the answers and read, from that same generation, the last-layer hidden states at every ``[SEG]``
+        of the answers and at the prompt's text tokens: one VLM pass, the vision tower runs once.
+
+        The prefill computes the prompt's states; each decoding step computes the state of the token it consumes
+        (a [`LastHiddenStateRecorder`] keeps them, last layer only). The last generated token is never consumed, so
+        when it is a ``[SEG]`` (the answer hit `max_new_tokens`), one more decoding step runs over it with the
+        generation's key/value cache. The states equal those of a teacher-forced forward over prompt + answer
+        (the training computation) with generate's position ids.
+
+        Greedy and sampled decoding are supported; beam search, several sequences per prompt and assisted decoding
+        are not (their per-step states do not follow the returned sequences) and raise a `ValueError`.
 
         Returns a dict with `answers` (list of str, or None without tokenizer), `answer_ids` (list of 1-D tensors),
         `seg_embeds` `(num_seg, 256)`, `seg_sample_index` `(num_seg,)`, `text_tokens` `(batch, T, 256)`,
-        `text_token_mask` `(batch, T)`.
+        `text_token_mask` `(batch, T)`, and the last-layer states they were projected from, `seg_hidden_states`
+        `(num_seg, H)` and `text_hidden_states` `(batch, T, H)`.
         """
+        self._check_one_pass_generation(generate_kwargs)
+        if self.config.seg_token_id is None:
+            raise ValueError(
+                "MaskCMAConfig.seg_token_id is not set; build the model with the tokenizer's [SEG] id "
+                "(config.seg_token_id = tokenizer.convert_tokens_to_ids('[SEG]'))"
+            )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         prompt_len = input_ids.shape[1]
         pad_id = self._pad_token_id()
-        sequences = self.vlm.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixel_values=pixel_values,
-            max_new_tokens=max_new_tokens,
-            do_sample=generate_kwargs.pop("do_sample", False),
-            pad_token_id=pad_id,
-            **generate_kwargs,
-        )
-        answer_ids = sequences[:, prompt_len:]
-        eos_ids = self._eos_token_ids()
-        # everything after the first end-of-sequence token is padding added by generate
-        is_eos = torch.isin(answer_ids, torch.tensor(eos_ids, device=answer_ids.device))
-        answer_mask = (is_eos.cumsum(dim=1) - is_eos.int()) == 0  # up to and including the first EOS
-        full_mask = torch.cat([attention_mask, answer_mask.to(attention_mask.dtype)], dim=1)
-        clean_answer = answer_ids.masked_fill(~answer_mask, pad_id)
-        full_ids = torch.cat([input_ids, clean_answer], dim=1)
-
-        outputs = self.vlm(
-            input_ids=full_ids,
-            attention_mask=full_mask,
-            pixel_values=pixel_values,
-            output_hidden_states=True,
-            return_dict=True,
-        )
+        recorder = LastHiddenStateRecorder(self._language_model())
+        with recorder:
+            generated = self.vlm.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                pixel_values=pixel_values,
+                max_new_tokens=max_new_tokens,
+                do_sample=generate_kwargs.pop("do_sample", False),
+                pad_token_id=pad_id,
+                return_dict_in_generate=True,
+                use_cache=True,
+                **generate_kwargs,
+            )
+            sequences = generated.sequences
+            answer_ids = sequences[:, prompt_len:]
+            answer_mask = self._answer_mask(answer_ids)
+            seg_mask = (answer_ids == self.config.seg_token_id) & answer_mask
+            seg_is_last = answer_ids.shape[1] > 0 and bool(seg_mask[:, -1].any())
+            if seg_is_last:
+                self._decode_last_token(sequences, attention_mask, generated, pad_id)
+            del generated  # the key/value cache
+        states = recorder.states()
+        recorder.chunks.clear()
+        consumed = sequences.shape[1] - (0 if seg_is_last else 1)
+        if states.shape[1] != consumed:
+            raise RuntimeError(
+                f"generate computed states for {states.shape[1]} positions, expected {consumed} (prompt {prompt_len} + "
+                f"answer {answer_ids.shape[1]}{'' if seg_is_last else ' - 1'}): the generation did not run one "
+                "prefill and one cached step per token; segment() supports greedy or sampled decoding with a cache"
+            )
+        answer_states = states[:, prompt_len:]
+        seg_hidden, seg_sample_index = self.gather_seg_states(answer_states, seg_mask[:, : answer_states.shape[1]])
         if text_token_mask is None:
             prompt_mask = self._prompt_text_mask(input_ids, attention_mask, None, None)
         else:
             prompt_mask = text_token_mask.bool()
-        full_text_mask = torch.cat([prompt_mask, torch.zeros_like(answer_mask)], dim=1)
-        seg_ids = full_ids.clone()
-        seg_ids[:, :prompt_len] = pad_id  # only [SEG] tokens of the answer decode masks
-        seg_ids = seg_ids.masked_fill(~full_mask.bool(), pad_id)
-        seg_embeds, seg_sample_index, text_tokens, text_mask = self.project_text_and_seg(
-            outputs.hidden_states[-1], seg_ids, full_text_mask
-        )
+        text_hidden, text_mask = self.gather_text_states(states[:, :prompt_len], prompt_mask)
+        seg_embeds, text_tokens = self.seg_proj(seg_hidden), self.text_proj(text_hidden)
         kept_ids = [row[mask] for row, mask in zip(answer_ids, answer_mask)]
         answers = None
         if self.tokenizer is not None:
@@ -790,7 +921,73 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
             "seg_sample_index": seg_sample_index,
             "text_tokens": text_tokens,
             "text_token_mask": text_mask,
+            "seg_hidden_states": seg_hidden,
+            "text_hidden_states": text_hidden,
         }
+
+    def _answer_mask(self, answer_ids: torch.LongTensor) -> torch.BoolTensor:
+        """`(batch, answer_len)`: the answer's tokens up to and including the first end-of-sequence token (after it
+        generate pads the finished rows)."""
+        eos_ids = self._eos_token_ids()
+        is_eos = torch.isin(answer_ids, torch.tensor(eos_ids, device=answer_ids.device, dtype=answer_ids.dtype))
+        return (is_eos.cumsum(dim=1) - is_eos.int()) == 0
+
+    def _language_model(self) -> nn.Module:
+        """The VLM's language model (the decoder whose `last_hidden_state` holds the ``[SEG]`` states)."""
+        decoder = self.vlm.get_decoder()
+        if decoder is None or decoder is self.vlm:
+            raise AttributeError(
+                f"cannot find the language model of {type(self.vlm).__name__}: vlm.get_decoder() must return the text "
+                "decoder (its output's last_hidden_state holds the [SEG] states)"
+            )
+        return decoder
+
+    def _check_one_pass_generation(self, generate_kwargs: dict) -> None:
+        """Reject generation settings whose per-step states do not follow the returned sequences."""
+        config = generate_kwargs.get("generation_config") or self.vlm.generation_config
+        reserved = sorted(set(generate_kwargs) & {"return_dict_in_generate", "use_cache", "output_hidden_states"})
+        if reserved:
+            raise ValueError(
+                f"segment() sets {reserved} itself (it reads the [SEG] states from generate's own pass); do not pass them"
+            )
+        problems = []
+        num_beams = generate_kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
+        if num_beams > 1:
+            problems.append(f"num_beams={num_beams} (beam search)")
+        num_sequences = generate_kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1)) or 1
+        if num_sequences > 1:
+            problems.append(f"num_return_sequences={num_sequences}")
+        for key in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit"):
+            if generate_kwargs.get(key, getattr(config, key, None)) is not None:
+                problems.append(f"{key} (assisted decoding)")
+        if problems:
+            raise ValueError(
+                f"segment() reads the [SEG] states from the generation itself, which needs one sequence per prompt "
+                f"decoded token by token (greedy or sampling); unsupported: {', '.join(problems)}"
+            )
+
+    def _decode_last_token(
+        self, sequences: torch.LongTensor, prompt_attention_mask: torch.Tensor, generated, pad_id: int
+    ) -> None:
+        """One more decoding step over the last generated token, continuing from the generation's key/value cache
+        (generate only processes the token the cache lacks); the open recorder keeps its state. The token this step
+        would add is discarded."""
+        field_names = {field.name for field in dataclasses.fields(generated)}
+        cache_name = "cache" if "cache" in field_names else "past_key_values"
+        cache = getattr(generated, cache_name, None)
+        if cache is None:
+            raise RuntimeError("generate returned no key/value cache; the last [SEG]'s state cannot be computed")
+        answer_len = sequences.shape[1] - prompt_attention_mask.shape[1]
+        attention_mask = torch.cat([prompt_attention_mask, prompt_attention_mask.new_ones(sequences.shape[0], answer_len)], 1)
+        self.vlm.generate(
+            input_ids=sequences,
+            attention_mask=attention_mask,
+            max_new_tokens=1,
+            do_sample=False,
+            pad_token_id=pad_id,
+            use_cache=True,
+            **{cache_name: cache},
+        )
 
     def _strip_answer(self, text: str) -> str:
         for token in (self.tokenizer.eos_token, self.tokenizer.pad_token, "<|im_end|>"):
@@ -957,4 +1154,10 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
         return model
 
 
-__all__ = ["MaskCMAModel", "MaskCMAPreTrainedModel", "MaskCMAOutput", "MaskCMASegmentationOutput"]
+__all__ = [
+    "LastHiddenStateRecorder",
+    "MaskCMAModel",
+    "MaskCMAPreTrainedModel",
+    "MaskCMAOutput",
+    "MaskCMASegmentationOutput",
+]

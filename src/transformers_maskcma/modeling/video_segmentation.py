@@ -548,6 +548,10 @@ def _generate_answers(
     answer_ids: Sequence[Sequence[int]] | None,
     generate_kwargs: dict,
 ) -> dict:
+    """The VLM's answer over the key frames, with the ``[SEG]`` embeddings and projected text tokens read from the
+    generation itself (one VLM pass: the key frames' tiles go through the vision tower once; see
+    [`MaskCMAModel.generate_answer`]). `answer_ids` forces the answers (see [`forced_answer_generate_kwargs`]); a
+    forced answer ends with the end-of-sequence token, so its last ``[SEG]`` is always consumed by a decoding step."""
     if answer_ids is not None:
         if "prefix_allowed_tokens_fn" in generate_kwargs:
             raise ValueError("pass either answer_ids or prefix_allowed_tokens_fn, not both")
