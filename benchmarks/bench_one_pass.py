@@ -74,7 +74,7 @@ def internvl_1b_vlm_config():
     key-value heads, MLP 4864, vocabulary 151674, tied embeddings). Special-token ids are the tiny tokenizer's."""
     from transformers import InternVLConfig
 
-    from transformers_maskcma.modeling.tiny_configs import TINY_IMAGE_TOKEN_ID, TINY_PAD_TOKEN_ID
+    from transformers_maskcma.tiny import TINY_IMAGE_TOKEN_ID, TINY_PAD_TOKEN_ID
 
     return InternVLConfig(
         vision_config={
@@ -115,8 +115,7 @@ def build_bench_model(quick: bool, settings: BenchSettings):
     """`(model, tokenizer)`: the InternVL2.5-1B-shaped VLM + Hiera-L SAM2 (the tiny default in quick mode), random
     weights, eval mode, CMA γ = 0.5 so that the CMA really changes the embedding."""
     from transformers_maskcma.modeling import MaskCMAModel
-    from transformers_maskcma.processing.tiny_tokenizer import build_tiny_tokenizer
-    from transformers_maskcma.tiny import tiny_config
+    from transformers_maskcma.tiny import build_tiny_tokenizer, tiny_config
 
     from .sam2_sizes import official_hiera_sam2_config
 

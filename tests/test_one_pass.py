@@ -21,18 +21,18 @@ if str(REPO_ROOT) not in sys.path:
 from benchmarks.bench_one_pass import two_pass_generate_answer  # noqa: E402
 from transformers_maskcma.modeling.mask_decoding import upsample_mask_logits  # noqa: E402
 from transformers_maskcma.modeling.modeling_maskcma import LastHiddenStateRecorder  # noqa: E402
-from transformers_maskcma.modeling.tiny_configs import (  # noqa: E402
-    TINY_IMAGE_SEQ_LENGTH,
-    TINY_SAM2_IMAGE_SIZE,
-    TINY_SEG_TOKEN_ID,
-    TINY_VLM_IMAGE_SIZE,
-)
 from transformers_maskcma.modeling.video_segmentation import (  # noqa: E402
     _generate_answers,
     forced_answer_generate_kwargs,
 )
-from transformers_maskcma.processing.tiny_processor import build_tiny_processor  # noqa: E402
-from transformers_maskcma.tiny import build_tiny_model  # noqa: E402
+from transformers_maskcma.tiny import (  # noqa: E402
+    TINY_IMAGE_SEQ_LENGTH,
+    TINY_SAM2_IMAGE_SIZE,
+    TINY_SEG_TOKEN_ID,
+    TINY_VLM_IMAGE_SIZE,
+    build_tiny_model,
+    build_tiny_processor,
+)
 
 TOLERANCE = 1e-5
 
