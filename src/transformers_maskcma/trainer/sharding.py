@@ -138,7 +138,7 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
     Every parameter and persistent buffer must be in `state_dict` except the second name of a tied pair (the LM
     head of a tied-embedding LLM); a missing or unexpected key raises `ShardedTrainingError` naming it. Tensors are
     assigned (meta-device parameters are replaced); a plain model's tied weights are tied again."""
-    tied = _tied_names(model)
+    tied = tied_parameter_names(model)
     result = model.load_state_dict(state_dict, strict=False, assign=True)
     missing = [key for key in result.missing_keys if key not in tied]
     if missing or result.unexpected_keys:
@@ -159,7 +159,8 @@ def _check_no_meta(model: nn.Module, buffers: bool) -> None:
         raise ShardedTrainingError(f"tensors without a value after loading the gathered state: {still_meta[:20]}")
 
 
-def _tied_names(model: nn.Module) -> set[str]:
+def tied_parameter_names(model: nn.Module) -> set[str]:
+    """Names of parameters that share their tensor with an earlier-named parameter."""
     seen: dict[int, str] = {}
     tied = set()
     for name, parameter in model.named_parameters(remove_duplicate=False):

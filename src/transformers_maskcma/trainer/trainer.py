@@ -38,7 +38,7 @@ from transformers.utils import logging
 from ..modeling import MaskCMAModel
 
 from .callbacks import GammaWarmupCallback, active_cma, unwrap_maskcma
-from .sharding import full_scalar_value
+from .sharding import full_scalar_value, tied_parameter_names
 from .tmc import TMCOutput, tmc_loss_from_output
 
 logger = logging.get_logger(__name__)
@@ -368,7 +368,7 @@ class MaskCMATrainer(Trainer):
         """Resuming must restore every weight: raise (instead of warning) on missing or unexpected keys, except
         parameters that are tied to a saved one (the LM head of a tied-embedding LLM)."""
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        tied = _tied_parameter_names(model)
+        tied = tied_parameter_names(model)
         missing = [key for key in load_result.missing_keys if key not in tied]
         unexpected = list(load_result.unexpected_keys)
         if missing or unexpected:
@@ -385,18 +385,6 @@ class MaskCMATrainer(Trainer):
         with torch.no_grad():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
-
-
-def _tied_parameter_names(model: nn.Module) -> set[str]:
-    """Names of parameters that share their tensor with an earlier-named parameter."""
-    seen: dict[int, str] = {}
-    tied = set()
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        if id(parameter) in seen:
-            tied.add(name)
-        else:
-            seen[id(parameter)] = name
-    return tied
 
 
 __all__ = ["AccumulationCounts", "MaskCMATrainer", "count_lm_tokens", "count_mask_targets"]
