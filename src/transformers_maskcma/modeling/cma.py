@@ -385,4 +385,7 @@ CROSS_MODAL_ATTENTION_CLASSES = {"visual_to_text": VisualToTextAttention, "text_
 def resolve_cross_modal_attention(config: MaskCMAConfig) -> MaskGuidedCrossModalAttention:
     """The CMA of a model: the class of `config.cma_config.direction`, at SAM2's width, with `cma_topk_tokens`."""
     attention_class = CROSS_MODAL_ATTENTION_CLASSES[config.cma_config.direction]
+    if config.cma_config._attn_implementation is None and config._attn_implementation is not None:
+        # the model's resolved implementation (e.g. "sdpa" by default) reaches the CMA, as it reaches the VLM and SAM2
+        config.cma_config._attn_implementation = config._attn_implementation
     return attention_class(config.cma_config, embed_dim=config.seg_embed_dim, top_k=config.cma_topk_tokens)
