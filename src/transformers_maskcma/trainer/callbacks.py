@@ -102,6 +102,8 @@ def check_float32_master_weights(model: nn.Module, args: TrainingArguments) -> N
         if parameter.requires_grad and parameter.dtype in HALF_DTYPES
     ]
     if half:
+        # the CMA and the heads first: γ is the weight that suffers most (it starts at 0 and moves by ~lr a step)
+        half.sort(key=lambda entry: ("gamma" not in entry, not entry.startswith(("cma.", "seg_proj.", "text_proj."))))
         shown = ", ".join(half[:4]) + (f" and {len(half) - 4} more" if len(half) > 4 else "")
         raise ValueError(
             f"{len(half)} trainable parameters are in half precision: {shown}. An optimizer on bfloat16/float16 "
