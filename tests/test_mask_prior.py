@@ -158,3 +158,18 @@ def test_resize_runs_under_deterministic_algorithms():
             stack.extend(next_node for next_node, _ in node.next_functions)
     reference = F.interpolate(logits, size=(8, 8), mode="bilinear", antialias=True).grad_fn
     assert "Aa" in type(reference).__name__ and not any("Aa" in name for name in nodes), nodes
+
+
+def test_resize_weights_are_cached_and_usable_in_training_after_inference_mode():
+    """The weight matrices are built once per size and device (no copy to the accelerator per call), and a matrix
+    first built under `torch.inference_mode` is a plain tensor that a later training step can save for backward."""
+    with torch.inference_mode():
+        antialiased_resize(torch.randn(1, 1, 40, 24), (10, 6))
+    logits = torch.randn(1, 1, 40, 24, requires_grad=True)
+    (grad,) = torch.autograd.grad(antialiased_resize(logits, (10, 6)).sum(), logits)
+    reference = torch.randn(1, 1, 40, 24).requires_grad_()
+    reference_grad = torch.autograd.grad(F.interpolate(reference, size=(10, 6), mode="bilinear", antialias=True).sum(), reference)[0]
+    torch.testing.assert_close(grad, reference_grad, rtol=0, atol=1e-6)  # the sum's gradient does not depend on the input
+    from transformers_maskcma.modeling.mask_prior import _antialias_weights
+
+    assert _antialias_weights(40, 10, torch.device("cpu")) is _antialias_weights(40, 10, torch.device("cpu"))

@@ -354,3 +354,14 @@ def test_autocast_step_keeps_float32_master_weights_that_take_small_updates():
     half_gamma.grad = model.cma.gamma.grad.to(torch.bfloat16)
     torch.optim.AdamW([half_gamma], lr=1e-4).step()
     assert float(half_gamma) == 1.0
+
+
+def test_no_split_modules_keep_sam2_and_the_cma_whole():
+    """Under `device_map`, accelerate never splits a module whose class is listed: SAM2 (its decoder, memory and
+    prompt encoder exchange tensors every frame), the CMA, and the VLM's own blocks."""
+    model, _ = build_tiny_model(seed=0)
+    no_split = set(model._no_split_modules)  # post_init gathers the submodels' lists into the model's
+    assert {"MaskCMASam2VideoModel", "VisualToTextAttention", "TextToVisualAttention"} <= no_split
+    assert type(model.sam2).__name__ in no_split and type(model.cma).__name__ in no_split
+    vlm_blocks = set(model.vlm._no_split_modules)
+    assert vlm_blocks and vlm_blocks <= no_split
