@@ -365,3 +365,25 @@ def test_no_split_modules_keep_sam2_and_the_cma_whole():
     assert type(model.sam2).__name__ in no_split and type(model.cma).__name__ in no_split
     vlm_blocks = set(model.vlm._no_split_modules)
     assert vlm_blocks and vlm_blocks <= no_split
+
+
+def test_training_step_with_the_predicted_prior_under_full_determinism():
+    """`full_determinism` (`torch.use_deterministic_algorithms(True)`): a training step with the predicted prior
+    runs and gives bit-identical gradients twice (on CUDA: `benchmarks/gpu/check_determinism.py`)."""
+    model, tokenizer = build_tiny_model(seed=0, mask_source="pred")
+    model.train()
+    with torch.no_grad():
+        model.cma.gamma.fill_(0.5)
+    batch = make_batch(tokenizer, PROMPTS_FOR_PRECISION, ["It is [SEG].", "Here: [SEG] and [SEG]."])
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        gradients = []
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            model(**batch).loss.backward()
+            gradients.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert gradients[0].keys() == gradients[1].keys() and "cma.gamma" in gradients[0]
+    assert all(torch.equal(gradients[0][name], gradients[1][name]) for name in gradients[0])

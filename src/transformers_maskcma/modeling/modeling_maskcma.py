@@ -307,10 +307,14 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
         return self.vlm.get_output_embeddings()
 
     def set_cma_warmup_factor(self, factor: float) -> None:
-        """Set the CMA warm-up factor (γ multiplier, or ω for the `"mask"` target); 1.0 at inference."""
+        """Set the CMA warm-up factor (γ multiplier, or ω for the `"mask"` target); 1.0 at inference. Fills each CMA's
+        non-persistent buffer `warmup_factor_tensor` in place (peft's trained copy included): no new constant for a
+        compiled forward."""
         if not 0.0 <= factor <= 1.0:
             raise ValueError(f"the CMA warm-up factor must lie in [0, 1], got {factor}")
-        self.cma.warmup_factor = float(factor)
+        for module in self.modules():
+            if isinstance(module, MaskGuidedCrossModalAttention):
+                module.warmup_factor = float(factor)
 
     # -- SAM2 features -----------------------------------------------------------------------------------------
 
