@@ -18,7 +18,9 @@ from typing import Any
 from .common import DEFAULT_OUTPUT_DIR, GPU_OUTPUT_DIR, REPO_ROOT
 
 DOC_PATH = REPO_ROOT / "docs" / "benchmarks.md"
-BENCHMARK_ORDER = ("cma_overhead", "topk_scaling", "video_scaling", "training_step", "research_path", "one_pass")
+BENCHMARK_ORDER = (
+    "cma_overhead", "topk_scaling", "video_scaling", "training_step", "research_path", "one_pass", "data_pipeline"
+)
 SIZE_LABELS = {"tiny": "tiny (128 px)", "hiera_tiny": "Hiera-T (1024 px)", "hiera_large": "Hiera-L (1024 px)"}
 _BLOCK = re.compile(
     r"(<!-- BEGIN GENERATED: (?P<name>[\w:]+) -->\n)(?P<body>.*?)(<!-- END GENERATED: (?P=name) -->)", re.DOTALL
@@ -231,6 +233,39 @@ def one_pass_table(payload: Mapping[str, Any]) -> str:
     return _table(header, rows)
 
 
+def data_pipeline_table(payload: Mapping[str, Any]) -> str:
+    results = payload["results"]
+    step = results["training_step"]
+    rows = []
+    for name, entries in results["loading"].items():
+        for entry in entries:
+            rows.append([
+                f"{name} ({payload['settings']['processor_sizes'][name]} px SAM2 input)",
+                str(entry["workers"]),
+                f"{entry['samples_per_second']:,.1f}",
+                _seconds(entry["first_batch_s"]),
+                f"{step['samples_per_second']:,.1f}",
+                "yes" if results["keeps_up"][name][str(entry["workers"])] else "**no**",
+            ])
+    header = ["pipeline", "workers", "samples/s (steady)", "first batch wait", "tiny training step samples/s",
+              "keeps up"]
+    video = results["video_prefetch"]
+    size = f"{video['frames']} frames {video['frame_size'][1]}×{video['frame_size'][0]}"
+    video_rows = [[
+        f"{size} → {video['sam2_input']}², tiny SAM2 encoder on this device",
+        _spread(video["summary_per_frame_s"]["prefetch_0"]),
+        _spread(video["summary_per_frame_s"]["prefetch_2"]),
+        _ratio(video["time_ratio_prefetch_vs_none"]),
+    ], [
+        f"{size} → {video['idle_sam2_input']}², idle consumer {1000 * video['idle_consumer_s']:.0f} ms a frame",
+        _spread(video["summary_per_frame_s"]["idle_prefetch_0"]),
+        _spread(video["summary_per_frame_s"]["idle_prefetch_2"]),
+        _ratio(video["time_ratio_idle_prefetch_vs_none"]),
+    ]]
+    video_header = ["video stream (time per frame: read + consumer)", "prefetch 0", "prefetch 2", "prefetch 2 / 0"]
+    return _table(header, rows) + "\n\n" + _table(video_header, video_rows)
+
+
 TABLES: dict[str, Callable[[Mapping[str, Any]], str]] = {
     "cma_overhead": cma_overhead_table,
     "topk_scaling": topk_scaling_table,
@@ -238,6 +273,7 @@ TABLES: dict[str, Callable[[Mapping[str, Any]], str]] = {
     "training_step": training_step_table,
     "research_path": research_path_table,
     "one_pass": one_pass_table,
+    "data_pipeline": data_pipeline_table,
 }
 
 
