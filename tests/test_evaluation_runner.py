@@ -377,8 +377,10 @@ def test_segment_output_masks_reads_one_sample():
     masks = segment_output_masks(Output())
     assert len(masks) == 2 and masks[0].shape == (3, 4, 5) and masks[0].dtype == bool
     assert segment_output_masks({"masks": [torch.zeros(0, 4, 5, dtype=torch.bool)]}) == []
-    with pytest.raises(ValueError, match="one entry for the one sample"):
+    with pytest.raises(ValueError, match=r"one entry per sample \(1\), got list of length 2"):
         segment_output_masks({"masks": [torch.zeros(1, 4, 5), torch.zeros(1, 4, 5)]})
+    two = segment_output_masks({"masks": [torch.zeros(1, 4, 5), torch.ones(0, 4, 5)]}, num_samples=2)
+    assert len(two) == 2 and two[0][0].shape == (4, 5) and two[1] == []
 
 
 def test_model_predict_fn_plumbing(monkeypatch, image_case, video_case, tmp_path):

@@ -113,8 +113,22 @@ def test_predict_on_a_video_file_writes_an_mp4_overlay(answering_folder, tmp_pat
     assert len(mask_files) == NUM_VIDEO_FRAMES
     assert all((np.asarray(Image.open(path)) > 0).any() for path in mask_files)  # the circle is in every frame
     with av.open(str(out / "overlay.mp4")) as written:
+        codec = written.streams.video[0].codec_context.name
         frames = list(written.decode(video=0))
+    # the one overlay writer (visualize.write_video): H.264, which browsers play, never MPEG-4 part 2
+    assert codec == "h264"
     assert len(frames) == NUM_VIDEO_FRAMES and (frames[0].height, frames[0].width) == (128, 192)
+    # the overlay's first frame shows the first frame with its mask drawn (within H.264's loss)
+    first_mask = np.asarray(Image.open(mask_files[0])) > 0
+    expected = np.asarray(overlay_masks(Image.open(sorted(frames_folder.iterdir())[0]).convert("RGB"), [first_mask]))
+    assert np.abs(frames[0].to_ndarray(format="rgb24").astype(int) - expected.astype(int)).mean() < 8
+
+    out_webm = tmp_path / "webm"
+    assert predict("--model", folder, "--text", VIDEO_PROMPT, clip, "--output", out_webm, "--overlay-format", "webm") == 0
+    capsys.readouterr()
+    with av.open(str(out_webm / "overlay.webm")) as written:
+        assert written.streams.video[0].codec_context.name == "vp9"
+        assert sum(1 for _ in written.decode(video=0)) == NUM_VIDEO_FRAMES
 
 
 def test_predict_reports_bad_inputs_by_name(answering_folder, tmp_path, capsys, monkeypatch):

@@ -1,11 +1,12 @@
 """``maskcma predict``: segment what a prompt refers to in an image, a video file or a folder of frames.
 
 ``maskcma predict --model FOLDER --text "..." INPUT [--output DIR] [--overwrite] [--json] [--key-frames N]
-[--key-frame-sampling first|uniform] [--max-new-tokens N] [--threshold T] [--overlay-format gif|mp4] [--device D]
+[--key-frame-sampling first|uniform] [--max-new-tokens N] [--threshold T] [--overlay-format gif|mp4|webm] [--device D]
 [--threads N]``
 
 Images: ``DIR/mask_<k>.png`` per object (white = object) and ``DIR/overlay.png``. Videos: ``DIR/masks/object_<k>/
-<frame>.png`` per object and frame, and ``DIR/overlay.gif`` (or ``.mp4``, written with PyAV). ``--json`` prints the
+<frame>.png`` per object and frame, and ``DIR/overlay.gif`` (or ``.mp4`` H.264 / ``.webm`` VP9, written by
+`visualize.write_video` with the encoders browsers play). ``--json`` prints the
 answer, the scores and every mask as COCO RLE (``masks[object]`` for an image, ``masks[object][frame]`` for a video)
 to stdout; with ``--json`` and no ``--output`` no file is written. Without either, files go to
 ``./maskcma_predictions``.
@@ -31,10 +32,10 @@ from tqdm.auto import tqdm
 from ..run_folder import RunFolder, check_weight_files, model_fingerprint
 from .pipeline import infer_media_type
 from .video_io import KEY_FRAME_SAMPLINGS
-from .visualize import mask_to_image, overlay_masks
+from .visualize import BROWSER_VIDEO_CODECS, mask_to_image, overlay_masks, write_video
 
 DEFAULT_OUTPUT = "maskcma_predictions"
-OVERLAY_FORMATS = ("gif", "mp4")
+OVERLAY_FORMATS = ("gif", "mp4", "webm")
 
 
 def register(subparsers) -> None:
@@ -132,6 +133,7 @@ def run_predict(
     if overlay_format not in OVERLAY_FORMATS:
         raise ValueError(f"overlay_format={overlay_format!r} is not valid; use one of {list(OVERLAY_FORMATS)}")
     media_type = infer_media_type(input_path)
+    codec = _overlay_codec(overlay_format) if media_type == "video" and output_dir is not None else None
     check_weight_files(model_path)
     folder = None
     if output_dir is not None:  # claimed before any work: a used or unwritable folder fails here
@@ -199,7 +201,7 @@ def run_predict(
         else:
             folder.record("masks", f"overlay.{overlay_format}")
             summary["files"] = _write_video_outputs(
-                frame_source, masks, output_dir, overlay_format, fps, show_progress=show_progress
+                frame_source, masks, output_dir, overlay_format, fps, codec, show_progress=show_progress
             )
     if frame_source is not None:
         frame_source.close()
@@ -221,8 +223,31 @@ def _write_image_outputs(processor, input_path: Path, masks: np.ndarray, output_
     return files
 
 
+def _overlay_codec(overlay_format: str) -> str | None:
+    """The encoder of `visualize.BROWSER_VIDEO_CODECS` for a video overlay format (`None` for a GIF); checked before
+    the model is loaded."""
+    if overlay_format == "gif":
+        return None
+    import av
+
+    candidates = [codec for codec, suffix in BROWSER_VIDEO_CODECS if suffix == f".{overlay_format}"]
+    for codec in candidates:
+        if codec in av.codecs_available:
+            return codec
+    raise ValueError(
+        f"--overlay-format {overlay_format} needs one of the encoders {candidates}, which the installed PyAV "
+        f"{av.__version__} lacks; use --overlay-format gif, or install a PyAV wheel with them (PyPI's have them)"
+    )
+
+
 def _write_video_outputs(
-    frames, masks: np.ndarray, output_dir: Path, overlay_format: str, fps: float, show_progress: bool = True
+    frames,
+    masks: np.ndarray,
+    output_dir: Path,
+    overlay_format: str,
+    fps: float,
+    codec: str | None,
+    show_progress: bool = True,
 ) -> list[str]:
     """Per-frame mask PNGs and the overlay video; `masks` is `(num_objects, T, H, W)`."""
     num_frames = len(frames)
@@ -246,38 +271,9 @@ def _write_video_outputs(
         duration = max(int(round(1000.0 / fps)), 20)
         first.save(overlay_path, save_all=True, append_images=stream, duration=duration, loop=0)
     else:
-        _write_mp4(overlays(), overlay_path, fps)
+        overlay_path = write_video(overlays(), overlay_path, fps, codec=codec)
     files.append(str(overlay_path))
     return files
-
-
-def _write_mp4(images: Iterator, path: Path, fps: float) -> None:
-    """Encode RGB PIL images to an MP4 with PyAV (H.264 when available, else MPEG-4 part 2); odd sizes are padded
-    by one pixel to the even size YUV 4:2:0 needs."""
-    from fractions import Fraction
-
-    import av
-
-    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-    container = av.open(str(path), mode="w")
-    try:
-        stream = None
-        for image in images:
-            array = np.asarray(image.convert("RGB"))
-            height, width = array.shape[:2]
-            array = np.pad(array, ((0, height % 2), (0, width % 2), (0, 0)), mode="edge")
-            if stream is None:
-                stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
-                stream.width, stream.height = array.shape[1], array.shape[0]
-                stream.pix_fmt = "yuv420p"
-            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        if stream is not None:
-            for packet in stream.encode():
-                container.mux(packet)
-    finally:
-        container.close()
 
 
 __all__ = ["register", "run_predict"]
