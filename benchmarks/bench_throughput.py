@@ -140,11 +140,13 @@ def measure_batches(folder: Path, generate_kwargs: dict, split: Path, settings: 
     }
 
 
-def _run_evaluation(processes: int, folder: Path, split: Path, output: Path, kwargs_file: Path) -> dict[str, Any]:
+def _run_evaluation(
+    processes: int, folder: Path, split: Path, output: Path, kwargs_file: Path, device: str
+) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    worker = ["-m", "benchmarks.throughput_eval_worker", str(folder), str(split), str(output), str(kwargs_file)]
+    worker = ["-m", "benchmarks.throughput_eval_worker", str(folder), str(split), str(output), str(kwargs_file), device]
     if processes == 1:
         command = [sys.executable, *worker]
     else:
@@ -177,7 +179,7 @@ def measure_processes(folder: Path, generate_kwargs: dict, root: Path, settings:
     for index in range(runs):
         for count in (1, 2):
             output = root / f"eval_{count}_{index}"
-            runs_by_count[count].append(_run_evaluation(count, folder, split, output, kwargs_file))
+            runs_by_count[count].append(_run_evaluation(count, folder, split, output, kwargs_file, settings.device))
     evaluate = {count: [run["evaluate_seconds"] for run in values] for count, values in runs_by_count.items()}
     wall = {count: [run["wall_seconds"] for run in values] for count, values in runs_by_count.items()}
     rate = {count: [num_images / seconds for seconds in values] for count, values in evaluate.items()}

@@ -1,5 +1,6 @@
 """One process of the evaluation runs of `bench_throughput`: `python -m benchmarks.throughput_eval_worker MODEL
-SPLIT.jsonl OUTPUT GENERATE_KWARGS.json`, alone or under `torchrun` (then each process predicts its share).
+SPLIT.jsonl OUTPUT GENERATE_KWARGS.json DEVICE`, alone or under `torchrun` (then each process predicts its share).
+DEVICE `cuda` puts process k on GPU k (modulo the GPUs there are).
 
 Every process runs one torch thread. The main process writes `OUTPUT/timing.json`: the seconds of the
 `evaluate_dataset` call (after all processes loaded the model: they wait for each other first), the metrics, the
@@ -18,7 +19,8 @@ import torch
 
 
 def main(argv: list[str]) -> int:
-    model, split, output, kwargs_file = (Path(value) for value in argv)
+    model, split, output, kwargs_file = (Path(value) for value in argv[:4])
+    device = argv[4]
     torch.set_num_threads(1)
     from transformers_maskcma.data.custom import load_custom
     from transformers_maskcma.evaluation.distributed import EvaluationProcesses
@@ -32,7 +34,9 @@ def main(argv: list[str]) -> int:
     }
     processes = EvaluationProcesses.from_environment()
     try:
-        predictor = model_predict_fn(model, device="cpu", generate_kwargs=generate_kwargs)
+        if device == "cuda":
+            device = f"cuda:{processes.local_rank % torch.cuda.device_count()}"
+        predictor = model_predict_fn(model, device=device, generate_kwargs=generate_kwargs)
         dataset = load_custom(split)
         processes.gather(None)  # every process has its model: start together
         started = time.perf_counter()
