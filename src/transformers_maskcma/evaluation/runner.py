@@ -286,12 +286,12 @@ def evaluate_dataset(
     folder = processes.run_on_main("claiming the output folder and checking the split", prepare)
     # a process of several reads what is merged so far; one process resumes from its own store
     merged = output_dir / PREDICTIONS_FILENAME
-    done = PredictionStore(output_dir) if processes.distributed and merged.is_file() else None
     failures: dict[str, str] = {}
     error = None
     todo: list[int] = []
     stored_before = stored_after = 0
-    try:
+    try:  # any error, reading included, is shared with the other processes before it is raised
+        done = PredictionStore(output_dir) if processes.distributed and merged.is_file() else None
         with PredictionStore(output_dir, writable=True, filename=shard) as store:
             known = store if done is None else done
             todo = [index for index, sample_id in enumerate(sample_ids) if sample_id not in known]
@@ -309,7 +309,8 @@ def evaluate_dataset(
     except Exception as caught:  # every process learns of it (agree) before it is raised
         error = caught
     predicted_now = 0
-    for process_failures, process_predicted in processes.agree("predicting", error, (failures, stored_after - stored_before)):
+    reports = processes.agree("predicting", error, (failures, stored_after - stored_before))
+    for process_failures, process_predicted in reports:
         failures.update(process_failures)
         predicted_now += process_predicted
     run_info = {
