@@ -223,3 +223,81 @@ def test_batched_two_process_run_matches_within_the_tolerance(bench, one_process
         union = np.count_nonzero(first | second)
         assert union == 0 or np.count_nonzero(first & second) / union >= 0.999
     assert _metrics(run)["metrics"] == pytest.approx(_metrics(reference)["metrics"], abs=1e-3)
+
+
+PROCESS_GROUP_WORKER = '''
+import json, sys
+from pathlib import Path
+
+import numpy as np
+import torch.distributed as dist
+
+from transformers_maskcma.data.custom import load_custom
+from transformers_maskcma.evaluation.runner import evaluate_dataset
+
+split, output, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+dist.init_process_group("gloo")  # a process group made by the caller (as a training script's): evaluation joins it
+rank = dist.get_rank()
+
+
+def predict(record):
+    if mode == "fail" and rank == 1:
+        raise RuntimeError("process one broke")
+    return np.asarray(record["frames"][0])[..., 0] > 200  # the red pixels
+
+
+report = {}
+try:
+    result = evaluate_dataset(load_custom(split), predict, output, show_progress=False)
+    report.update(metrics=result["metrics"], run=result["run"])
+except Exception as error:
+    report["error"] = f"{type(error).__name__}: {error}"
+report["group_kept"] = dist.is_initialized()
+(output.parent / f"report-{mode}-{rank}.json").write_text(json.dumps(report))
+dist.destroy_process_group()
+'''
+
+
+def test_an_existing_process_group_is_joined_and_a_failure_stops_every_process(bench, tmp_path):
+    """evaluate_dataset inside a script that made its own process group, with a stand-in predict function (no
+    model): the same metrics in both processes as in one; when process 1 fails, both stop with its message."""
+    import numpy as np
+
+    from transformers_maskcma.data.custom import load_custom
+    from transformers_maskcma.evaluation.distributed import EvaluationProcesses
+    from transformers_maskcma.evaluation.runner import evaluate_dataset
+
+    root, _ = bench
+    split = root / "data" / f"{IMAGE_SPLIT}.jsonl"
+    script = tmp_path / "worker.py"
+    script.write_text(PROCESS_GROUP_WORKER)
+
+    def launch(mode: str) -> None:
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script), str(split),
+            str(tmp_path / mode), mode,
+        ]  # fmt: skip
+        _run(command, _env(), timeout=600)
+
+    one = evaluate_dataset(
+        load_custom(split), lambda record: np.asarray(record["frames"][0])[..., 0] > 200, tmp_path / "one",
+        show_progress=False, processes=EvaluationProcesses(),
+    )
+    launch("ok")
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"report-ok-{rank}.json").read_text())
+        assert "error" not in report, report
+        assert report["metrics"] == one["metrics"] and report["metrics"]["gIoU"] > 0  # every process returns them
+        assert report["run"]["processes"] == 2
+        assert report["group_kept"]  # the caller's group is left to the caller
+    assert (tmp_path / "ok" / "predictions.jsonl").read_bytes() == (tmp_path / "one" / "predictions.jsonl").read_bytes()
+
+    launch("fail")
+    failed = json.loads((tmp_path / "report-fail-1.json").read_text())["error"]
+    other = json.loads((tmp_path / "report-fail-0.json").read_text())["error"]
+    assert failed.startswith("RuntimeError: predicting sample") and "process one broke" in failed
+    assert other.startswith("EvaluationProcessError: process 1 of 2 failed while predicting (RuntimeError: predicting")
+    # nothing was scored; process 0's share is kept in its shard for the next run
+    assert not (tmp_path / "fail" / "metrics.json").exists()
+    assert len(PredictionStore(tmp_path / "fail", filename=shard_filename(0, 2))) == NUM_IMAGES // 2
