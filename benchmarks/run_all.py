@@ -28,6 +28,7 @@ BENCHMARKS = {
     "research_path": "benchmarks.bench_research_path",
     "one_pass": "benchmarks.bench_one_pass",
     "data_pipeline": "benchmarks.bench_data_pipeline",
+    "throughput": "benchmarks.bench_throughput",
 }
 
 
