@@ -32,6 +32,10 @@ class Float32Forward:
         weights = dict(module.named_parameters())
         if not any(t.dtype in HALF_DTYPES for t in [*tensors, *weights.values()]):
             return None
+        if any(hasattr(weight, "ds_id") for weight in weights.values()):
+            # DeepSpeed ZeRO-3 partitions the weights and gathers them only inside its own hooks: keep the
+            # half-precision output there (the head runs in the activation dtype, as before)
+            return None
         float_args = tuple(
             value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value for value in args
         )
