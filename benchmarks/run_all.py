@@ -27,6 +27,7 @@ BENCHMARKS = {
     "training_step": "benchmarks.bench_training_step",
     "research_path": "benchmarks.bench_research_path",
     "one_pass": "benchmarks.bench_one_pass",
+    "video_training": "benchmarks.bench_video_training",
 }
 
 
