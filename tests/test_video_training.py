@@ -307,3 +307,37 @@ def test_resuming_a_propagation_run_continues_it_exactly(tmp_path):
         assert resumed.losses[step] == straight.losses[step], step
     for (name, a), (_, b) in zip(model.named_parameters(), other.named_parameters()):
         assert torch.equal(a, b), name
+
+
+# -- maskcma train ------------------------------------------------------------------------------------------------
+
+
+def test_maskcma_train_runs_propagation_clips_from_the_yaml(tmp_path, capsys):
+    import yaml
+
+    from transformers_maskcma.cli import main
+
+    content = {
+        "model": {
+            "tiny": {"seed": 0},
+            "config": {"video_training": "propagate", "video_training_clip_frames": 6},
+            "processor": {"num_key_frames": 2},
+        },
+        "data": {"sources": [{"dataset": "synthetic", "split": "train",
+                              "options": {"num_samples": 4, "video_fraction": 1.0, "num_frames": 8}}]},
+        "training": {"max_steps": 2, "per_device_train_batch_size": 2, "save_strategy": "no", "use_cpu": True,
+                     "logging_steps": 1, "report_to": []},
+    }
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(content))
+    assert main(["train", str(path), "--output-dir", str(tmp_path / "run")]) == 0
+    assert "steps            2" in capsys.readouterr().out
+    from transformers_maskcma.modeling import MaskCMAModel
+
+    trained = MaskCMAModel.from_pretrained(tmp_path / "run" / "model")
+    assert trained.config.video_training == "propagate" and trained.config.video_training_clip_frames == 6
+
+    content["model"]["config"]["video_training"] = "propagated"
+    path.write_text(yaml.safe_dump(content))
+    assert main(["train", str(path), "--output-dir", str(tmp_path / "bad")]) == 2
+    assert "video_training" in capsys.readouterr().err
