@@ -323,9 +323,9 @@ def test_maskcma_train_runs_propagation_clips_from_the_yaml(tmp_path, capsys):
             "config": {"video_training": "propagate", "video_training_clip_frames": 6},
             "processor": {"num_key_frames": 2},
         },
-        "data": {"sources": [{"dataset": "synthetic", "split": "train",
-                              "options": {"num_samples": 4, "video_fraction": 1.0, "num_frames": 8}}]},
-        "training": {"max_steps": 2, "per_device_train_batch_size": 2, "save_strategy": "no", "use_cpu": True,
+        # 7 images and one 8-frame clip; 2 steps of 4 samples see all of them
+        "data": {"sources": [{"dataset": "synthetic", "split": "train", "options": {"num_samples": 8}}]},
+        "training": {"max_steps": 2, "per_device_train_batch_size": 4, "save_strategy": "no", "use_cpu": True,
                      "logging_steps": 1, "report_to": []},
     }
     path = tmp_path / "train.yaml"
@@ -336,6 +336,12 @@ def test_maskcma_train_runs_propagation_clips_from_the_yaml(tmp_path, capsys):
 
     trained = MaskCMAModel.from_pretrained(tmp_path / "run" / "model")
     assert trained.config.video_training == "propagate" and trained.config.video_training_clip_frames == 6
+    # the clip's propagated frames trained SAM2's memory (frozen, and unchanged, without "propagate")
+    initial, _ = build_tiny_model(seed=0)
+    for name in ("memory_attention", "memory_encoder"):
+        before = dict(initial.sam2.get_submodule(name).named_parameters())
+        after = dict(trained.sam2.get_submodule(name).named_parameters())
+        assert any(not torch.equal(before[key], after[key]) for key in before), name
 
     content["model"]["config"]["video_training"] = "propagated"
     path.write_text(yaml.safe_dump(content))
