@@ -326,6 +326,7 @@ def test_maskcma_train_runs_propagation_clips_from_the_yaml(tmp_path, capsys):
         # 7 images and one 8-frame clip; 2 steps of 4 samples see all of them
         "data": {"sources": [{"dataset": "synthetic", "split": "train", "options": {"num_samples": 8}}]},
         "training": {"max_steps": 2, "per_device_train_batch_size": 4, "save_strategy": "no", "use_cpu": True,
+                     "lr_scheduler_type": "constant", "warmup_steps": 0,
                      "logging_steps": 1, "report_to": []},
     }
     path = tmp_path / "train.yaml"
