@@ -92,6 +92,23 @@ def test_memory_modules_train_only_with_propagate_and_lora_saves_them():
     assert not any(name.startswith(("sam2.memory", "sam2.object_pointer")) for name in default_lora_config(frozen).modules_to_save)
 
 
+def test_lora_trains_the_memory_modules_copies_on_propagated_frames():
+    from transformers_maskcma.trainer.lora import apply_lora
+
+    model, tokenizer = propagate_model()
+    batch = clip_batch(model, tokenizer)
+    peft_model = apply_lora(model, default_lora_config(model, r=4, lora_alpha=8))
+    peft_model.train()
+    output = peft_model(**batch)
+    output.loss.backward()
+    for name in SAM2_MEMORY_MODULES[:3]:
+        copies = [p for n, p in peft_model.named_parameters() if f"sam2.{name}.modules_to_save." in n]
+        assert copies and all(p.requires_grad for p in copies), name
+        assert sum(float(p.grad.abs().sum()) for p in copies if p.grad is not None) > 0, name
+    originals = [p for n, p in peft_model.named_parameters() if "sam2.memory_attention.original_module." in n]
+    assert originals and not any(p.requires_grad for p in originals)
+
+
 # -- gradients ------------------------------------------------------------------------------------------------------
 
 

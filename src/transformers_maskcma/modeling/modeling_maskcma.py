@@ -595,6 +595,9 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
                 Sample of each SAM2 frame; default `arange(batch_size)`.
             seg_object_ids (`torch.LongTensor` of shape `(num_seg_tokens,)`, *optional*):
                 Object identity of each ``[SEG]`` within its sample (passed through for the contrastive loss).
+            conditioning_frame_mask (`torch.BoolTensor` of shape `(num_frames,)`, *optional*, in `kwargs`):
+                With `config.video_training="propagate"`: False on the frames of a clip that SAM2 propagates from
+                its key frames (`video_training.py`); the collator gives it for batches with clips.
 
         Returns:
             [`MaskCMAOutput`].
