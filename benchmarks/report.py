@@ -20,7 +20,7 @@ from .common import DEFAULT_OUTPUT_DIR, GPU_OUTPUT_DIR, REPO_ROOT
 DOC_PATH = REPO_ROOT / "docs" / "benchmarks.md"
 BENCHMARK_ORDER = (
     "cma_overhead", "topk_scaling", "video_scaling", "training_step", "research_path", "one_pass", "data_pipeline",
-    "throughput",
+    "throughput", "video_training",
 )
 SIZE_LABELS = {"tiny": "tiny (128 px)", "hiera_tiny": "Hiera-T (1024 px)", "hiera_large": "Hiera-L (1024 px)"}
 _BLOCK = re.compile(
@@ -291,6 +291,25 @@ def throughput_table(payload: Mapping[str, Any]) -> str:
          f"{same}"],
     ]
     return _table(["workload", "images per second (median)", "speed-up (paired range)", "notes"], rows)
+def video_training_table(payload: Mapping[str, Any]) -> str:
+    results = payload["results"]
+    rows = []
+    for frames in payload["settings"]["clip_lengths"]:
+        independent, propagate = f"independent_T{frames}", f"propagate_T{frames}"
+        ratios = results["propagate_vs_independent"][str(frames)]
+        rows.append([
+            str(frames),
+            " / ".join(_seconds(results["time_per_frame_s"][name]) for name in (independent, propagate)),
+            _ratio(ratios["time_per_frame"]),
+            " / ".join(_mib(results["memory"][name]["peak_bytes"]) for name in (independent, propagate)),
+            f"{ratios['peak_memory']:.3f}×",
+            " / ".join(_mib(results["step_increment_per_frame_bytes"][name]) for name in (independent, propagate)),
+            f"{ratios['step_increment_per_frame']:.2f}×",
+        ])
+    header = ["clip frames T", "step time per frame, independent / propagate", "propagate / independent (paired range)",
+              "peak memory, independent / propagate", "peak ratio", "step increment per frame, independent / propagate",
+              "increment ratio"]
+    return _table(header, rows)
 
 
 TABLES: dict[str, Callable[[Mapping[str, Any]], str]] = {
@@ -302,6 +321,7 @@ TABLES: dict[str, Callable[[Mapping[str, Any]], str]] = {
     "one_pass": one_pass_table,
     "data_pipeline": data_pipeline_table,
     "throughput": throughput_table,
+    "video_training": video_training_table,
 }
 
 

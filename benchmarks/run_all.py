@@ -29,6 +29,7 @@ BENCHMARKS = {
     "one_pass": "benchmarks.bench_one_pass",
     "data_pipeline": "benchmarks.bench_data_pipeline",
     "throughput": "benchmarks.bench_throughput",
+    "video_training": "benchmarks.bench_video_training",
 }
 
 

@@ -48,6 +48,9 @@ from .modeling import MaskCMAModel
 
 TARGET_CIOU = 0.75
 TARGET_MARGIN = 0.2
+#: Video targets: propagated-frame J&F at least this share of the key frames' J&F, and TARGET_MARGIN above the
+#: shuffled-prompt control's propagated-frame J&F.
+TARGET_PROPAGATED_SHARE = 0.8
 #: Ends the sample id of a record split from a two-object scene: ``<scene id>#<object index>``.
 SPLIT_MARK = "#"
 #: `DemoSettings.answer_style` values.
@@ -117,6 +120,8 @@ class DemoSettings:
             "freeze_vision_tower": False,
             "tmc_weight": 0.1,
             "warmup_ratio": 0.1,
+            "video_training": "propagate",
+            "video_training_clip_frames": 8,
         }
     )
 
@@ -302,7 +307,13 @@ def train_model(settings: DemoSettings, train: datasets.Dataset, use_cma: bool, 
         data_seed=settings.seed,
     )
     collator = MaskCMADataCollator(processor)
-    dataset = ProcessedRecords(train, processor)
+    propagate = model.config.video_training == "propagate"  # clips through SAM2's memory, a loss on every frame
+    dataset = ProcessedRecords(
+        train,
+        processor,
+        video_clip_frames=model.config.video_training_clip_frames if propagate else None,
+        clip_seed=settings.seed,
+    )
     if settings.paired_prompts:
         # an item is a scene with two referred objects: batch_size // 2 scenes give batch_size masks a step
         dataset, data_collator = SceneGroups(dataset, train), FlattenCollator(collator)
@@ -911,6 +922,7 @@ def run_demo(output_dir: str | Path, settings: DemoSettings | None = None, overw
             "margin": TARGET_MARGIN,
             "ciou_met": main_run.ciou >= TARGET_CIOU,
             "margin_met": main_run.margin >= TARGET_MARGIN,
+            **video_targets(main_run),
         },
         "wall_time_s": wall_time,
     }
@@ -924,6 +936,28 @@ def run_demo(output_dir: str | Path, settings: DemoSettings | None = None, overw
             "the trained model"
         )
     return results
+
+
+def video_targets(run: RunResult) -> dict:
+    """Whether the propagated frames reach `TARGET_PROPAGATED_SHARE` × the key frames' J&F and `TARGET_MARGIN`
+    above the shuffled-prompt control's propagated frames (`None` without held-out clips)."""
+    video, shuffled = run.video or {}, run.shuffled_video or {}
+    key, propagated = video.get("key_frames"), video.get("propagated_frames")
+    control = shuffled.get("propagated_frames")
+    share_met = margin_met = None
+    if key is not None and propagated is not None:
+        share_met = propagated["J&F"] >= TARGET_PROPAGATED_SHARE * key["J&F"]
+        if control is not None:
+            margin_met = propagated["J&F"] - control["J&F"] >= TARGET_MARGIN
+    return {
+        "propagated_share": TARGET_PROPAGATED_SHARE,
+        "propagated_share_met": share_met,
+        "propagated_margin_met": margin_met,
+    }
+
+
+def _met(flag: bool | None) -> str:
+    return "n/a" if flag is None else "met" if flag else "MISSED"
 
 
 def _print_summary(runs: list[RunResult], results: dict, output_dir: Path) -> None:
@@ -953,6 +987,11 @@ def _print_summary(runs: list[RunResult], results: dict, output_dir: Path) -> No
                 f"video {kind.replace('_', ' '):17s}  J&F {scores['J&F']:.3f} (J {scores['J']:.3f}, F "
                 f"{scores['F']:.3f}); shuffled prompts J&F {_number(None if control is None else control['J&F'])}"
             )
+        print(
+            f"video propagated frames: J&F >= {TARGET_PROPAGATED_SHARE} x key frames: "
+            f"{_met(targets.get('propagated_share_met'))}; >= {TARGET_MARGIN} above the shuffled control: "
+            f"{_met(targets.get('propagated_margin_met'))}"
+        )
         print(f"video frames with a mask where the target is present: {_number(video['nonempty_where_present'])}")
     print(f"save/load round trip identical: {results['round_trip_identical']}")
     print(f"wall time {results['wall_time_s']:.0f} s; results in {output_dir}")

@@ -17,6 +17,7 @@ CmaDirection = Literal["visual_to_text", "text_to_visual"]
 CmaGate = Literal["output", "attention"]
 CmaWarmupTarget = Literal["residual", "mask"]
 ObjectPresence = Literal["keep", "blank"]
+VideoTraining = Literal["independent", "propagate"]
 
 # flat fields of configs saved before `cma_config` existed → their field in `MaskCMAAttentionConfig`
 LEGACY_CMA_FIELDS = {
@@ -152,6 +153,16 @@ class MaskCMAConfig(PreTrainedConfig):
             An integer `S`: first bilinearly to `S×S`, then to the image size — Sa2VA's chain (256² → 1024² → image
             size, SAM2's video predictor returning its masks at the input size), which `maskcma convert sa2va`
             sets to SAM2's input size. Used by `segment` on images, key frames and propagated frames.
+        video_training (`str`, *optional*, defaults to `"independent"`):
+            How training decodes the frames of a video sample. `"independent"`: every frame through the image path,
+            from the ``[SEG]`` prompts (the research code). `"propagate"`: a clip of `video_training_clip_frames`
+            frames runs as inference does — its key frames decoded from the ``[SEG]`` prompts become SAM2's
+            conditioning frames, the other frames come from SAM2's memory (with the CMA when `cma_on_propagation`)
+            — with the mask, IoU and object-score losses on every frame, so SAM2's memory attention, memory encoder
+            and object pointers are trained (and are not frozen by `freeze_sam2_image_encoder`).
+        video_training_clip_frames (`int`, *optional*, defaults to 8):
+            Frames of a training clip with `video_training="propagate"` (SAM2 trains its memory on 8-frame clips);
+            must exceed the processor's number of key frames for frames to be propagated.
         freeze_sam2_image_encoder (`bool`, *optional*, defaults to `True`):
             Keep SAM2's image encoder and memory modules frozen (as in Sa2VA training).
         freeze_vision_tower (`bool`, *optional*, defaults to `True`):
@@ -193,6 +204,8 @@ class MaskCMAConfig(PreTrainedConfig):
     object_presence: ObjectPresence = "keep"
     mask_threshold: float = 0.0
     mask_intermediate_size: int | None = None
+    video_training: VideoTraining = "independent"
+    video_training_clip_frames: int = 8
     freeze_sam2_image_encoder: bool = True
     freeze_vision_tower: bool = True
 
@@ -213,6 +226,13 @@ class MaskCMAConfig(PreTrainedConfig):
     def _validate_switches(self) -> None:
         check_choice(self, "mask_source", MaskSource)
         check_choice(self, "object_presence", ObjectPresence)
+        check_choice(self, "video_training", VideoTraining)
+        clip = self.video_training_clip_frames
+        if isinstance(clip, bool) or not isinstance(clip, int) or clip < 2:
+            raise ValueError(
+                f"MaskCMAConfig.video_training_clip_frames={clip!r} is not valid; use an integer >= 2 (a key frame and "
+                "at least one frame propagated from it)"
+            )
 
         topk = self.cma_topk_tokens
         if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):

@@ -39,6 +39,7 @@ from .mask_decoding import (
 from .mask_prior import ConvMaskPriorHead, resolve_mask_prior, resolve_propagation_mask_prior
 from .sam2_tracking import MaskCMASam2VideoModel
 from .target_mapping import SegTargets, build_seg_targets
+from .video_training import decode_targets_with_propagation, propagates, trained_memory_names
 
 logger = logging.get_logger(__name__)
 
@@ -280,7 +281,8 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
         unused trainable parameters). The decoder's `conv_s0`/`conv_s1` (projections of the high-resolution
         features) are trained."""
         decoder = self.sam2.mask_decoder
-        frozen = [module for name, module in self.sam2.named_children() if name != "mask_decoder"]
+        memory = trained_memory_names(self.config)  # SAM2's memory modules train with video_training="propagate"
+        frozen = [module for name, module in self.sam2.named_children() if name != "mask_decoder" and name not in memory]
         if self.config.iou_loss_weight == 0:
             frozen.append(decoder.iou_prediction_head)
         if self.config.object_score_loss_weight == 0:
@@ -293,7 +295,7 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
             for module in self.sam2_frozen_modules():
                 module.requires_grad_(False)
             for name, parameter in self.sam2.named_parameters(recurse=False):
-                parameter.requires_grad_(False)
+                parameter.requires_grad_(name in trained_memory_names(self.config))
         if self.config.freeze_vision_tower:
             self.vision_tower().requires_grad_(False)
 
@@ -599,6 +601,9 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
                 Sample of each SAM2 frame; default `arange(batch_size)`.
             seg_object_ids (`torch.LongTensor` of shape `(num_seg_tokens,)`, *optional*):
                 Object identity of each ``[SEG]`` within its sample (passed through for the contrastive loss).
+            conditioning_frame_mask (`torch.BoolTensor` of shape `(num_frames,)`, *optional*, in `kwargs`):
+                With `config.video_training="propagate"`: False on the frames of a clip that SAM2 propagates from
+                its key frames (`video_training.py`); the collator gives it for batches with clips.
 
         Returns:
             [`MaskCMAOutput`].
@@ -635,9 +640,16 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
                 target_frame_index=target_frame_index,
                 frame_sample_index=frame_sample_index,
             )
-            decoded = self._decode_targets(
-                sam_pixel_values, targets, seg_embeds, text_tokens, text_mask, gt_masks
-            )
+            conditioning_frame_mask = kwargs.get("conditioning_frame_mask")  # video_training="propagate" clips
+            if propagates(self.config, conditioning_frame_mask, targets.frame_index):
+                decoded = decode_targets_with_propagation(
+                    self, sam_pixel_values, targets, seg_embeds, text_tokens, text_mask, gt_masks,
+                    conditioning_frame_mask, frame_sample_index,
+                )
+            else:
+                decoded = self._decode_targets(
+                    sam_pixel_values, targets, seg_embeds, text_tokens, text_mask, gt_masks
+                )
             output.pred_masks = decoded["mask_logits"][:, 0]
             output.iou_scores = decoded["iou_scores"]
             output.object_score_logits = decoded["object_score_logits"]

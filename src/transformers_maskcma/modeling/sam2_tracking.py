@@ -27,7 +27,7 @@ beside it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,8 @@ from transformers.models.sam2_video.modeling_sam2_video import Sam2VideoInferenc
 
 from .mask_decoding import SamDecoderOutput, SamFrameFeatures, apply_object_presence
 from .precision import run_in_float32
+
+_DECODER_FIELDS = tuple(field.name for field in fields(SamDecoderOutput))
 
 #: The private `Sam2VideoModel` methods this module calls, with their parameter names as checked (the guard test
 #: compares them with the installed transformers).
@@ -79,11 +81,15 @@ class Sam2TrackedFrame:
             object-presence rule.
         iou_scores (`torch.FloatTensor` of shape `(num_objects,)`): predicted IoU of each object's chosen mask.
         object_score_logits (`torch.FloatTensor` of shape `(num_objects,)`): SAM2's object-presence logits.
+        decoded ([`SamDecoderOutput`], *optional*): the mask decoder's output of the N objects before the presence
+            rule (chosen mask `(N, 1, h, w)`, every candidate `(N, M, h, w)` and their predicted IoUs `(N, M)`, output
+            tokens, object scores): what the training losses read.
     """
 
     mask_logits: torch.Tensor
     iou_scores: torch.Tensor
     object_score_logits: torch.Tensor
+    decoded: SamDecoderOutput | None = None
 
 
 class MaskCMASam2VideoModel(Sam2VideoModel):
@@ -201,7 +207,7 @@ class MaskCMASam2VideoModel(Sam2VideoModel):
     ) -> Sam2TrackedFrame:
         """Make frame `frame_idx` a conditioning frame of every object from masks decoded elsewhere (the ``[SEG]``
         prompts): store its masks (after the presence rule), object pointers and object scores, and encode its
-        memory.
+        memory. Runs without gradients (inference); `conditioning_step` is the same step with them (training).
 
         Args:
             inference_session (`Sam2VideoInferenceSession`): objects `0..N-1` already registered.
@@ -209,6 +215,18 @@ class MaskCMASam2VideoModel(Sam2VideoModel):
             decoded ([`SamDecoderOutput`]): the decoder output of the N objects on this frame.
             object_presence (`str`): `"keep"` or `"blank"`.
         """
+        return self.conditioning_step(inference_session, frame_idx, decoded, object_presence)
+
+    def conditioning_step(
+        self,
+        inference_session: Sam2VideoInferenceSession,
+        frame_idx: int,
+        decoded: SamDecoderOutput,
+        object_presence: str,
+    ) -> Sam2TrackedFrame:
+        """`store_conditioning_frame` under the caller's autograd mode: with gradients enabled, the stored pointers
+        and memory features stay attached to `decoded` (and through it to the ``[SEG]`` prompts), so later frames'
+        losses reach them (`video_training`). Same arguments and results."""
         low_res, high_res, pointer, object_scores = self._memory_state(decoded, object_presence)
         for obj in range(low_res.shape[0]):
             inference_session.store_output(
@@ -224,7 +242,10 @@ class MaskCMASam2VideoModel(Sam2VideoModel):
             )
         self._encode_memories(inference_session, frame_idx, high_res, object_scores)
         return Sam2TrackedFrame(
-            mask_logits=low_res[:, 0], iou_scores=decoded.iou_scores, object_score_logits=decoded.object_score_logits
+            mask_logits=low_res[:, 0],
+            iou_scores=decoded.iou_scores,
+            object_score_logits=decoded.object_score_logits,
+            decoded=decoded,
         )
 
     # -- propagated frames -----------------------------------------------------------------------------------------
@@ -277,7 +298,23 @@ class MaskCMASam2VideoModel(Sam2VideoModel):
         object_presence: str,
         refine_memory_features: MemoryFeatureRefiner | None = None,
     ) -> Sam2TrackedFrame:
-        """One propagation step of every object of the session on frame `frame_idx` (not a conditioning frame).
+        """One propagation step of every object of the session on frame `frame_idx` (not a conditioning frame),
+        without gradients (inference); `tracking_step` is the same step with them (training). See `tracking_step`
+        for the arguments."""
+        return self.tracking_step(inference_session, frame_idx, reverse, object_presence, refine_memory_features)
+
+    def tracking_step(
+        self,
+        inference_session: Sam2VideoInferenceSession,
+        frame_idx: int,
+        reverse: bool,
+        object_presence: str,
+        refine_memory_features: MemoryFeatureRefiner | None = None,
+    ) -> Sam2TrackedFrame:
+        """One propagation step of every object of the session on frame `frame_idx` (not a conditioning frame),
+        under the caller's autograd mode: with gradients enabled, the result and the stored state (pointer, memory
+        features) stay attached to the memory read, so a loss on this frame reaches the memory attention, the
+        memory encoder and the object pointers of earlier frames (`video_training`).
 
         For each object: SAM2's memory attention over its memory bank and object pointers, then
         `refine_memory_features` (when given) on the memory-conditioned embedding, then SAM2's mask decoder without
@@ -331,10 +368,62 @@ class MaskCMASam2VideoModel(Sam2VideoModel):
         high_res = torch.cat([entry[2] for entry in decoded_objects])
         object_scores = torch.cat([entry[3] for entry in decoded_objects])
         self._encode_memories(inference_session, frame_idx, high_res, object_scores)
+        decoded = [entry[0] for entry in decoded_objects]
         return Sam2TrackedFrame(
             mask_logits=low_res[:, 0],
-            iou_scores=torch.cat([entry[0].iou_scores for entry in decoded_objects]),
+            iou_scores=torch.cat([entry.iou_scores for entry in decoded]),
             object_score_logits=object_scores.reshape(-1),
+            decoded=SamDecoderOutput(
+                **{name: torch.cat([getattr(entry, name) for entry in decoded]) for name in _DECODER_FIELDS}
+            ),
+        )
+
+    # -- training ----------------------------------------------------------------------------------------------------
+
+    def vision_levels(self, pixel_values: torch.Tensor, encoder_grad: bool) -> tuple[list, list]:
+        """SAM2's image encoder on a batch of frames, in the layout the session caches: per level `(h·w, F, C)`
+        features (levels 0 and 1 projected by the decoder's `conv_s0`/`conv_s1`, as `get_image_features` does) and
+        position encodings.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(F, 3, S, S)`).
+            encoder_grad (`bool`): whether the image encoder itself records gradients (the projections always
+                follow the caller's autograd mode, as in `MaskCMAModel.encode_frames`).
+        """
+        with torch.set_grad_enabled(torch.is_grad_enabled() and encoder_grad):
+            outputs = self.vision_encoder(pixel_values, return_dict=True)
+        maps = list(outputs.fpn_hidden_states)
+        maps[0] = self.mask_decoder.conv_s0(maps[0])
+        maps[1] = self.mask_decoder.conv_s1(maps[1])
+        features = [level.flatten(2).permute(2, 0, 1) for level in maps]
+        positions = [level.flatten(2).permute(2, 0, 1) for level in outputs.fpn_position_encoding]
+        return features, positions
+
+    def features_of_levels(self, features: list[torch.Tensor]) -> SamFrameFeatures:
+        """The image path's [`SamFrameFeatures`] `(F, 256, h, w)` (with the no-memory embedding) from `vision_levels`
+        output: the same values as `MaskCMAModel.encode_frames` on the same frames."""
+        maps = self._feature_maps(features)
+        return SamFrameFeatures(
+            image_embeddings=maps[-1] + self.no_memory_embedding.view(1, -1, 1, 1), high_res_features=maps[:-1]
+        )
+
+    @staticmethod
+    def cache_frame_features(
+        inference_session: Sam2VideoInferenceSession,
+        frame_idx: int,
+        features: list[torch.Tensor],
+        positions: list[torch.Tensor],
+        row: int,
+    ) -> None:
+        """Put row `row` of `vision_levels` output into the session's feature cache as frame `frame_idx`, so that
+        SAM2's steps read these (possibly gradient-carrying) features instead of encoding the frame again. The
+        session's cache must hold every frame of the clip (`max_vision_features_cache_size`)."""
+        inference_session.cache.cache_vision_features(
+            frame_idx,
+            {
+                "vision_feats": [level[:, row : row + 1] for level in features],
+                "vision_pos_embeds": [level[:, row : row + 1] for level in positions],
+            },
         )
 
 

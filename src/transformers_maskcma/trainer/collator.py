@@ -9,6 +9,11 @@ shifts the indices:
 - `frame_sample_index` becomes the batch index of each frame.
 
 Samples may mix images and videos, numbers of objects (0 included) and numbers of frames.
+
+Training clips for `video_training="propagate"` carry `conditioning_frame_mask` `(F_i,)` (True on the key frames
+decoded from ``[SEG]``, False on the frames SAM2 propagates); when any sample of a batch has one, the batch gets
+`conditioning_frame_mask` `(Σ F_i,)`, True on every frame of the samples without one (images, videos trained frame by
+frame). Batches without clips are exactly what they were without this field.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ class MaskCMADataCollator:
     `text_token_mask` (False on padding) `(B, L)`; `pixel_values` `(Σ tiles, 3, t, t)`; `sam_pixel_values`
     `(Σ F_i, 3, S, S)`; `frame_sample_index` `(Σ F_i,)`; `gt_masks` `(Σ N_i, g, g)`; `target_seg_index`,
     `target_frame_index` `(Σ N_i,)`; `seg_object_ids` `(Σ num_seg_i,)`; `original_sizes` `(B, 2)` when every
-    sample has it.
+    sample has it; `conditioning_frame_mask` `(Σ F_i,)` when any sample is a propagation clip (module docstring).
     """
 
     def __init__(
@@ -103,6 +108,13 @@ class MaskCMADataCollator:
                 )
         if num_targets and (int(feature["target_frame_index"].max()) >= num_frames):
             raise ValueError(f"sample {index}: target_frame_index refers past its {num_frames} SAM2 frames")
+        if "conditioning_frame_mask" in feature:
+            mask = torch.as_tensor(feature["conditioning_frame_mask"])
+            if mask.shape != (num_frames,) or not bool(mask.bool().any()):
+                raise ValueError(
+                    f"sample {index}: conditioning_frame_mask must have one flag per SAM2 frame ({num_frames}) with at "
+                    f"least one key frame, got {mask.tolist()}"
+                )
         if num_targets and (int(feature["target_seg_index"].max()) >= num_seg):
             raise ValueError(f"sample {index}: target_seg_index refers past its {num_seg} [SEG] tokens")
 
@@ -157,6 +169,15 @@ class MaskCMADataCollator:
         batch["target_seg_index"] = torch.cat(seg_index)
         batch["target_frame_index"] = torch.cat(frame_index)
         batch["frame_sample_index"] = torch.cat(frame_sample)
+        if any("conditioning_frame_mask" in f for f in features):
+            batch["conditioning_frame_mask"] = torch.cat(
+                [
+                    torch.as_tensor(f["conditioning_frame_mask"]).bool()
+                    if "conditioning_frame_mask" in f
+                    else torch.ones(f["sam_pixel_values"].shape[0], dtype=torch.bool)
+                    for f in features
+                ]
+            )
         if all("original_sizes" in f for f in features):
             batch["original_sizes"] = torch.cat([torch.as_tensor(f["original_sizes"]).view(-1, 2) for f in features])
         return batch

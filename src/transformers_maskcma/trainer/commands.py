@@ -326,7 +326,15 @@ def run_training(
     records = load_training_records(config)
     records, dropped = validate_training_records(records, processor, config, progress=progress)
     train_model = prepare_model_for_training(model, config)
-    dataset = ProcessedRecords(records, processor, cache=config.data.cache, train_frames=config.data.train_frames)
+    propagate = model.config.video_training == "propagate"  # clips through SAM2's memory
+    dataset = ProcessedRecords(
+        records,
+        processor,
+        cache=config.data.cache,
+        video_clip_frames=model.config.video_training_clip_frames if propagate else None,
+        clip_seed=config.data.seed,
+        train_frames=config.data.train_frames,
+    )
     trainer = MaskCMATrainer(
         model=train_model,
         args=args,

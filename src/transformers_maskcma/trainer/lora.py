@@ -7,7 +7,8 @@
   and only its linear layers named like projections are targeted — so the vision tower, the VLM's projector and
   SAM2 never receive adapters;
 - fully trained copies (`modules_to_save`) of the CMA, `seg_proj`, `text_proj`, the conv prior head (when the
-  config has one) and SAM2's mask decoder;
+  config has one) and SAM2's mask decoder, and with `video_training="propagate"` SAM2's memory modules (memory
+  attention, memory encoder, object-pointer projection and its temporal encoding, `SAM2_MEMORY_MODULES`);
 - trainable rows of the token embedding and of the LM head for the new special tokens (``[SEG]`` by default) with
   peft's `trainable_token_indices`, so the rest of the vocabulary stays frozen. When the LM head is tied to the
   embedding (small LLMs), use `apply_lora`: it ties the head's rows to the embedding's (peft only detects tying
@@ -36,6 +37,7 @@ from peft.utils.other import TrainableTokensWrapper
 from torch import nn
 
 from ..modeling import MaskCMAModel
+from ..modeling.video_training import SAM2_MEMORY_MODULES, trained_memory_names
 from .callbacks import unwrap_maskcma
 
 #: Leaf names of the language model's attention and MLP projections across common LLM families
@@ -113,6 +115,8 @@ def default_lora_config(
     if bad:
         raise ValueError(f"new_token_ids {bad} are outside the vocabulary of {vocab} embeddings")
     modules_to_save = [name for name in FULLY_TRAINED_MODULES if _has_module(base, name)]
+    # video_training="propagate": SAM2's memory modules learn from the propagated frames' losses
+    modules_to_save += [f"sam2.{name}" for name in SAM2_MEMORY_MODULES if name in trained_memory_names(base.config)]
     token_rows = None
     if train_new_token_rows:
         ids = [int(i) for i in new_token_ids]
