@@ -36,7 +36,7 @@ from transformers_maskcma.hub_cards.convert_sa2va import (
 )
 from transformers_maskcma.hub_cards.convert_sam2 import SAM2_SIZE_PRESETS, sam2_key_rules
 from transformers_maskcma.modeling import MaskCMAModel
-from transformers_maskcma.modeling.video_segmentation import forced_answer_generate_kwargs
+from transformers_maskcma.modeling.modeling_maskcma import forced_answer_generate_kwargs
 from transformers_maskcma.processing.processing_maskcma import DEFAULT_CHAT_TEMPLATE
 from transformers_maskcma.processing.samples import draw_sample_shapes
 from transformers_maskcma.tiny import (

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers.models.sam2_video.modeling_sam2_video import NO_OBJ_SCORE
+from transformers.utils import ModelOutput
 
 
 @dataclass
@@ -34,7 +35,7 @@ class SamFrameFeatures:
 
 
 @dataclass
-class SamDecoderOutput:
+class SamDecoderOutput(ModelOutput):
     """One multimask pass of SAM2's mask decoder, with the mask of highest predicted IoU chosen for each target.
 
     Args:
@@ -45,14 +46,17 @@ class SamDecoderOutput:
             video memory turns it into the object pointer).
         multimask_logits (`torch.FloatTensor` of shape `(num_targets, num_masks, h, w)`): every candidate mask.
         multimask_iou_scores (`torch.FloatTensor` of shape `(num_targets, num_masks)`): their predicted IoUs.
+        prior_logits (`torch.FloatTensor` of shape `(num_targets, 1, h, w)`, *optional*): the mask prior of the CMA
+            that ran before this pass (`MaskCMAModel.decode_masks`), when it was predicted.
     """
 
-    mask_logits: torch.Tensor
-    iou_scores: torch.Tensor
-    object_score_logits: torch.Tensor
-    output_tokens: torch.Tensor
-    multimask_logits: torch.Tensor
-    multimask_iou_scores: torch.Tensor
+    mask_logits: torch.Tensor | None = None
+    iou_scores: torch.Tensor | None = None
+    object_score_logits: torch.Tensor | None = None
+    output_tokens: torch.Tensor | None = None
+    multimask_logits: torch.Tensor | None = None
+    multimask_iou_scores: torch.Tensor | None = None
+    prior_logits: torch.Tensor | None = None
 
     @classmethod
     def choose_best(

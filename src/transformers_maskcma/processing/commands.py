@@ -172,7 +172,7 @@ def run_predict(
         output = model.segment(**inputs, max_new_tokens=max_new_tokens, mask_threshold=threshold)
     masks = output.masks[0].cpu().numpy().astype(bool)  # (n, H, W) or (n, T, H, W)
     scores = [float(s) for s in output.scores[0].float().cpu()]
-    answer = output.answers[0] if output.answers is not None else processor.decode(output.answer_ids[0])
+    answer = processor.decode_answers(output.answer_ids)[0]
 
     summary = {
         "input": str(input_path),

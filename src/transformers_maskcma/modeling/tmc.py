@@ -14,7 +14,8 @@ With ``logits[i, j] = <v_i, t_j> / τ`` the loss is the symmetric InfoNCE
 are never used as negatives of each other — their entries are removed from both softmaxes, the diagonal stays.
 
 The loss needs at least two distinct (sample, object) groups; with fewer it is 0 (the output says it was skipped,
-and `MaskCMATrainer` logs how often that happened).
+and `MaskCMATrainer` logs how often that happened). `MaskCMAModel.forward` computes it whenever it gets `gt_masks`.
+Imports only torch.
 """
 
 from __future__ import annotations
@@ -63,6 +64,20 @@ def _zero_loss(*tensors: torch.Tensor | None) -> torch.Tensor:
     if total is None:
         raise ValueError("text_mask_contrastive_loss needs seg_embeds and mask_pooled_embeds tensors")
     return total
+
+
+def mask_pooled_embeddings(image_embeddings: torch.Tensor, gt_masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM2's image embedding averaged over each target's ground-truth mask (resized with nearest to the grid).
+
+    Args:
+        image_embeddings: `(num_targets, D, h, w)`; gt_masks: `(num_targets, H, W)` in [0, 1].
+
+    Returns:
+        `(pooled (num_targets, D), has_mask (num_targets,))`; rows of empty masks are 0 and `has_mask` False.
+    """
+    masks = F.interpolate(gt_masks[:, None].float(), size=image_embeddings.shape[-2:], mode="nearest")
+    area = masks.sum(dim=(2, 3))  # (N, 1)
+    return (image_embeddings * masks).sum(dim=(2, 3)) / area.clamp_min(1.0), area[:, 0] > 0
 
 
 def seg_visual_embeddings(
@@ -192,22 +207,4 @@ def text_mask_contrastive_loss(
     )
 
 
-def tmc_loss_from_output(outputs, temperature: float) -> TMCOutput:
-    """`text_mask_contrastive_loss` on a `MaskCMAOutput` (needs the forward to have received `gt_masks`)."""
-    if outputs.mask_pooled_embeds is None or outputs.target_has_mask is None:
-        raise ValueError(
-            "the TMC loss needs mask_pooled_embeds and target_has_mask in the model output: pass gt_masks and "
-            "sam_pixel_values to the forward (or set tmc_weight=0)"
-        )
-    return text_mask_contrastive_loss(
-        seg_embeds=outputs.seg_embeds,
-        mask_pooled_embeds=outputs.mask_pooled_embeds,
-        target_seg_index=outputs.target_seg_index,
-        target_has_mask=outputs.target_has_mask,
-        seg_sample_index=outputs.seg_sample_index,
-        seg_object_ids=outputs.seg_object_ids,
-        temperature=temperature,
-    )
-
-
-__all__ = ["TMCOutput", "group_rows", "seg_visual_embeddings", "text_mask_contrastive_loss", "tmc_loss_from_output"]
+__all__ = ["TMCOutput", "group_rows", "mask_pooled_embeddings", "seg_visual_embeddings", "text_mask_contrastive_loss"]
