@@ -150,7 +150,7 @@ def bench_image(setting: str):
 
 @torch.no_grad()
 def two_pass_generate_answer(
-    model, input_ids, attention_mask, pixel_values, text_token_mask, max_new_tokens, answer_ids=None, **generate_kwargs
+    model, input_ids, attention_mask, max_new_tokens, pixel_values, text_token_mask, answer_ids=None, **generate_kwargs
 ):
     """The former `MaskCMAModel.generate_answer`: generate, then one more forward of the whole VLM (vision tower
     included, every layer's states returned) over prompt + answer to read the ``[SEG]`` and prompt-token states."""

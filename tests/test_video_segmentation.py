@@ -118,7 +118,7 @@ def object_prompts(model, tokenizer):
     max_new_tokens = forced.pop("max_new_tokens")
     with torch.no_grad():
         answer = model.generate_answer(
-            inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], None, max_new_tokens, **forced
+            inputs["input_ids"], inputs["attention_mask"], max_new_tokens, inputs["pixel_values"], **forced
         )
     return answer["seg_embeds"], answer["text_tokens"][0], answer["text_token_mask"][0]
 

@@ -5,6 +5,7 @@ low-resolution mask logits to the original image size. Imports only torch and tr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -50,13 +51,13 @@ class SamDecoderOutput(ModelOutput):
             that ran before this pass (`MaskCMAModel.decode_masks`), when it was predicted.
     """
 
-    mask_logits: torch.Tensor | None = None
-    iou_scores: torch.Tensor | None = None
-    object_score_logits: torch.Tensor | None = None
-    output_tokens: torch.Tensor | None = None
-    multimask_logits: torch.Tensor | None = None
-    multimask_iou_scores: torch.Tensor | None = None
-    prior_logits: torch.Tensor | None = None
+    mask_logits: Optional[torch.FloatTensor] = None
+    iou_scores: Optional[torch.FloatTensor] = None
+    object_score_logits: Optional[torch.FloatTensor] = None
+    output_tokens: Optional[torch.FloatTensor] = None
+    multimask_logits: Optional[torch.FloatTensor] = None
+    multimask_iou_scores: Optional[torch.FloatTensor] = None
+    prior_logits: Optional[torch.FloatTensor] = None
 
     @classmethod
     def choose_best(

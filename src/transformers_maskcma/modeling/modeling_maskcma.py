@@ -109,31 +109,6 @@ class MaskCMAOutput(ModelOutput):
 
 
 @dataclass
-class MaskCMAAnswer(ModelOutput):
-    r"""
-    Output of [`MaskCMAModel.generate_answer`]: the answers and the projected states read from their generation.
-
-    Args:
-        answer_ids (`list[torch.LongTensor]`): per sample, the generated token ids up to and including the first
-            end-of-sequence token (decode them with `MaskCMAProcessor.decode_answers`).
-        seg_embeds (`torch.FloatTensor` of shape `(num_seg, 256)`), seg_sample_index (`(num_seg,)`): the projected
-            ``[SEG]`` states in reading order over the batch and the sample of each.
-        text_tokens (`torch.FloatTensor` of shape `(batch_size, T, 256)`), text_token_mask (`(batch_size, T)`): the
-            prompt's projected text tokens (the CMA's keys), gathered to the front of each row.
-        seg_hidden_states (`(num_seg, H)`), text_hidden_states (`(batch_size, T, H)`): the last-layer states they
-            were projected from.
-    """
-
-    answer_ids: list | None = None
-    seg_embeds: torch.FloatTensor | None = None
-    seg_sample_index: torch.LongTensor | None = None
-    text_tokens: torch.FloatTensor | None = None
-    text_token_mask: torch.BoolTensor | None = None
-    seg_hidden_states: torch.FloatTensor | None = None
-    text_hidden_states: torch.FloatTensor | None = None
-
-
-@dataclass
 class MaskCMASegmentationOutput(ModelOutput):
     r"""
     Output of [`MaskCMAModel.segment`], one entry per sample of the batch; decode `answer_ids` with the processor
@@ -154,6 +129,31 @@ class MaskCMASegmentationOutput(ModelOutput):
     masks: list | None = None
     scores: list | None = None
     mask_logits: list | None = None
+
+
+@dataclass
+class MaskCMAAnswer(ModelOutput):
+    r"""
+    Output of [`MaskCMAModel.generate_answer`]: the answers and the projected states read from their generation.
+
+    Args:
+        seg_embeds (`torch.FloatTensor` of shape `(num_seg, 256)`), seg_sample_index (`(num_seg,)`): the projected
+            ``[SEG]`` states in reading order over the batch and the sample of each; seg_hidden_states `(num_seg, H)`:
+            the last-layer states they were projected from.
+        answer_ids (`list[torch.LongTensor]`): per sample, the generated token ids up to and including the first
+            end-of-sequence token (decode them with `MaskCMAProcessor.decode_answers`).
+        text_tokens (`torch.FloatTensor` of shape `(batch_size, T, 256)`), text_token_mask (`(batch_size, T)`): the
+            prompt's projected text tokens (the CMA's keys), gathered to the front of each row; text_hidden_states
+            `(batch_size, T, H)`: the last-layer states they were projected from.
+    """
+
+    seg_embeds: torch.FloatTensor | None = None
+    seg_sample_index: torch.LongTensor | None = None
+    seg_hidden_states: torch.FloatTensor | None = None
+    answer_ids: list | None = None
+    text_tokens: torch.FloatTensor | None = None
+    text_token_mask: torch.BoolTensor | None = None
+    text_hidden_states: torch.FloatTensor | None = None
 
 
 class LastHiddenStateRecorder:
@@ -508,6 +508,8 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
         target_frame_index: torch.LongTensor | None = None,
         frame_sample_index: torch.LongTensor | None = None,
         seg_object_ids: torch.LongTensor | None = None,
+        original_sizes: torch.LongTensor | None = None,
+        key_frame_indices: torch.LongTensor | None = None,
     ) -> MaskCMAOutput:
         r"""
         Args:
@@ -531,6 +533,9 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
                 default `arange(batch_size)`.
             seg_object_ids (`torch.LongTensor` of shape `(num_seg_tokens,)`, *optional*): object identity of each
                 ``[SEG]`` within its sample (repeated objects are one object for the TMC loss).
+            original_sizes, key_frame_indices: what the processor returns for inference (mask sizes, the frames the
+                VLM saw); the forward does not read them, so that a processor output can be passed whole. Any other
+                argument is a `TypeError` naming it.
 
         Returns:
             [`MaskCMAOutput`].
@@ -635,10 +640,10 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
+        max_new_tokens: int = 32,
         sam_pixel_values: torch.FloatTensor | None = None,
         original_sizes: torch.LongTensor | None = None,
         text_token_mask: torch.Tensor | None = None,
-        max_new_tokens: int = 32,
         mask_threshold: float | None = None,
         answer_ids: Sequence[Sequence[int]] | None = None,
         video_frames=None,
@@ -657,12 +662,12 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
             attention_mask (`torch.Tensor` of shape `(batch_size, prompt_len)`, *optional*).
             pixel_values (`torch.FloatTensor` of shape `(num_tiles, 3, tile, tile)`): the VLM's tiles (of every key
                 frame for videos).
+            max_new_tokens (`int`): answer length limit.
             sam_pixel_values (`torch.FloatTensor`): SAM2 inputs, `(batch_size, 3, S, S)` for images or
                 `(batch_size, num_frames, 3, S, S)` for short videos.
             original_sizes (`torch.LongTensor` of shape `(batch_size, 2)`): `(height, width)` of each image or video;
                 masks are returned at this size (default: SAM2's input size).
             text_token_mask (`torch.BoolTensor` of shape `(batch_size, prompt_len)`, *optional*).
-            max_new_tokens (`int`): answer length limit.
             mask_threshold (`float`, *optional*): logit threshold (default `config.mask_threshold`).
             answer_ids (list of token-id lists, *optional*): force these answers instead of generating freely
                 ([`forced_answer_generate_kwargs`]).
@@ -682,23 +687,20 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
         """
         batch_size = input_ids.shape[0]
         is_video = video_frames is not None or (sam_pixel_values is not None and sam_pixel_values.ndim == 5)
-        if not is_video:
-            if sam_pixel_values is None:
-                raise ValueError("segment() needs sam_pixel_values (the processor's SAM2 input) to decode masks")
-            if stream or key_frame_indices is not None:
-                raise ValueError("stream and key_frame_indices are for videos (video_frames or 5-D sam_pixel_values)")
-            answer = self.generate_answer(
-                input_ids, attention_mask, pixel_values, text_token_mask, max_new_tokens, answer_ids, **generate_kwargs
-            )
-            return self.decode_answer_masks(answer, sam_pixel_values, original_sizes, mask_threshold)
-
-        if stream and batch_size != 1:
-            raise ValueError(f"stream=True streams one video, got a batch of {batch_size} prompts")
-        image_size = self.sam2.config.image_size
-        samples = video_samples(batch_size, sam_pixel_values, video_frames, key_frame_indices, original_sizes, image_size)
+        if is_video:
+            if stream and batch_size != 1:
+                raise ValueError(f"stream=True streams one video, got a batch of {batch_size} prompts")
+            image_size = self.sam2.config.image_size
+            samples = video_samples(batch_size, sam_pixel_values, video_frames, key_frame_indices, original_sizes, image_size)
+        elif sam_pixel_values is None:
+            raise ValueError("segment() needs sam_pixel_values (the processor's SAM2 input) to decode masks")
+        elif stream or key_frame_indices is not None:
+            raise ValueError("stream and key_frame_indices are for videos (video_frames or 5-D sam_pixel_values)")
         answer = self.generate_answer(
-            input_ids, attention_mask, pixel_values, text_token_mask, max_new_tokens, answer_ids, **generate_kwargs
+            input_ids, attention_mask, max_new_tokens, pixel_values, text_token_mask, answer_ids, **generate_kwargs
         )
+        if not is_video:
+            return self.decode_answer_masks(answer, sam_pixel_values, original_sizes, mask_threshold)
         threshold = self.config.mask_threshold if mask_threshold is None else mask_threshold
         streams = []
         for index, sample in enumerate(samples):
@@ -767,9 +769,9 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
         self,
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
         pixel_values: torch.FloatTensor | None = None,
         text_token_mask: torch.Tensor | None = None,
-        max_new_tokens: int = 32,
         answer_ids: Sequence[Sequence[int]] | None = None,
         **generate_kwargs,
     ) -> MaskCMAAnswer:
