@@ -36,10 +36,6 @@ class TMCOutput:
         num_objects (`int` or `torch.LongTensor` of shape `()`): distinct (sample, object) groups among them.
         skipped (`bool` or `torch.BoolTensor` of shape `()`): `True` when fewer than two distinct objects were
             present, so the loss is 0.
-        logits (`torch.FloatTensor` of shape `(num_seg, num_seg)` or `None`): ``v·tᵀ/τ`` over every ``[SEG]``,
-            before masking; the rows that took part are `row_mask`.
-        row_mask (`torch.BoolTensor` of shape `(num_seg,)` or `None`): the ``[SEG]`` rows that took part.
-        group_index (`torch.LongTensor` of shape `(num_seg,)` or `None`): (sample, object) group of each ``[SEG]``.
 
     The counts are 0-d tensors on the loss's device when computed (reading them is a host synchronisation, which
     the trainer does only when it logs); plain Python values for an empty batch.
@@ -49,9 +45,6 @@ class TMCOutput:
     num_rows: int | torch.Tensor
     num_objects: int | torch.Tensor
     skipped: bool | torch.Tensor
-    logits: torch.Tensor | None = None
-    row_mask: torch.Tensor | None = None
-    group_index: torch.Tensor | None = None
 
 
 def _zero_loss(*tensors: torch.Tensor | None) -> torch.Tensor:
@@ -201,10 +194,7 @@ def text_mask_contrastive_loss(
     weights = has_visual.float()
     loss = 0.5 * (per_row * weights).sum() / weights.sum().clamp_min(1.0)
     loss = torch.where(skipped, _zero_loss(seg_embeds, mask_pooled_embeds), loss)
-    return TMCOutput(
-        loss=loss, num_rows=num_rows, num_objects=num_objects, skipped=skipped, logits=logits, row_mask=has_visual,
-        group_index=group_index,
-    )
+    return TMCOutput(loss=loss, num_rows=num_rows, num_objects=num_objects, skipped=skipped)
 
 
 __all__ = ["TMCOutput", "group_rows", "mask_pooled_embeddings", "seg_visual_embeddings", "text_mask_contrastive_loss"]
