@@ -509,7 +509,7 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
         frame_sample_index: torch.LongTensor | None = None,
         seg_object_ids: torch.LongTensor | None = None,
         original_sizes: torch.LongTensor | None = None,
-        key_frame_indices: torch.LongTensor | None = None,
+        key_frame_indices: Sequence[int] | torch.LongTensor | None = None,
     ) -> MaskCMAOutput:
         r"""
         Args:

@@ -33,7 +33,6 @@ from transformers.utils.logging import tqdm
 
 from .mask_decoding import upsample_mask_logits
 from .mask_prior import PreviousFrameMaskPrior
-from .sam2_tracking import Sam2TrackedFrame
 
 _HEAVY_MEMORY_KEYS = ("maskmem_features", "maskmem_pos_enc")
 #: Where video results are collected: each frame moves there after upsampling on SAM2's device.
@@ -100,7 +99,7 @@ def video_samples(
 
     Args:
         sam_pixel_values (`torch.FloatTensor` of shape `(batch_size, num_frames, 3, S, S)`), or video_frames (one
-            frame sequence, or a list of `batch_size` of them): exactly one of the two.
+            frame sequence such as a `(T, 3, S, S)` tensor, or a list of `batch_size` of them): exactly one of the two.
         key_frame_indices: a list of ints (one video), a list of lists or a `(batch_size, K)` tensor.
         original_sizes: `(batch_size, 2)` `(height, width)`, or `None` for `S×S`.
     """
@@ -109,6 +108,8 @@ def video_samples(
             "pass the video either as sam_pixel_values (batch, num_frames, 3, S, S) or as video_frames (a lazy frame "
             "source per video), exactly one of them"
         )
+    if isinstance(video_frames, torch.Tensor) and video_frames.ndim == 5:  # (batch, T, 3, S, S) given as frames
+        sam_pixel_values, video_frames = video_frames, None
     if sam_pixel_values is not None:
         if sam_pixel_values.ndim != 5 or sam_pixel_values.shape[0] != batch_size:
             raise ValueError(
@@ -299,7 +300,7 @@ class VideoMaskPropagation:
         )
         stored = sam2.store_conditioning_frame(self.inference_session, frame_index, decoded, self.object_presence)
         self._release_state(remaining=None)
-        return self._frame_masks(frame_index, stored, is_key_frame=True)
+        return VideoFrameMasks(frame_index, stored.mask_logits, stored.iou_scores, stored.object_score_logits, True)
 
     def _propagate(self, frame_index: int, reverse: bool) -> VideoFrameMasks:
         """One step of SAM2's propagation (all objects), with the CMA on the memory-conditioned embedding."""
@@ -310,13 +311,7 @@ class VideoMaskPropagation:
             self.object_presence,
             refine_memory_features=self._refine_with_cma if self.cma_on_propagation else None,
         )
-        return self._frame_masks(frame_index, tracked, is_key_frame=False)
-
-    @staticmethod
-    def _frame_masks(frame_index: int, frame: Sam2TrackedFrame, is_key_frame: bool) -> VideoFrameMasks:
-        return VideoFrameMasks(
-            frame_index, frame.mask_logits, frame.iou_scores, frame.object_score_logits, is_key_frame
-        )
+        return VideoFrameMasks(frame_index, tracked.mask_logits, tracked.iou_scores, tracked.object_score_logits, False)
 
     def _refine_with_cma(self, conditioned: torch.Tensor, object_index: int, frame_index: int, reverse: bool):
         """`F' = cma(F_mem, T ∪ {s}, G)` for one object on a propagated frame; `conditioned` `(1, 256, h, w)`."""
