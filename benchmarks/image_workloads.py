@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from transformers_maskcma.modeling import MaskCMAModel
 from transformers_maskcma.modeling.mask_decoding import SamFrameFeatures
+from transformers_maskcma.modeling.mask_prior import logits_at_embedding
 from transformers_maskcma.tiny import tiny_config
 
 from .common import BenchSettings
@@ -95,8 +95,8 @@ def reencoding_forward(model: MaskCMAModel, inputs: ImageInputs) -> dict:
     """The original research code's flow, re-implemented: the image is encoded for pass 1 and encoded *again*
     before the CMA and pass 2, instead of re-using the first encoding.
 
-    The prior is brought to the embedding's resolution as `MaskCMAModel.decode_masks` does (bilinear with
-    anti-aliasing), so the masks equal those of `image_forward(..., use_cma=True)`: only the cost differs.
+    The prior is brought to the embedding's resolution as `MaskCMAModel.decode_masks` does (`logits_at_embedding`:
+    bilinear with anti-aliasing, in float32), so the masks equal those of `image_forward(..., use_cma=True)`: only the cost differs.
 
     Returns:
         dict with `mask_logits` `(N, 1, 4h, 4w)`, `iou_scores` `(N,)`, `prior_logits` `(N, 1, 4h, 4w)`.
@@ -104,8 +104,7 @@ def reencoding_forward(model: MaskCMAModel, inputs: ImageInputs) -> dict:
     first = per_object(model.encode_frames(inputs.sam_pixel_values), inputs.num_objects)
     prior_logits = model._decoder_pass(first.image_embeddings, first.high_res_features, inputs.seg_embeds).mask_logits
     second = per_object(model.encode_frames(inputs.sam_pixel_values), inputs.num_objects)
-    embed_size = second.image_embeddings.shape[-2:]
-    prior_at_embedding = F.interpolate(prior_logits, size=embed_size, mode="bilinear", antialias=True)
+    prior_at_embedding = logits_at_embedding(prior_logits, second.image_embeddings)  # float32, any activation dtype
     refined = model.cma(
         second.image_embeddings, inputs.text_tokens, inputs.text_token_mask, inputs.seg_embeds, prior_at_embedding
     )

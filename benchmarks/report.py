@@ -18,7 +18,10 @@ from typing import Any
 from .common import DEFAULT_OUTPUT_DIR, GPU_OUTPUT_DIR, REPO_ROOT
 
 DOC_PATH = REPO_ROOT / "docs" / "benchmarks.md"
-BENCHMARK_ORDER = ("cma_overhead", "topk_scaling", "video_scaling", "training_step", "research_path", "one_pass")
+BENCHMARK_ORDER = (
+    "cma_overhead", "topk_scaling", "video_scaling", "training_step", "research_path", "one_pass", "data_pipeline",
+    "throughput",
+)
 SIZE_LABELS = {"tiny": "tiny (128 px)", "hiera_tiny": "Hiera-T (1024 px)", "hiera_large": "Hiera-L (1024 px)"}
 _BLOCK = re.compile(
     r"(<!-- BEGIN GENERATED: (?P<name>[\w:]+) -->\n)(?P<body>.*?)(<!-- END GENERATED: (?P=name) -->)", re.DOTALL
@@ -231,6 +234,65 @@ def one_pass_table(payload: Mapping[str, Any]) -> str:
     return _table(header, rows)
 
 
+def data_pipeline_table(payload: Mapping[str, Any]) -> str:
+    results = payload["results"]
+    step = results["training_step"]
+    rows = []
+    for name, entries in results["loading"].items():
+        for entry in entries:
+            rows.append([
+                f"{name} ({payload['settings']['processor_sizes'][name]} px SAM2 input)",
+                str(entry["workers"]),
+                f"{entry['samples_per_second']:,.1f}",
+                _seconds(entry["first_batch_s"]),
+                f"{step['samples_per_second']:,.1f}",
+                "yes" if results["keeps_up"][name][str(entry["workers"])] else "**no**",
+            ])
+    header = ["pipeline", "workers", "samples/s (steady)", "first batch wait", "tiny training step samples/s",
+              "keeps up"]
+    video = results["video_prefetch"]
+    size = f"{video['frames']} frames {video['frame_size'][1]}×{video['frame_size'][0]}"
+    video_rows = [[
+        f"{size} → {video['sam2_input']}², tiny SAM2 encoder on this device",
+        _spread(video["summary_per_frame_s"]["prefetch_0"]),
+        _spread(video["summary_per_frame_s"]["prefetch_2"]),
+        _ratio(video["time_ratio_prefetch_vs_none"]),
+    ], [
+        f"{size} → {video['idle_sam2_input']}², idle consumer {1000 * video['idle_consumer_s']:.0f} ms a frame",
+        _spread(video["summary_per_frame_s"]["idle_prefetch_0"]),
+        _spread(video["summary_per_frame_s"]["idle_prefetch_2"]),
+        _ratio(video["time_ratio_idle_prefetch_vs_none"]),
+    ]]
+    video_header = ["video stream (time per frame: read + consumer)", "prefetch 0", "prefetch 2", "prefetch 2 / 0"]
+    return _table(header, rows) + "\n\n" + _table(video_header, video_rows)
+def _rate(summary: Mapping[str, float]) -> str:
+    return f"{summary['median']:.2f} /s (min {summary['min']:.2f}, max {summary['max']:.2f}, IQR {100 * summary['relative_iqr']:.0f} %)"
+
+
+def throughput_table(payload: Mapping[str, Any]) -> str:
+    batches, processes = payload["results"]["batches"], payload["results"]["processes"]
+    rate, seconds = batches["images_per_second"], batches["seconds"]
+    rows = [
+        [f"segment(), batch size 1 ({batches['num_images']} images, {seconds['batch_1']['n']} rounds)",
+         _rate(rate["batch_1"]), "1×", "—"],
+        [f"segment(), batch size 8 ({batches['num_images']} images, {seconds['batch_8']['n']} rounds)",
+         _rate(rate["batch_8"]), _ratio(batches["speedup_batch_8_vs_1"]),
+         f"min mask IoU vs batch 1: {batches['min_mask_iou_batch_8_vs_1']:.4f} ({batches['num_masks_compared']} masks)"],
+    ]
+    prate, wall = processes["images_per_second"], processes["wall_seconds"]
+    same = "same predictions file and metrics" if processes["same_predictions_file"] and processes["same_metrics"] else (
+        "**predictions differ**")
+    rows += [
+        [f"evaluate_dataset, 1 process ({processes['num_images']} images, {processes['runs']} runs)",
+         _rate(prate["1_process"]), "1×", f"command {_spread(wall['1_process'])}"],
+        [f"evaluate_dataset, 2 processes ({processes['num_images']} images, {processes['runs']} runs)",
+         _rate(prate["2_process"]), _ratio(processes["speedup_2_vs_1_process"]),
+         f"command {_spread(wall['2_process'])}, command speed-up {_ratio(processes['wall_speedup_2_vs_1_process'])}; "
+         f"{same}"],
+    ]
+    return _table(["workload", "images per second (median)", "speed-up (paired range)", "notes"], rows)
+
+
 TABLES: dict[str, Callable[[Mapping[str, Any]], str]] = {
     "cma_overhead": cma_overhead_table,
     "topk_scaling": topk_scaling_table,
@@ -238,6 +300,8 @@ TABLES: dict[str, Callable[[Mapping[str, Any]], str]] = {
     "training_step": training_step_table,
     "research_path": research_path_table,
     "one_pass": one_pass_table,
+    "data_pipeline": data_pipeline_table,
+    "throughput": throughput_table,
 }
 
 

@@ -27,6 +27,8 @@ BENCHMARKS = {
     "training_step": "benchmarks.bench_training_step",
     "research_path": "benchmarks.bench_research_path",
     "one_pass": "benchmarks.bench_one_pass",
+    "data_pipeline": "benchmarks.bench_data_pipeline",
+    "throughput": "benchmarks.bench_throughput",
 }
 
 

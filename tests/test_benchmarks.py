@@ -109,6 +109,14 @@ def test_quick_results_are_internally_consistent(quick_results):
         training["tokens_per_step"] / training["summary_s"]["full"]["median"]
     )
 
+    pipeline = _strict_json(quick_results / "data_pipeline.json")["results"]
+    step_rate = pipeline["training_step"]["samples_per_second"]
+    assert step_rate == pytest.approx(pipeline["batch_size"] / pipeline["training_step"]["summary_s"]["median"])
+    for name, entries in pipeline["loading"].items():
+        for entry in entries:
+            assert entry["samples_per_second"] == pytest.approx(entry["samples"] / entry["epoch_s"])
+            assert pipeline["keeps_up"][name][str(entry["workers"])] == (entry["samples_per_second"] >= step_rate)
+
     video = _strict_json(quick_results / "video_scaling.json")
     counts = video["settings"]["frame_counts"]
     for count in counts:
@@ -376,7 +384,7 @@ def test_gpu_runner_parses_its_arguments_and_refuses_without_cuda(capsys, monkey
 
     args = run_all_gpu.build_parser().parse_args(["--dtype", "float16", "--budget-s", "300", "--quick"])
     names = [name for name, _ in run_all_gpu.plan(args)]
-    assert names == ["check_split_devices", "check_offload_state", "test_precision", "benchmarks"]
+    assert names == ["check_split_devices", "check_offload_state", "check_determinism", "test_precision", "benchmarks"]
     bench_command = dict(run_all_gpu.plan(args))["benchmarks"]
     assert bench_command[-7:] == ["--device", "cuda", "--dtype", "float16", "--output-dir", str(args.output_dir), "--quick"]
     skipping = run_all_gpu.build_parser().parse_args(["--skip-benchmarks"])

@@ -377,8 +377,10 @@ def test_segment_output_masks_reads_one_sample():
     masks = segment_output_masks(Output())
     assert len(masks) == 2 and masks[0].shape == (3, 4, 5) and masks[0].dtype == bool
     assert segment_output_masks({"masks": [torch.zeros(0, 4, 5, dtype=torch.bool)]}) == []
-    with pytest.raises(ValueError, match="one entry for the one sample"):
+    with pytest.raises(ValueError, match=r"one entry per sample \(1\), got list of length 2"):
         segment_output_masks({"masks": [torch.zeros(1, 4, 5), torch.zeros(1, 4, 5)]})
+    two = segment_output_masks({"masks": [torch.zeros(1, 4, 5), torch.ones(0, 4, 5)]}, num_samples=2)
+    assert len(two) == 2 and two[0][0].shape == (4, 5) and two[1] == []
 
 
 def test_model_predict_fn_plumbing(monkeypatch, image_case, video_case, tmp_path):
@@ -886,3 +888,88 @@ def test_processor_fingerprint_of_a_saved_folder(tmp_path):
     assert evaluation_fingerprint("OpenGVLab/Sa2VA-1B", dataset="d", split="s", data_root=None)["model"] == {
         "name_or_path": "OpenGVLab/Sa2VA-1B", "repo": "OpenGVLab/Sa2VA-1B"
     }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# shards of a multi-process run (the processes themselves: tests/test_evaluate_distributed.py)
+
+
+def test_shards_of_an_interrupted_run_are_merged_and_only_the_rest_predicted(video_case, tmp_path):
+    from transformers_maskcma.evaluation.predictions import merge_prediction_shards, shard_filename
+    from transformers_maskcma.run_folder import RunFolder
+
+    dataset, truths, predictions = video_case
+    once = tmp_path / "once"
+    evaluate_dataset(dataset, FakeModel(predictions), once, show_progress=False)
+    reference = PredictionStore(once)
+    sample_ids = list(truths)
+
+    # a two-process run killed mid-way: process 1 wrote sample 3, process 0 wrote sample 0 and was cut off while
+    # writing sample 2 (the interleaved shares: 0, 2 and 1, 3)
+    run = tmp_path / "run"
+    folder = RunFolder.claim(run, command="evaluate", fingerprint={})
+    folder.record("predictions.jsonl", shard_filename(0, 2), shard_filename(1, 2))
+    for rank, ids in ((0, [sample_ids[0], sample_ids[2]]), (1, [sample_ids[3]])):
+        with PredictionStore(run, writable=True, filename=shard_filename(rank, 2)) as shard:
+            for sample_id in ids:
+                shard.add_entry(reference.entry(sample_id))
+    cut = run / shard_filename(0, 2)
+    content = cut.read_bytes()
+    cut.write_bytes(content[: len(content) - 40])  # the last line is incomplete
+
+    resumed = FakeModel(predictions)
+    result = evaluate_dataset(dataset, resumed, run, show_progress=False)
+    assert resumed.calls == [sample_ids[1], sample_ids[2]]  # the missing one and the one cut off
+    assert result["run"] == {"already_predicted": 2, "predicted_now": 2, "processes": 1, "batch_size": 1}
+    assert not list(run.glob("predictions.shard-*"))
+    assert result["metrics"] == json.loads((once / "metrics.json").read_text())["metrics"]
+    # merged in the dataset's order first, then what this run predicted
+    assert PredictionStore(run).sample_ids() == [sample_ids[0], sample_ids[3], sample_ids[1], sample_ids[2]]
+    assert merge_prediction_shards(run, sample_ids) == 0  # nothing left to merge
+
+
+def test_merge_keeps_what_is_merged_and_orders_by_the_dataset(video_case, tmp_path):
+    from transformers_maskcma.evaluation.predictions import merge_prediction_shards, shard_filename
+
+    dataset, truths, predictions = video_case
+    evaluate_dataset(dataset, FakeModel(predictions), tmp_path / "once", show_progress=False)
+    reference = PredictionStore(tmp_path / "once")
+    sample_ids = list(truths)
+    run = tmp_path / "run"
+    with PredictionStore(run, writable=True) as merged:
+        merged.add_entry(reference.entry(sample_ids[2]))
+    for rank, ids in ((0, [sample_ids[3], sample_ids[0]]), (1, [sample_ids[1], sample_ids[2]])):
+        with PredictionStore(run, writable=True, filename=shard_filename(rank, 2)) as shard:
+            for sample_id in ids:
+                shard.add_entry(reference.entry(sample_id))
+    assert merge_prediction_shards(run, sample_ids) == 3
+    store = PredictionStore(run)
+    assert store.sample_ids() == [sample_ids[2], sample_ids[0], sample_ids[1], sample_ids[3]]
+    for sample_id in sample_ids:
+        assert np.array_equal(store.masks(sample_id), reference.masks(sample_id))
+
+
+def test_evaluation_processes_from_the_launcher_environment(monkeypatch):
+    from transformers_maskcma.evaluation.distributed import EvaluationProcesses
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    single = EvaluationProcesses.from_environment()
+    assert (single.rank, single.world_size, single.is_main, single.distributed) == (0, 1, True, False)
+    assert single.share(list(range(5))) == [0, 1, 2, 3, 4]
+    assert single.gather("x") == ["x"]
+    with pytest.raises(OSError, match="disk full"):
+        single.run_on_main("writing", lambda: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert EvaluationProcesses.from_environment().world_size == 1
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="WORLD_SIZE is set but RANK is not"):
+        EvaluationProcesses.from_environment()
+    monkeypatch.setenv("RANK", "two")
+    with pytest.raises(ValueError, match="RANK='two' is not an integer"):
+        EvaluationProcesses.from_environment()
+    with pytest.raises(ValueError, match="rank 2 of world size 2 is not valid"):
+        EvaluationProcesses(rank=2, world_size=2, group=object())
+    # the shares of two processes: interleaved, together every item once
+    first, second = (EvaluationProcesses(rank=r, world_size=2, group=object()) for r in (0, 1))
+    assert first.share(list(range(5))) == [0, 2, 4] and second.share(list(range(5))) == [1, 3]

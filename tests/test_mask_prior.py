@@ -9,6 +9,8 @@ from transformers_maskcma.modeling.mask_prior import (
     GroundTruthMaskPrior,
     PredictedMaskPrior,
     PreviousFrameMaskPrior,
+    antialiased_resize,
+    logits_at_embedding,
 )
 from transformers_maskcma.tiny import TINY_SAM2_IMAGE_SIZE, build_tiny_model
 
@@ -34,7 +36,8 @@ def test_each_mask_source_resolves_to_its_strategy_and_the_predicted_one_is_pass
     pass_one = model._decoder_pass(embeddings, high_res, seg).mask_logits
     assert torch.equal(prior.mask_logits, pass_one)
     expected = F.interpolate(pass_one, size=embeddings.shape[-2:], mode="bilinear", antialias=True)
-    assert torch.equal(prior.embedding_logits, expected)
+    # the resize runs as two matrix products with torch's anti-aliased weights: equal up to float32 rounding
+    torch.testing.assert_close(prior.embedding_logits, expected, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="high-resolution features"):
         model.mask_prior(embeddings, seg)
 
@@ -83,7 +86,8 @@ def test_previous_frame_prior_resizes_the_previous_logits_and_needs_them():
     previous = torch.randn(NUM_OBJECTS, 1, 32, 32)
     output = prior(embeddings, torch.randn(NUM_OBJECTS, 16), previous_mask_logits=previous)
     expected = F.interpolate(previous, size=(8, 8), mode="bilinear", antialias=True)
-    assert torch.equal(output.embedding_logits, expected) and output.mask_logits is None
+    torch.testing.assert_close(output.embedding_logits, expected, rtol=0, atol=1e-5)
+    assert output.mask_logits is None
     with pytest.raises(ValueError, match="previous_mask_logits"):
         prior(embeddings, torch.randn(NUM_OBJECTS, 16))
 
@@ -103,3 +107,69 @@ def test_gt_model_in_eval_decodes_exactly_like_the_pred_model():
         by_gt, by_pred = gt_model(**batch), pred_model(**batch)
     assert torch.equal(by_gt.pred_masks, by_pred.pred_masks)
     assert torch.equal(by_gt.prior_masks, by_pred.prior_masks)
+
+
+@pytest.mark.parametrize(("in_size", "out_size"), [((32, 32), (8, 8)), ((20, 36), (7, 11)), ((8, 8), (24, 40))])
+def test_antialiased_resize_equals_torch_forward_and_backward(in_size, out_size):
+    """The matrix-product resize is torch's anti-aliased bilinear resize: the same values and the same gradient."""
+    generator = torch.Generator().manual_seed(1)
+    logits = (4 * torch.randn(3, 1, *in_size, generator=generator)).requires_grad_()
+    upstream = torch.randn(3, 1, *out_size, generator=generator)
+    ours = antialiased_resize(logits, out_size)
+    (ours_grad,) = torch.autograd.grad((ours * upstream).sum(), logits)
+    reference = F.interpolate(logits, size=out_size, mode="bilinear", antialias=True)
+    (reference_grad,) = torch.autograd.grad((reference * upstream).sum(), logits)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours_grad, reference_grad, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_logits_resize_on_cpu_in_float32(dtype):
+    """torch has no half-precision anti-aliased kernel on CPU; the prior resizes in float32 and returns float32 (the
+    CMA's gate dtype): the value is the float32 resize of the half-precision logits."""
+    logits = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(2)).to(dtype)
+    with pytest.raises(RuntimeError, match="not implemented"):
+        F.interpolate(logits, size=(8, 8), mode="bilinear", antialias=True)  # the hazard this avoids
+    embeddings = torch.zeros(2, 16, 8, 8, dtype=dtype)
+    resized = logits_at_embedding(logits, embeddings)
+    assert resized.dtype == torch.float32
+    expected = F.interpolate(logits.float(), size=(8, 8), mode="bilinear", antialias=True)
+    torch.testing.assert_close(resized, expected, rtol=0, atol=1e-6)
+
+
+def test_resize_runs_under_deterministic_algorithms():
+    """`full_determinism` turns on torch's deterministic mode; the prior's resize and its backward use only
+    deterministic operations (matrix products; the anti-aliased kernel's CUDA backward is flagged nondeterministic),
+    so they run and give bit-identical gradients twice."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        logits = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(3), requires_grad=True)
+        grads = [torch.autograd.grad(antialiased_resize(logits, (8, 8)).square().sum(), logits)[0] for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert torch.equal(grads[0], grads[1])
+    # no anti-aliased upsampling node in the backward graph (the one whose CUDA kernel is nondeterministic)
+    nodes, stack = set(), [antialiased_resize(logits, (8, 8)).grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and type(node).__name__ not in nodes:
+            nodes.add(type(node).__name__)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    reference = F.interpolate(logits, size=(8, 8), mode="bilinear", antialias=True).grad_fn
+    assert "Aa" in type(reference).__name__ and not any("Aa" in name for name in nodes), nodes
+
+
+def test_resize_weights_are_cached_and_usable_in_training_after_inference_mode():
+    """The weight matrices are built once per size and device (no copy to the accelerator per call), and a matrix
+    first built under `torch.inference_mode` is a plain tensor that a later training step can save for backward."""
+    with torch.inference_mode():
+        antialiased_resize(torch.randn(1, 1, 40, 24), (10, 6))
+    logits = torch.randn(1, 1, 40, 24, requires_grad=True)
+    (grad,) = torch.autograd.grad(antialiased_resize(logits, (10, 6)).sum(), logits)
+    reference = torch.randn(1, 1, 40, 24).requires_grad_()
+    reference_grad = torch.autograd.grad(F.interpolate(reference, size=(10, 6), mode="bilinear", antialias=True).sum(), reference)[0]
+    torch.testing.assert_close(grad, reference_grad, rtol=0, atol=1e-6)  # the sum's gradient does not depend on the input
+    from transformers_maskcma.modeling.mask_prior import _antialias_weights
+
+    assert _antialias_weights(40, 10, torch.device("cpu")) is _antialias_weights(40, 10, torch.device("cpu"))

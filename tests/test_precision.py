@@ -165,3 +165,203 @@ def test_bf16_model_from_parts_saves_and_reloads_in_bf16(tmp_path):
     expected = model.state_dict()
     for name, value in reloaded.state_dict().items():
         assert torch.equal(value, expected[name]), name
+
+
+# -- the warm-up factor: a non-persistent buffer updated in place --------------------------------------------------
+
+
+def test_warmup_factor_is_a_non_persistent_buffer_filled_in_place():
+    from transformers_maskcma.trainer.callbacks import set_warmup_factor
+
+    model, tokenizer = build_tiny_model(seed=0)
+    buffer = model.cma.warmup_factor_tensor
+    assert dict(model.named_buffers())["cma.warmup_factor_tensor"] is buffer and buffer.shape == ()
+    assert not any("warmup" in name for name in model.state_dict())  # not saved, never loaded
+    pointer = buffer.data_ptr()
+    set_warmup_factor(model, 0.25)
+    assert model.cma.warmup_factor_tensor is buffer and buffer.data_ptr() == pointer and float(buffer) == 0.25
+    assert model.cma.warmup_factor == 0.25
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\], got 1.5"):
+        model.cma.warmup_factor = 1.5
+    # built from parts (meta device, then materialised): the buffer is real and 1
+    parts = MaskCMAModel.from_pretrained_parts(model.vlm, model.sam2, tokenizer=tokenizer)
+    assert parts.cma.warmup_factor_tensor.device.type == "cpu" and float(parts.cma.warmup_factor_tensor) == 1.0
+
+
+def _cma_inputs(seed=0, num_objects=2, embed_dim=256, size=4, num_tokens=3):
+    generator = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(num_objects, embed_dim, size, size, generator=generator),
+        torch.randn(num_objects, num_tokens, embed_dim, generator=generator),
+        torch.ones(num_objects, num_tokens, dtype=torch.bool),
+        torch.randn(num_objects, embed_dim, generator=generator),
+        torch.randn(num_objects, 1, size, size, generator=generator),
+    )
+
+
+@pytest.mark.parametrize("warmup_target", ["residual", "mask"])
+def test_compiled_cma_reads_the_new_warmup_factor_without_recompiling(warmup_target):
+    """torch.compile guards on Python constants: a float attribute that changes every step recompiles the CMA. The
+    buffer is an input of the compiled graph, so a new factor reuses the graph and gives the eager result."""
+    model, _ = build_tiny_model(seed=0, cma_config={"warmup_target": warmup_target})
+    cma = model.cma.eval()
+    with torch.no_grad():
+        cma.gamma.fill_(0.7)
+    inputs = _cma_inputs()
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(cma, backend=counting_backend)
+    outputs = {}
+    for step, factor in enumerate((0.1, 0.6, 1.0)):
+        cma.warmup_factor = factor
+        with torch.no_grad():
+            outputs[factor] = compiled(*inputs).image_embeddings
+            eager = cma(*inputs).image_embeddings
+        torch.testing.assert_close(outputs[factor], eager, rtol=1e-5, atol=1e-5)
+        if step == 0:
+            first_graphs = len(graphs)
+    assert first_graphs >= 1 and len(graphs) == first_graphs  # no recompilation for the new factors
+    assert not torch.allclose(outputs[0.1], outputs[0.6])  # and the factor is applied
+    torch._dynamo.reset()
+
+
+# -- attention implementations: what the model claims is what runs -------------------------------------------------
+
+
+def test_attention_implementation_claims_hold():
+    from transformers_maskcma.modeling.cma import eager_attention_forward
+    from transformers_maskcma.tiny import tiny_config
+
+    # SAM2 video (transformers' Sam2VideoModel) has no flex attention: the model does not claim it
+    assert MaskCMAModel._supports_flex_attn is False
+    config = tiny_config()
+    config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match="flex"):
+        MaskCMAModel(config)
+    # the model's implementation reaches the CMA (by default, and when chosen), as it reaches the VLM and SAM2
+    default, _ = build_tiny_model(seed=0)
+    assert default.config._attn_implementation == "sdpa" == default.cma.config._attn_implementation
+    inputs = _cma_inputs(seed=1)
+    with torch.no_grad():
+        default.cma.gamma.fill_(1.0)
+        sdpa_output = default.cma(*inputs).image_embeddings
+    assert default.cma.attention_function() is not eager_attention_forward
+    default.set_attn_implementation("eager")
+    assert default.cma.config._attn_implementation == "eager"
+    assert default.cma.attention_function() is eager_attention_forward
+    with torch.no_grad():
+        eager_output = default.cma(*inputs).image_embeddings
+    torch.testing.assert_close(sdpa_output, eager_output, rtol=1e-5, atol=1e-5)
+
+
+# -- float32 numerics in a half-precision model --------------------------------------------------------------------
+
+
+def test_cma_numerics_run_in_float32_in_a_bfloat16_model():
+    """Router scores, the attention softmax, the gate and the residual F + γ·update are float32 in a bfloat16 CMA:
+    the residual added to F equals the float32 sum rounded once (a bf16 sum would round γ·update away)."""
+    model, _ = build_tiny_model(seed=0)
+    cma = model.cma.to(torch.bfloat16).eval()
+    with torch.no_grad():
+        cma.gamma.fill_(1e-3)  # a small early-training γ: the update is below bf16 resolution of F
+    image, tokens, mask, seg, prior = _cma_inputs(seed=2)
+    image = (image * 50).to(torch.bfloat16)
+    with torch.no_grad():
+        output = cma(image, tokens.bfloat16(), mask, seg.bfloat16(), prior)
+    assert output.router_scores.dtype == torch.float32 and output.image_embeddings.dtype == torch.bfloat16
+    # the update the CMA adds, recomputed from its parts in float32
+    captured = {}
+    hook = cma.out_proj.register_forward_hook(lambda module, args, out: captured.update(update=out))
+    with torch.no_grad():
+        cma(image, tokens.bfloat16(), mask, seg.bfloat16(), prior)
+    hook.remove()
+    gate = torch.sigmoid(prior.flatten(2).transpose(1, 2))
+    update = captured["update"].float() * gate
+    expected = (image.flatten(2).transpose(1, 2).float() + 1e-3 * update).to(torch.bfloat16)
+    assert torch.equal(output.image_embeddings.flatten(2).transpose(1, 2), expected)
+    assert not torch.equal(output.image_embeddings, image)  # γ·update survived the rounding somewhere
+
+
+def test_iou_head_scores_are_float32_in_a_bfloat16_model():
+    """The IoU head picks the candidate mask; in a bfloat16 model it computes in float32 (weights upcast), so bf16
+    rounding cannot tie two candidates."""
+    from transformers_maskcma.modeling.precision import Float32Forward
+
+    model, _ = build_tiny_model(seed=0)
+    model.to(torch.bfloat16)
+    head = model.sam2.mask_decoder.iou_prediction_head
+    assert sum(isinstance(hook, Float32Forward) for hook in head._forward_hooks.values()) == 1
+    tokens = torch.randn(2, 1, head.proj_in.in_features, generator=torch.Generator().manual_seed(0)).bfloat16()
+    scores = head(tokens)
+    assert scores.dtype == torch.float32
+    reference = torch.func.functional_call(head, {n: p.float() for n, p in head.named_parameters()}, (tokens.float(),))
+    assert torch.equal(scores, reference)
+    # and in the decoder pass the model uses
+    features = model.encode_frames(torch.randn(2, 3, 128, 128).bfloat16())
+    decoded = model._decoder_pass(features.image_embeddings, features.high_res_features, torch.randn(2, 256).bfloat16())
+    assert decoded.multimask_iou_scores.dtype == torch.float32
+    assert torch.equal(decoded.iou_scores, decoded.multimask_iou_scores.max(dim=-1).values)
+
+
+# -- float32 master weights under mixed precision ------------------------------------------------------------------
+
+
+def test_training_refuses_half_precision_trainable_weights(tmp_path):
+    from types import SimpleNamespace
+
+    from transformers import TrainingArguments
+
+    from transformers_maskcma.trainer import MaskCMATrainer
+    from transformers_maskcma.trainer.callbacks import check_float32_master_weights
+
+    model, _ = build_tiny_model(seed=0)
+    check_float32_master_weights(model, SimpleNamespace(deepspeed=None))  # float32: fine
+    model.to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"half precision: .*cma\.gamma.*bf16=True"):
+        check_float32_master_weights(model, SimpleNamespace(deepspeed=None))
+    check_float32_master_weights(model, SimpleNamespace(deepspeed="ds.json"))  # DeepSpeed keeps float32 masters
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match="trainable parameters are in half precision"):
+        MaskCMATrainer(model=model, args=args)
+
+
+def test_autocast_step_keeps_float32_master_weights_that_take_small_updates():
+    """The Trainer's `bf16=True` step: float32 weights, bfloat16 compute under autocast. Gradients and weights stay
+    float32 and AdamW moves γ by about its learning rate, an update that a bfloat16 γ of the same value loses."""
+    model, tokenizer = build_tiny_model(seed=0)
+    model.train()
+    with torch.no_grad():
+        model.cma.gamma.fill_(1.0)
+    batch = make_batch(tokenizer, PROMPTS_FOR_PRECISION, ["It is [SEG].", "Here: [SEG] and [SEG]."])
+    reference = model(**batch).loss.detach()
+    model.zero_grad()
+    optimizer = torch.optim.AdamW([model.cma.gamma], lr=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = model(**batch)
+    output.loss.backward()
+    assert abs(float(output.loss) - float(reference)) <= 0.02 * abs(float(reference))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert model.cma.gamma.grad.dtype == torch.float32 and float(model.cma.gamma.grad.abs()) > 0
+    optimizer.step()
+    assert model.cma.gamma.dtype == torch.float32 and 0 < abs(float(model.cma.gamma) - 1.0) <= 2e-4
+    # the same AdamW step on a bfloat16 γ = 1: the update (≈ 1e-4) is below bf16's spacing at 1 (2^-7) and is lost
+    half_gamma = torch.nn.Parameter(torch.ones(1, dtype=torch.bfloat16))
+    half_gamma.grad = model.cma.gamma.grad.to(torch.bfloat16)
+    torch.optim.AdamW([half_gamma], lr=1e-4).step()
+    assert float(half_gamma) == 1.0
+
+
+def test_no_split_modules_keep_sam2_and_the_cma_whole():
+    """Under `device_map`, accelerate never splits a module whose class is listed: SAM2 (its decoder, memory and
+    prompt encoder exchange tensors every frame), the CMA, and the VLM's own blocks."""
+    model, _ = build_tiny_model(seed=0)
+    no_split = set(model._no_split_modules)  # post_init gathers the submodels' lists into the model's
+    assert {"MaskCMASam2VideoModel", "VisualToTextAttention", "TextToVisualAttention"} <= no_split
+    assert type(model.sam2).__name__ in no_split and type(model.cma).__name__ in no_split
+    vlm_blocks = set(model.vlm._no_split_modules)
+    assert vlm_blocks and vlm_blocks <= no_split

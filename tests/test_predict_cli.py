@@ -113,8 +113,22 @@ def test_predict_on_a_video_file_writes_an_mp4_overlay(answering_folder, tmp_pat
     assert len(mask_files) == NUM_VIDEO_FRAMES
     assert all((np.asarray(Image.open(path)) > 0).any() for path in mask_files)  # the circle is in every frame
     with av.open(str(out / "overlay.mp4")) as written:
+        codec = written.streams.video[0].codec_context.name
         frames = list(written.decode(video=0))
+    # the one overlay writer (visualize.write_video): H.264, which browsers play, never MPEG-4 part 2
+    assert codec == "h264"
     assert len(frames) == NUM_VIDEO_FRAMES and (frames[0].height, frames[0].width) == (128, 192)
+    # the overlay's first frame shows the first frame with its mask drawn (within H.264's loss)
+    first_mask = np.asarray(Image.open(mask_files[0])) > 0
+    expected = np.asarray(overlay_masks(Image.open(sorted(frames_folder.iterdir())[0]).convert("RGB"), [first_mask]))
+    assert np.abs(frames[0].to_ndarray(format="rgb24").astype(int) - expected.astype(int)).mean() < 8
+
+    out_webm = tmp_path / "webm"
+    assert predict("--model", folder, "--text", VIDEO_PROMPT, clip, "--output", out_webm, "--overlay-format", "webm") == 0
+    capsys.readouterr()
+    with av.open(str(out_webm / "overlay.webm")) as written:
+        assert written.streams.video[0].codec_context.name == "vp9"
+        assert sum(1 for _ in written.decode(video=0)) == NUM_VIDEO_FRAMES
 
 
 def test_predict_reports_bad_inputs_by_name(answering_folder, tmp_path, capsys, monkeypatch):
@@ -176,3 +190,48 @@ def test_unwritable_output_is_found_before_the_model_is_loaded(answering_folder,
     assert predict("--model", folder, "--text", IMAGE_PROMPT, sample_image_path(), "--output", blocker / "out") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot be created" in err and str(blocker / "out") in err
+
+
+def test_predict_on_several_inputs_in_batches_equals_one_at_a_time(answering_folder, tmp_path, capsys):
+    from transformers_maskcma.processing.samples import draw_sample_shapes
+
+    folder, frames_folder = answering_folder
+    shifted = tmp_path / "shifted.png"
+    image, _ = draw_sample_shapes("shapes")
+    Image.fromarray(np.roll(np.asarray(image), 5, axis=1)).save(shifted)
+    inputs = [sample_image_path(), frames_folder, shifted, sample_image_path("shapes_two_circles")]
+    prompts = [IMAGE_PROMPT, VIDEO_PROMPT, "the red circle", IMAGE_PROMPT + " The round one, please."]
+    out = tmp_path / "many"
+    arguments = ["--model", folder, *inputs, "--output", out, "--json", "--batch-size", "3", "--key-frames", "5"]
+    for prompt in prompts:
+        arguments += ["--text", prompt]
+    assert predict(*arguments) == 0
+    summaries = json.loads(capsys.readouterr().out)
+    assert [summary["input"] for summary in summaries] == [str(path) for path in inputs]
+    assert [summary["media_type"] for summary in summaries] == ["image", "video", "image", "image"]
+    names = ["000_shapes", "001_frames", "002_shifted", "003_shapes_two_circles"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*names, "maskcma_run.json"])
+    assert sorted(p.name for p in (out / names[0]).iterdir()) == ["mask_0.png", "overlay.png"]
+    assert len(list((out / names[1] / "masks" / "object_0").iterdir())) == NUM_VIDEO_FRAMES
+    # each input alone (batch size 1): the same answers, masks within the stated tolerance (IoU >= 0.999)
+    for index, (path, prompt, summary) in enumerate(zip(inputs, prompts, summaries)):
+        extra = ["--key-frames", "5"] if index == 1 else []
+        assert predict("--model", folder, "--text", prompt, path, "--json", *extra) == 0
+        alone = json.loads(capsys.readouterr().out)
+        assert summary["answer"] == alone["answer"] == ANSWER
+        assert summary["original_size"] == alone["original_size"]
+        for mine, theirs in zip(summary["objects"], alone["objects"], strict=True):
+            first = np.stack([decode_rle(rle) for rle in np.atleast_1d(mine["rle"])])
+            second = np.stack([decode_rle(rle) for rle in np.atleast_1d(theirs["rle"])])
+            assert first.any() and (first & second).sum() / (first | second).sum() >= 0.999
+        if summary["media_type"] == "image":
+            written = np.asarray(Image.open(out / names[index] / "mask_0.png")) > 0
+            assert np.array_equal(written, decode_rle(summary["objects"][0]["rle"]))
+    # --overwrite removes every input's folder (recorded in the manifest), and one --text serves every input
+    assert predict("--model", folder, "--text", IMAGE_PROMPT, inputs[0], inputs[2], "--output", out, "--overwrite") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["000_shapes", "001_shifted", "maskcma_run.json"]
+    capsys.readouterr()
+    assert predict("--model", folder, "--text", "a", "--text", "b", *inputs, "--output", tmp_path / "bad") == 2
+    assert "got 4 inputs but 2 prompts" in capsys.readouterr().err
+    assert predict("--model", folder, "--text", "a", inputs[0], "--batch-size", "0", "--output", tmp_path / "b0") == 2
+    assert "--batch-size must be a positive integer" in capsys.readouterr().err

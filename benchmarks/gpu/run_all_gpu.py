@@ -5,8 +5,10 @@
 Steps, each in its own process with the time left:
 
 1. the GPU checks: `tests/gpu/check_split_devices.py` (the VLM on the GPU and SAM2 on the CPU through
-   `device_map`, and the reverse; image and video) and `tests/gpu/check_offload_state.py`;
-2. the bfloat16 test file `tests/test_precision.py` on the GPU machine;
+   `device_map`, and the reverse; image and video), `tests/gpu/check_offload_state.py` and
+   `benchmarks/gpu/check_determinism.py` (a training step under `torch.use_deterministic_algorithms(True)` on CUDA);
+2. the precision tests (`tests/test_precision.py`, `tests/test_bf16.py`, `tests/test_mask_prior.py`) on the GPU
+   machine's CPU side;
 3. the benchmarks (`python -m benchmarks.run_all --device cuda --dtype DTYPE`): float32 weights under autocast, as
    the Trainer's `bf16=True` step, CUDA warmed up before timing and memory.
 
@@ -45,7 +47,9 @@ def plan(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     steps = [
         ("check_split_devices", [python, "tests/gpu/check_split_devices.py"]),
         ("check_offload_state", [python, "tests/gpu/check_offload_state.py"]),
-        ("test_precision", [python, "-m", "pytest", "-q", "-n", "0", "tests/test_precision.py"]),
+        ("check_determinism", [python, "-m", "benchmarks.gpu.check_determinism"]),
+        ("test_precision", [python, "-m", "pytest", "-q", "-n", "0", "tests/test_precision.py", "tests/test_bf16.py",
+                            "tests/test_mask_prior.py"]),
     ]
     if not args.skip_benchmarks:
         bench = [python, "-m", "benchmarks.run_all", "--device", "cuda", "--dtype", args.dtype,

@@ -11,6 +11,12 @@ Examples::
     # MeViS valid has no public ground truth: write the zip for the evaluation server
     maskcma evaluate --model runs/maskcma-1b --dataset mevis --split valid --data-root data/mevis \\
         --submission-zip mevis_valid.zip
+    # one process per GPU (or several CPU processes, gloo): each predicts its share into its own shard, the main
+    # process merges and scores; images 8 at a time
+    accelerate launch --num_processes 8 -m transformers_maskcma.cli evaluate --model runs/maskcma-1b \\
+        --dataset refcoco --split val --data-root data/refcoco --batch-size 8
+    torchrun --nproc_per_node 8 -m transformers_maskcma.cli evaluate --model runs/maskcma-1b --dataset mevis \\
+        --split valid_u --data-root data/mevis
 """
 
 from __future__ import annotations
@@ -89,7 +95,19 @@ def register(subparsers) -> None:
         help="zip layout (default: from the dataset): mevis = <video>/<exp_id>/<frame>.png at the root, "
         "ref_ytvos = Annotations/<video>/<exp_id>/<frame>.png",
     )
-    parser.add_argument("--device", default=None, help="device for --model (default cuda when available)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="images per model.segment call for --model (videos go one at a time); predictions equal batch size 1 "
+        "up to padding's floating-point effect (docs/evaluation.md). Not part of the fingerprint: a run may be "
+        "resumed with another batch size",
+    )
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="device for --model (default cuda when available: cuda:<LOCAL_RANK> under torchrun / accelerate launch)",
+    )
     parser.add_argument("--dtype", default=None, help="weights dtype for --model, e.g. bfloat16")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.set_defaults(func=run_evaluate)
@@ -154,7 +172,33 @@ def _record_in_folder(predictions_dir: Path, fingerprint: dict, metrics_file: Pa
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    """Handler of ``maskcma evaluate``; returns the exit code."""
+    """Handler of ``maskcma evaluate``; returns the exit code. Under ``torchrun`` / ``accelerate launch`` every
+    process runs it (`EvaluationProcesses`); the main process prints the metrics."""
+    from .distributed import EvaluationProcesses
+
+    if args.model is None and args.predictions is None:
+        print("maskcma evaluate: error: give --predictions DIR (to score) or --model FOLDER (to run)", file=sys.stderr)
+        return 2
+    if args.batch_size < 1:
+        print(f"maskcma evaluate: error: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
+        return 2
+    show_progress = not args.no_progress
+    processes = EvaluationProcesses.from_environment()
+    try:
+        return _run_evaluate(args, processes, show_progress)
+    except (FileNotFoundError, KeyError, ValueError) as error:
+        # status 2 like every maskcma error; the message keeps its lines (a validation report lists one problem
+        # per line)
+        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+        prefix = "maskcma evaluate" + (f" (process {processes.rank})" if processes.distributed else "")
+        print(f"{prefix}: error: {message}", file=sys.stderr)
+        return 2
+    finally:
+        processes.close()
+
+
+def _run_evaluate(args: argparse.Namespace, processes, show_progress: bool) -> int:
+    from ..data import load_dataset_by_name
     from ..data.errors import DataFormatError
     from ..run_folder import RunFolder
     from .fingerprint import default_predictions_dir, evaluation_fingerprint
@@ -162,89 +206,86 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from .records import dataset_has_ground_truth
     from .runner import claim_predictions_folder, evaluate_dataset, score_predictions
 
-    if args.model is None and args.predictions is None:
-        print("maskcma evaluate: error: give --predictions DIR (to score) or --model FOLDER (to run)", file=sys.stderr)
-        return 2
-    show_progress = not args.no_progress
-    try:
-        from ..data import load_dataset_by_name
+    if args.model is not None:
+        predictions_dir = Path(args.predictions or default_predictions_dir(args.model, args.dataset, args.split))
+        generation = {"max_new_tokens": args.max_new_tokens, "mask_threshold": args.mask_threshold}
+        fingerprint = evaluation_fingerprint(
+            args.model, dataset=args.dataset, split=args.split, data_root=args.data_root, generation=generation
+        )
+        # refuse a folder of another run before loading data or model (the main process claims it)
+        processes.run_on_main(
+            "claiming the output folder",
+            lambda: claim_predictions_folder(predictions_dir, fingerprint, overwrite=args.overwrite),
+        )
+    else:
+        predictions_dir = Path(args.predictions)
+        fingerprint = RunFolder.read_fingerprint(predictions_dir) if predictions_dir.is_dir() else None
+        _check_recorded_run(fingerprint, args, predictions_dir)
+    dataset = load_dataset_by_name(args.dataset, args.data_root, args.split)
+    if args.model is not None:
+        from .model_predict import model_predict_fn
 
-        if args.model is not None:
-            predictions_dir = Path(args.predictions or default_predictions_dir(args.model, args.dataset, args.split))
-            generation = {"max_new_tokens": args.max_new_tokens, "mask_threshold": args.mask_threshold}
-            fingerprint = evaluation_fingerprint(
-                args.model, dataset=args.dataset, split=args.split, data_root=args.data_root, generation=generation
+        generate_kwargs = {"max_new_tokens": args.max_new_tokens}
+        if args.mask_threshold is not None:
+            generate_kwargs["mask_threshold"] = args.mask_threshold
+        predict_fn = model_predict_fn(
+            args.model, device=args.device or processes.default_device(), dtype=args.dtype,
+            generate_kwargs=generate_kwargs,
+        )
+        result = evaluate_dataset(
+            dataset,
+            predict_fn,
+            predictions_dir,
+            missing=args.missing,
+            metrics_path=args.output,
+            show_progress=show_progress,
+            fingerprint=fingerprint,
+            overwrite=False,  # the folder was claimed (and cleared with --overwrite) above
+            revos_ground_truth=args.revos_ground_truth,
+            dataset_name=args.dataset,
+            split=args.split,
+            batch_size=args.batch_size,
+            processes=processes,
+        )
+        if not processes.is_main:
+            return 0  # the main process prints the metrics and writes the submission zip
+    elif not processes.is_main:
+        return 0  # scoring saved predictions is the main process's job
+    elif dataset_has_ground_truth(dataset):
+        result = score_predictions(
+            dataset,
+            predictions_dir,
+            missing=args.missing,
+            metrics_path=args.output,
+            show_progress=show_progress,
+            revos_ground_truth=args.revos_ground_truth,
+            fingerprint=fingerprint,
+            dataset_name=args.dataset,
+            split=args.split,
+        )
+    else:
+        if args.submission_zip is None:
+            raise DataFormatError(
+                f"{args.dataset} split {args.split!r} has no ground-truth masks, so it cannot be scored "
+                "locally; pass --submission-zip OUT.zip to write the file for the evaluation server"
             )
-            # refuse a folder of another run before loading data or model
-            claim_predictions_folder(predictions_dir, fingerprint, overwrite=args.overwrite)
-        else:
-            predictions_dir = Path(args.predictions)
-            fingerprint = RunFolder.read_fingerprint(predictions_dir) if predictions_dir.is_dir() else None
-            _check_recorded_run(fingerprint, args, predictions_dir)
-        dataset = load_dataset_by_name(args.dataset, args.data_root, args.split)
-        if args.model is not None:
-            from .model_predict import model_predict_fn
-
-            generate_kwargs = {"max_new_tokens": args.max_new_tokens}
-            if args.mask_threshold is not None:
-                generate_kwargs["mask_threshold"] = args.mask_threshold
-            predict_fn = model_predict_fn(
-                args.model, device=args.device, dtype=args.dtype, generate_kwargs=generate_kwargs
-            )
-            result = evaluate_dataset(
-                dataset,
-                predict_fn,
-                predictions_dir,
-                missing=args.missing,
-                metrics_path=args.output,
-                show_progress=show_progress,
-                fingerprint=fingerprint,
-                overwrite=False,  # the folder was claimed (and cleared with --overwrite) above
-                revos_ground_truth=args.revos_ground_truth,
-                dataset_name=args.dataset,
-                split=args.split,
-            )
-        elif dataset_has_ground_truth(dataset):
-            result = score_predictions(
-                dataset,
-                predictions_dir,
-                missing=args.missing,
-                metrics_path=args.output,
-                show_progress=show_progress,
-                revos_ground_truth=args.revos_ground_truth,
-                fingerprint=fingerprint,
-                dataset_name=args.dataset,
-                split=args.split,
-            )
-        else:
-            if args.submission_zip is None:
-                raise DataFormatError(
-                    f"{args.dataset} split {args.split!r} has no ground-truth masks, so it cannot be scored "
-                    "locally; pass --submission-zip OUT.zip to write the file for the evaluation server"
-                )
-            result = None
-        if result is not None and args.model is None and fingerprint is not None:
-            _record_in_folder(predictions_dir, fingerprint, Path(result["metrics_file"]))
-        if result is not None:
-            print(_format_metrics(result))
-            print(f"metrics written to {result.get('metrics_file', args.output or predictions_dir / 'metrics.json')}")
-        if args.submission_zip is not None:
-            summary = write_submission_zip(
-                dataset,
-                predictions_dir,
-                args.submission_zip,
-                layout=args.submission_layout,
-                skip_missing=args.missing != "error",
-                show_progress=show_progress,
-            )
-            print(
-                f"submission ({summary.layout}) written to {summary.path}: {summary.n_expressions} expressions, "
-                f"{summary.n_frames} frames, {summary.n_missing} missing"
-            )
-    except (FileNotFoundError, KeyError, ValueError) as error:
-        # status 2 like every maskcma error; the message keeps its lines (a validation report lists one problem
-        # per line)
-        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-        print(f"maskcma evaluate: error: {message}", file=sys.stderr)
-        return 2
+        result = None
+    if result is not None and args.model is None and fingerprint is not None:
+        _record_in_folder(predictions_dir, fingerprint, Path(result["metrics_file"]))
+    if result is not None:
+        print(_format_metrics(result))
+        print(f"metrics written to {result.get('metrics_file', args.output or predictions_dir / 'metrics.json')}")
+    if args.submission_zip is not None:
+        summary = write_submission_zip(
+            dataset,
+            predictions_dir,
+            args.submission_zip,
+            layout=args.submission_layout,
+            skip_missing=args.missing != "error",
+            show_progress=show_progress,
+        )
+        print(
+            f"submission ({summary.layout}) written to {summary.path}: {summary.n_expressions} expressions, "
+            f"{summary.n_frames} frames, {summary.n_missing} missing"
+        )
     return 0

@@ -43,15 +43,26 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "PREDICTIONS_FILENAME",
+    "SHARD_PATTERN",
     "SUBMISSION_LAYOUTS",
     "PredictionStore",
     "SubmissionSummary",
+    "merge_prediction_shards",
     "prediction_to_frames",
+    "shard_filename",
     "submission_layout_for",
     "write_submission_zip",
 ]
 
 PREDICTIONS_FILENAME = "predictions.jsonl"
+#: The store of one process of a multi-process evaluation (``predictions.shard-<rank>-of-<world size>.jsonl``);
+#: the main process merges the shards into ``predictions.jsonl`` and removes them.
+SHARD_PATTERN = "predictions.shard-*.jsonl"
+
+
+def shard_filename(rank: int, world_size: int) -> str:
+    """The prediction store file of process ``rank`` of ``world_size``."""
+    return f"predictions.shard-{rank:03d}-of-{world_size:03d}.jsonl"
 
 #: Folder prefix inside the zip for each server.
 SUBMISSION_LAYOUTS = {"mevis": "", "ref_ytvos": "Annotations/"}
@@ -149,6 +160,8 @@ class PredictionStore:
     Args:
         directory: folder holding ``predictions.jsonl``.
         writable: create the folder and allow :meth:`add`. A read-only store requires the file to exist.
+        filename: the file inside ``directory`` (default ``predictions.jsonl``; a process of a multi-process
+            evaluation writes its own :func:`shard_filename`).
 
     Example::
 
@@ -157,9 +170,9 @@ class PredictionStore:
                 store.add(sample_id, masks)  # masks: bool (num_frames, height, width)
     """
 
-    def __init__(self, directory: str | os.PathLike, writable: bool = False):
+    def __init__(self, directory: str | os.PathLike, writable: bool = False, filename: str = PREDICTIONS_FILENAME):
         self.directory = Path(directory)
-        self.path = self.directory / PREDICTIONS_FILENAME
+        self.path = self.directory / filename
         self.writable = writable
         self.num_duplicates = 0
         self._entries: dict[str, dict] = {}
@@ -171,7 +184,7 @@ class PredictionStore:
             raise FileNotFoundError(f"predictions folder not found: {self.directory}")
         elif not self.path.is_file():
             raise FileNotFoundError(
-                f"no {PREDICTIONS_FILENAME} in the predictions folder {self.directory}; pass the folder that "
+                f"no {filename} in the predictions folder {self.directory}; pass the folder that "
                 "`maskcma evaluate --model ...` (or evaluate_dataset) wrote its predictions to"
             )
         if self.path.is_file():
@@ -261,6 +274,12 @@ class PredictionStore:
             raise DataFormatError(f"{self.path}: the prediction for sample {sample_id!r} has no frames")
         return np.stack(frames)
 
+    def entry(self, sample_id: str) -> dict:
+        """The stored line of ``sample_id`` as a dict (``sample_id``, ``size``, ``masks``: RLE per frame)."""
+        if sample_id not in self._entries:
+            raise KeyError(f"no prediction for sample {sample_id!r} in {self.path}")
+        return self._entries[sample_id]
+
     # writing -------------------------------------------------------------------------------------------------
 
     def add(self, sample_id: str, masks: np.ndarray) -> None:
@@ -282,6 +301,15 @@ class PredictionStore:
             "size": [int(masks.shape[1]), int(masks.shape[2])],
             "masks": [encode_rle(frame) for frame in masks],
         }
+        self.add_entry(entry)
+
+    def add_entry(self, entry: dict) -> None:
+        """Append a line as another store holds it (:meth:`entry`), without decoding its masks; flushed to disk."""
+        if not self.writable:
+            raise PermissionError(f"{self.path} was opened read-only; open it with writable=True to add predictions")
+        sample_id = entry["sample_id"]
+        if sample_id in self._entries:
+            raise ValueError(f"sample {sample_id!r} is already stored in {self.path}")
         if self._handle is None:
             self._handle = open(self.path, "a", encoding="utf-8")
         line = json.dumps(entry, separators=(",", ":")) + "\n"
@@ -303,6 +331,43 @@ class PredictionStore:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def merge_prediction_shards(directory: str | os.PathLike, sample_order: Sequence[str] = ()) -> int:
+    """Move the predictions of the per-process shards (:data:`SHARD_PATTERN`) into ``predictions.jsonl``, then
+    delete the shards.
+
+    Samples already in ``predictions.jsonl`` are kept as they are; the others are appended in ``sample_order``
+    (the dataset's order, so that a merged store lists its samples as a one-process run writes them), then any
+    remaining ones in shard order. A shard's cut-off last line (a process killed while writing) is dropped, so
+    that sample is predicted again. Interrupted half-way, a merge is simply run again: every line is fsync-ed
+    before any shard is deleted.
+
+    Returns:
+        The number of predictions added to ``predictions.jsonl``.
+    """
+    directory = Path(directory)
+    shards = sorted(directory.glob(SHARD_PATTERN))
+    if not shards:
+        return 0
+    entries: dict[str, dict] = {}
+    for shard in shards:
+        store = PredictionStore(directory, filename=shard.name)
+        for sample_id in store.sample_ids():
+            entries[sample_id] = store.entry(sample_id)
+    ordered = [sample_id for sample_id in dict.fromkeys(sample_order) if sample_id in entries]
+    in_order = set(ordered)
+    ordered += [sample_id for sample_id in entries if sample_id not in in_order]
+    added = 0
+    with PredictionStore(directory, writable=True) as merged:
+        for sample_id in ordered:
+            if sample_id not in merged:
+                merged.add_entry(entries[sample_id])
+                added += 1
+    for shard in shards:
+        shard.unlink()
+    logger.info("%s: merged %d predictions from %d process shards", directory, added, len(shards))
+    return added
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,14 @@ Rules (docs/evaluation.md says which published numbers each setting reproduces):
 The metrics JSON (``metrics.json`` by default) holds the numbers (fractions in ``[0, 1]``), ``dataset``,
 ``split``, the run's ``fingerprint`` (model, processor and generation settings, data), the rules used and
 ``counts`` = ``{"samples", "scored", "excluded", "missing"}`` (also ``n_samples`` and ``n_missing``), with
-``missing_sample_ids`` and ``n_unused_predictions`` (stored predictions of samples not in the dataset).
-Per-sample scores go to ``scores.jsonl`` next to it.
+``missing_sample_ids`` and ``n_unused_predictions`` (stored predictions of samples not in the dataset), and, when
+:func:`evaluate_dataset` wrote it, ``run`` = ``{"already_predicted", "predicted_now", "processes", "batch_size"}``
+(what this call predicted and what it resumed from). Per-sample scores go to ``scores.jsonl`` next to it.
+
+Several processes (``torchrun`` / ``accelerate launch``, :mod:`.distributed`): the main process claims the folder
+and checks the split, every process predicts its share of the missing records into its own shard, the main
+process merges the shards into ``predictions.jsonl`` in the dataset's order and scores, so the folder ends as a
+one-process run leaves it. Images may go through the model in batches (``batch_size``).
 """
 
 from __future__ import annotations
@@ -57,7 +63,14 @@ from .metrics import (
     revos_scores,
     video_expression_scores,
 )
-from .predictions import PREDICTIONS_FILENAME, PredictionStore, prediction_to_frames
+from .distributed import EvaluationProcesses
+from .predictions import (
+    PREDICTIONS_FILENAME,
+    PredictionStore,
+    merge_prediction_shards,
+    prediction_to_frames,
+    shard_filename,
+)
 from .records import (
     dataset_has_ground_truth,
     foreground_areas,
@@ -197,6 +210,8 @@ def evaluate_dataset(
     revos_ground_truth: str = "official",
     dataset_name: str | None = None,
     split: str | None = None,
+    batch_size: int = 1,
+    processes: EvaluationProcesses | None = None,
 ) -> dict:
     """Check the split, predict every record of ``dataset`` (resuming from ``output_dir``) and score.
 
@@ -205,11 +220,14 @@ def evaluate_dataset(
         predict_fn: ``predict_fn(record) -> masks`` for one decoded record (frames as PIL images). It returns the
             union of the answer's masks per frame (``(T, H, W)`` array or list of ``T`` ``(H, W)`` masks), or the
             masks per object (``(N, T, H, W)`` / list of ``(T, H, W)``; for an image ``(H, W)``, ``(N, H, W)`` or a
-            list of ``(H, W)``), or ``[]`` when the answer has no mask. See :func:`prediction_to_frames`.
+            list of ``(H, W)``), or ``[]`` when the answer has no mask. See :func:`prediction_to_frames`. With
+            ``batch_size`` > 1 it also needs ``predict_fn.predict_batch(records) -> [masks per record]`` (as
+            :func:`~transformers_maskcma.evaluation.model_predict.model_predict_fn` returns).
         output_dir: the run folder: ``predictions.jsonl``, ``metrics.json``, ``scores.jsonl`` and the manifest
             ``maskcma_run.json``. A folder of the same run (same ``fingerprint``) is resumed: samples already in
-            ``predictions.jsonl`` are not predicted again. A folder of another run is refused (`RunFolderError`
-            naming what differs) unless ``overwrite=True``, which removes the files that run recorded.
+            ``predictions.jsonl`` (or in a shard of an interrupted multi-process run) are not predicted again. A
+            folder of another run is refused (`RunFolderError` naming what differs) unless ``overwrite=True``,
+            which removes the files that run recorded.
         missing: ``"error"`` (default): a failing ``predict_fn`` stops the run, naming the sample (the
             predictions so far are kept); ``"zero"``, ``"empty"``, ``"drop"``: the failure is logged and the sample
             is scored by that rule (see :func:`score_predictions`); it is not stored, so a re-run tries it again.
@@ -224,6 +242,15 @@ def evaluate_dataset(
         overwrite: replace the files another run recorded in ``output_dir``.
         revos_ground_truth: ``"official"`` or ``"union"`` (ReVOS A and R, see :func:`score_predictions`).
         dataset_name, split: written to the metrics JSON (default: from ``fingerprint``).
+        batch_size: images predicted per ``predict_fn.predict_batch`` call (videos always one at a time). A batch
+            that fails is predicted again one record at a time, so a failure is attributed to its sample.
+        processes: the processes of a multi-process run (default
+            :meth:`EvaluationProcesses.from_environment`: one process unless launched by ``torchrun`` or
+            ``accelerate launch``). The main process claims the folder and checks the split; each process then
+            predicts every ``world_size``-th record still missing into its own shard
+            (``predictions.shard-<rank>-of-<world>.jsonl``, resumable like ``predictions.jsonl``); the main
+            process merges the shards into ``predictions.jsonl`` (in the dataset's order) and scores. Every
+            process returns the same metrics dict.
 
     Returns:
         The metrics dict that is written to the metrics JSON. For splits without ground truth
@@ -231,44 +258,185 @@ def evaluate_dataset(
     """
     _check_choice("missing", missing, MISSING_POLICIES)
     _check_choice("revos_ground_truth", revos_ground_truth, REVOS_GROUND_TRUTHS)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+    if batch_size > 1 and not callable(getattr(predict_fn, "predict_batch", None)):
+        raise ValueError(
+            f"batch_size={batch_size} needs predict_fn.predict_batch(records) (model_predict_fn provides it); "
+            "pass batch_size=1 for a plain predict_fn(record)"
+        )
+    processes = EvaluationProcesses.from_environment() if processes is None else processes
     output_dir = Path(output_dir)
     sample_ids = _sample_ids(dataset)
-    folder = claim_predictions_folder(output_dir, fingerprint, overwrite)
-    check_evaluation_set(dataset, kind, show_progress)
-    if PREDICTIONS_FILENAME not in folder.files:
-        folder.record(PREDICTIONS_FILENAME)  # from here on the folder holds this run's predictions
-    failures: dict[str, str] = {}
-    with PredictionStore(output_dir, writable=True) as store:
-        todo = [index for index, sample_id in enumerate(sample_ids) if sample_id not in store]
-        if len(todo) < len(sample_ids):
-            logger.info(
-                "%s: %d of %d samples already predicted by this run, predicting the other %d",
-                store.path, len(sample_ids) - len(todo), len(sample_ids), len(todo),
-            )
-        for index in tqdm(todo, desc="Predicting", disable=not show_progress):
-            sample_id = sample_ids[index]
-            try:
-                record = dataset[index]  # decodes the frames
-                raw = predict_fn(record)
-            except Exception as error:
-                if missing == "error":
-                    raise RuntimeError(
-                        f"predicting sample {sample_id!r} failed ({type(error).__name__}: {error}); the "
-                        f"{len(store)} predictions done so far are saved in {store.path} and a re-run resumes from "
-                        "there (or pass missing='zero'|'empty'|'drop' / --missing to score failed samples by that "
-                        "rule)"
-                    ) from error
-                logger.warning(
-                    "predicting sample %r failed (%s: %s); it is scored as missing (%s)",
-                    sample_id, type(error).__name__, error, missing,
-                )
-                failures[sample_id] = f"{type(error).__name__}: {error}"
-                continue
-            masks = prediction_to_frames(
-                raw, len(record["frames"]), frame_size(record), record["media_type"], sample_id
-            )
-            store.add(sample_id, masks)
+    shard = PREDICTIONS_FILENAME if not processes.distributed else shard_filename(processes.rank, processes.world_size)
 
+    def prepare() -> RunFolder:
+        folder = claim_predictions_folder(output_dir, fingerprint, overwrite)
+        check_evaluation_set(dataset, kind, show_progress)
+        new_files = [PREDICTIONS_FILENAME] + [
+            shard_filename(rank, processes.world_size) for rank in range(processes.world_size) if processes.distributed
+        ]
+        new_files = [name for name in new_files if name not in folder.files]
+        if new_files:  # from here on the folder holds this run's predictions (and shards, removed by --overwrite)
+            folder.record(*new_files)
+        # the shards of an interrupted multi-process run (of any number of processes) count as predicted
+        merge_prediction_shards(output_dir, sample_ids)
+        return folder
+
+    folder = processes.run_on_main("claiming the output folder and checking the split", prepare)
+    # a process of several reads what is merged so far; one process resumes from its own store
+    merged = output_dir / PREDICTIONS_FILENAME
+    failures: dict[str, str] = {}
+    error = None
+    todo: list[int] = []
+    stored_before = stored_after = 0
+    try:  # any error, reading included, is shared with the other processes before it is raised
+        done = PredictionStore(output_dir) if processes.distributed and merged.is_file() else None
+        with PredictionStore(output_dir, writable=True, filename=shard) as store:
+            known = store if done is None else done
+            todo = [index for index, sample_id in enumerate(sample_ids) if sample_id not in known]
+            stored_before = len(store)
+            if processes.is_main and len(todo) < len(sample_ids):
+                logger.info(
+                    "%s: %d of %d samples already predicted by this run, predicting the other %d",
+                    merged, len(sample_ids) - len(todo), len(sample_ids), len(todo),
+                )
+            _predict_records(
+                dataset, processes.share(todo), sample_ids, predict_fn, store, missing, batch_size, failures,
+                progress=show_progress and processes.is_main, known=done,
+            )
+            stored_after = len(store)
+    except Exception as caught:  # every process learns of it (agree) before it is raised
+        error = caught
+    predicted_now = 0
+    reports = processes.agree("predicting", error, (failures, stored_after - stored_before))
+    for process_failures, process_predicted in reports:
+        failures.update(process_failures)
+        predicted_now += process_predicted
+    run_info = {
+        "already_predicted": len(sample_ids) - len(todo),
+        "predicted_now": predicted_now,
+        "processes": processes.world_size,
+        "batch_size": batch_size,
+    }
+    if processes.distributed:
+        processes.run_on_main(
+            "merging the process shards", lambda: merge_prediction_shards(output_dir, sample_ids)
+        )
+    return processes.run_on_main(
+        "scoring",
+        lambda: _finish(
+            dataset, folder, output_dir, failures, missing=missing, kind=kind, metrics_path=metrics_path,
+            bound_th=bound_th, show_progress=show_progress, fingerprint=fingerprint,
+            revos_ground_truth=revos_ground_truth, dataset_name=dataset_name, split=split, run_info=run_info,
+        ),
+        share=True,
+    )
+
+
+def _predict_records(
+    dataset: datasets.Dataset,
+    indices: list[int],
+    sample_ids: list[str],
+    predict_fn: PredictFn,
+    store: PredictionStore,
+    missing: str,
+    batch_size: int,
+    failures: dict[str, str],
+    progress: bool,
+    known: PredictionStore | None,
+) -> None:
+    """Predict the records at ``indices`` (skipping those ``store`` holds) into ``store``; images go in batches
+    of ``batch_size`` through ``predict_fn.predict_batch``, videos one at a time. Failures go to ``failures``
+    (``missing`` != ``"error"``) or raise."""
+    indices = [index for index in indices if sample_ids[index] not in store]
+    media_types = dataset["media_type"] if batch_size > 1 else None
+    bar = tqdm(total=len(indices), desc="Predicting", disable=not progress)
+
+    def one(index: int, record: dict | None = None) -> None:
+        sample_id = sample_ids[index]
+        try:
+            record = dataset[index] if record is None else record  # decodes the frames
+            raw = predict_fn(record)
+        except Exception as error:
+            _failed(sample_id, error, missing, store, known, failures)
+            return
+        _store(store, record, raw, sample_id)
+
+    position = 0
+    while position < len(indices):
+        index = indices[position]
+        if batch_size == 1 or media_types[index] != "image":
+            one(index)
+            position += 1
+            bar.update(1)
+            continue
+        chunk = []  # the next run of up to batch_size images
+        for candidate in indices[position : position + batch_size]:
+            if media_types[candidate] != "image":
+                break
+            chunk.append(candidate)
+        records = [dataset[i] for i in chunk]
+        try:
+            raws = list(predict_fn.predict_batch(records))
+            if len(raws) != len(records):
+                raise ValueError(f"predict_batch returned {len(raws)} predictions for {len(records)} records")
+        except Exception as error:
+            logger.warning(
+                "predicting a batch of %d images failed (%s: %s); predicting them one at a time",
+                len(records), type(error).__name__, error,
+            )
+            for index, record in zip(chunk, records):
+                one(index, record)
+        else:
+            for index, record, raw in zip(chunk, records, raws):
+                _store(store, record, raw, sample_ids[index])
+        position += len(chunk)
+        bar.update(len(chunk))
+    bar.close()
+
+
+def _store(store: PredictionStore, record: dict, raw, sample_id: str) -> None:
+    masks = prediction_to_frames(raw, len(record["frames"]), frame_size(record), record["media_type"], sample_id)
+    store.add(sample_id, masks)
+
+
+def _failed(sample_id: str, error: Exception, missing: str, store: PredictionStore, known, failures: dict) -> None:
+    if missing == "error":
+        done = len(store) + (0 if known is None else len(known))
+        raise RuntimeError(
+            f"predicting sample {sample_id!r} failed ({type(error).__name__}: {error}); the "
+            f"{done} predictions done so far are saved in {store.directory} and a re-run resumes from "
+            "there (or pass missing='zero'|'empty'|'drop' / --missing to score failed samples by that "
+            "rule)"
+        ) from error
+    logger.warning(
+        "predicting sample %r failed (%s: %s); it is scored as missing (%s)",
+        sample_id, type(error).__name__, error, missing,
+    )
+    failures[sample_id] = f"{type(error).__name__}: {error}"
+
+
+def _finish(
+    dataset: datasets.Dataset,
+    folder: RunFolder,
+    output_dir: Path,
+    failures: dict[str, str],
+    *,
+    missing: str,
+    kind: str | None,
+    metrics_path,
+    bound_th: float,
+    show_progress: bool,
+    fingerprint: dict | None,
+    revos_ground_truth: str,
+    dataset_name: str | None,
+    split: str | None,
+    run_info: dict,
+) -> dict:
+    """Score the merged predictions (main process) and write the metrics JSON (with ``run_info``: how many samples
+    this call predicted and found already predicted, in how many processes, at which batch size)."""
+    sample_ids = list(dataset["sample_id"])
     fingerprint = {} if fingerprint is None else fingerprint
     dataset_name = dataset_name or fingerprint.get("dataset")
     split = split or fingerprint.get("split")
@@ -289,6 +457,7 @@ def evaluate_dataset(
             "evaluation server (maskcma evaluate --submission-zip)",
             "predictions": str(output_dir / PREDICTIONS_FILENAME),
             "metrics_file": str(metrics_file),
+            "run": run_info,
         }
         _write_json(metrics_file, result)
         _record_outputs(folder, metrics_file)
@@ -305,12 +474,13 @@ def evaluate_dataset(
         fingerprint=fingerprint,
         dataset_name=dataset_name,
         split=split,
-        validate=False,  # checked above, before the first prediction
+        validate=False,  # checked before the first prediction
         treat_as_missing=set(failures),
     )
     if failures:
         result["failures"] = failures
-        _write_json(Path(result["metrics_file"]), result)
+    result["run"] = run_info
+    _write_json(Path(result["metrics_file"]), result)
     _record_outputs(folder, Path(result["metrics_file"]))
     return result
 

@@ -75,16 +75,19 @@ def eager_attention_forward(
         dropout (`float`): dropout probability on the attention probabilities (pass 0.0 at evaluation).
 
     Returns:
-        `(output (batch, query_len, heads, head_dim), probabilities (batch, heads, query_len, key_len))`.
+        `(output (batch, query_len, heads, head_dim), probabilities (batch, heads, query_len, key_len))`. The
+        logits and the softmax are computed in float32 (the probabilities are float32); the output has `value`'s
+        dtype.
     """
-    logits = (query @ key.transpose(-1, -2)) * scaling
+    # logits and softmax in float32 whatever the activation dtype (bf16 logits lose the ranking of close keys)
+    logits = (query.float() @ key.float().transpose(-1, -2)) * scaling
     if attention_mask is not None and attention_mask.dtype == torch.bool:
         logits = logits.masked_fill(~attention_mask, float("-inf"))
     elif attention_mask is not None:
-        logits = logits + attention_mask
+        logits = logits + attention_mask.float()
     probs = logits.softmax(dim=-1)
     probs = nn.functional.dropout(probs, p=dropout, training=dropout > 0.0)
-    return (probs @ value).transpose(1, 2).contiguous(), probs
+    return (probs.to(value.dtype) @ value).transpose(1, 2).contiguous(), probs
 
 
 @dataclass
@@ -119,6 +122,9 @@ class TextTokenRouter(nn.Module):
     kept token carries a routing weight ``p_j / stop_gradient(p_j)``, with ``p`` the softmax of the scores over the
     valid tokens: the weight is exactly 1 in the forward pass (the attention equals attention over the kept
     tokens) while its gradient, ``∇ log p_j``, trains the router.
+
+    The scores and their log-softmax are computed in float32 whatever the activation dtype: in bfloat16 (8 bits of
+    mantissa) close scores tie and top-K keeps other tokens than in float32.
     """
 
     def __init__(self, embed_dim: int):
@@ -140,7 +146,8 @@ class TextTokenRouter(nn.Module):
         Returns:
             [`RoutedTokens`] with `K = min(top_k, num_tokens)` slots per object.
         """
-        scores = torch.einsum("nd,ntd->nt", self.query_proj(seg_embeds), self.key_proj(tokens)) * self.scale
+        queries, keys = self.query_proj(seg_embeds).float(), self.key_proj(tokens).float()
+        scores = torch.einsum("nd,ntd->nt", queries, keys) * self.scale  # float32
         scores = scores.masked_fill(~token_mask, float("-inf"))
         num_tokens = tokens.shape[1]
         keep = num_tokens if top_k is None else min(top_k, num_tokens)
@@ -172,8 +179,14 @@ class MaskGuidedCrossModalAttention(nn.Module):
         top_k (`int` or `None`): tokens kept by the router (`None`: all).
 
     The residual scale `gamma` is a learnable scalar initialised to 0, so a freshly added CMA leaves SAM2's masks
-    unchanged. `warmup_factor` is a plain attribute (not saved), set by `GammaWarmupCallback` during training and
-    1.0 otherwise.
+    unchanged. The warm-up factor lives in `warmup_factor_tensor`, a 0-d non-persistent buffer (not saved, 1.0
+    unless `GammaWarmupCallback` ramps it in training) that is updated in place: a compiled or traced forward reads
+    the buffer and sees no new Python constant when the factor changes every step. `warmup_factor` reads it as a
+    Python float (a host synchronisation: for logging) and assigning it fills the buffer in place.
+
+    Numerics: the gate (sigmoid of the prior), the residual scale and the residual ``F + scale · update`` are
+    computed in float32 and cast back to the activation dtype once; the router and the attention softmax run in
+    float32 as well (see [`TextTokenRouter`] and `eager_attention_forward`).
     """
 
     def __init__(self, config: MaskCMAAttentionConfig, embed_dim: int = 256, top_k: int | None = 2):
@@ -201,7 +214,20 @@ class MaskGuidedCrossModalAttention(nn.Module):
         self.v_proj = nn.Linear(embed_dim, embed_dim)
         self.out_proj = nn.Linear(embed_dim, embed_dim)
         self.gamma = nn.Parameter(torch.zeros(1))
-        self.warmup_factor = 1.0
+        self.register_buffer("warmup_factor_tensor", torch.ones(()), persistent=False)
+
+    @property
+    def warmup_factor(self) -> float:
+        """The warm-up factor as a Python float (reads the buffer: a host synchronisation on an accelerator)."""
+        return float(self.warmup_factor_tensor)
+
+    @warmup_factor.setter
+    def warmup_factor(self, factor: float) -> None:
+        factor = float(factor)
+        if not 0.0 <= factor <= 1.0:
+            raise ValueError(f"the CMA warm-up factor must lie in [0, 1], got {factor}")
+        with torch.no_grad():
+            self.warmup_factor_tensor.fill_(factor)  # in place: the same tensor object, no new constant
 
     def _split_heads(self, states: torch.Tensor) -> torch.Tensor:
         batch, length, _ = states.shape
@@ -213,18 +239,18 @@ class MaskGuidedCrossModalAttention(nn.Module):
         return float(self.config.dropout) if self.training else 0.0
 
     def gate_values(self, mask_prior_logits: torch.Tensor) -> torch.Tensor:
-        """Gate per image position from the prior logits `(N, 1, h, w)` → `(N, h*w, 1)`, with the warm-up applied
-        when it targets the mask."""
-        gate = torch.sigmoid(mask_prior_logits.flatten(2).transpose(1, 2))
+        """Gate per image position from the prior logits `(N, 1, h, w)` → `(N, h*w, 1)` in float32, with the
+        warm-up applied when it targets the mask."""
+        gate = torch.sigmoid(mask_prior_logits.float().flatten(2).transpose(1, 2))
         if self.warmup_on_gate:
-            gate = 1.0 + self.warmup_factor * (gate - 1.0)
+            gate = 1.0 + self.warmup_factor_tensor.float() * (gate - 1.0)
         return gate
 
     def residual_scale(self) -> torch.Tensor:
-        """γ times the warm-up factor when the warm-up targets the residual, else γ."""
+        """γ times the warm-up factor when the warm-up targets the residual, else γ; shape `(1,)`, float32."""
         if self.warmup_on_gate:
-            return self.gamma
-        return self.gamma * self.warmup_factor
+            return self.gamma.float()
+        return self.gamma.float() * self.warmup_factor_tensor.float()
 
     def attend(
         self, visual: torch.Tensor, routed: RoutedTokens, gate: torch.Tensor
@@ -265,12 +291,13 @@ class MaskGuidedCrossModalAttention(nn.Module):
         routed = self.router(tokens, token_mask, seg_embeds, self.top_k)
 
         visual = image_embeddings.flatten(2).transpose(1, 2)  # (N, h*w, D)
-        gate = self.gate_values(mask_prior_logits.to(visual.dtype))  # (N, h*w, 1)
+        gate = self.gate_values(mask_prior_logits)  # (N, h*w, 1), float32
         attended, probs = self.attend(visual, routed, gate)
-        update = self.out_proj(attended)
+        update = self.out_proj(attended).float()
         if not self.gate_on_attention:
             update = update * gate
-        refined = visual + self.residual_scale().to(visual.dtype) * update
+        # the residual in float32: a small γ·update added to F in bf16 would round away
+        refined = (visual.float() + self.residual_scale() * update).to(visual.dtype)
         refined = refined.transpose(1, 2).reshape(num_objects, embed_dim, height, width)
         return CrossModalAttentionOutput(
             image_embeddings=refined,
@@ -317,7 +344,7 @@ class VisualToTextAttention(MaskGuidedCrossModalAttention):
         )
         attended = attended.reshape(num_objects, num_positions, self.embed_dim)
         if self.gate_on_attention:
-            attended = attended * gate
+            attended = (attended.float() * gate).to(attended.dtype)
         return attended, probs
 
 
@@ -341,15 +368,15 @@ class TextToVisualAttention(MaskGuidedCrossModalAttention):
         bias = None
         if self.gate_on_attention:
             bias = gate.clamp_min(torch.finfo(gate.dtype).tiny).log().transpose(1, 2).unsqueeze(1)  # (N, 1, 1, hw)
-        token_features, probs = eager_attention_forward(
+        token_features, probs = eager_attention_forward(  # probs in float32
             self, query, key, value, attention_mask=bias, scaling=self.scaling, dropout=self.attention_dropout
         )
         probs = probs * routed.token_mask[:, None, :, None]  # padding slots attend nowhere
-        token_features = token_features.transpose(1, 2) * routed.routing_weights[:, None, :, None].to(value.dtype)
+        token_features = token_features.transpose(1, 2).float() * routed.routing_weights[:, None, :, None].float()
         received = probs.transpose(-1, -2)  # (N, H, hw, K)
         received = received / received.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(received.dtype).tiny)
         attended = (received @ token_features).transpose(1, 2).reshape(num_objects, num_positions, self.embed_dim)
-        return attended, probs
+        return attended.to(value.dtype), probs
 
 
 CROSS_MODAL_ATTENTION_CLASSES = {"visual_to_text": VisualToTextAttention, "text_to_visual": TextToVisualAttention}
@@ -358,4 +385,7 @@ CROSS_MODAL_ATTENTION_CLASSES = {"visual_to_text": VisualToTextAttention, "text_
 def resolve_cross_modal_attention(config: MaskCMAConfig) -> MaskGuidedCrossModalAttention:
     """The CMA of a model: the class of `config.cma_config.direction`, at SAM2's width, with `cma_topk_tokens`."""
     attention_class = CROSS_MODAL_ATTENTION_CLASSES[config.cma_config.direction]
+    if config.cma_config._attn_implementation is None and config._attn_implementation is not None:
+        # the model's resolved implementation (e.g. "sdpa" by default) reaches the CMA, as it reaches the VLM and SAM2
+        config.cma_config._attn_implementation = config._attn_implementation
     return attention_class(config.cma_config, embed_dim=config.seg_embed_dim, top_k=config.cma_topk_tokens)

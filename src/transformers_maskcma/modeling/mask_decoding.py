@@ -74,7 +74,7 @@ class SamDecoderOutput(ModelOutput):
             object_score_logits: `(N,)` or `(N, 1)`.
         """
         rows = torch.arange(multimask_logits.shape[0], device=multimask_logits.device)
-        best = multimask_iou_scores.argmax(dim=-1)
+        best = multimask_iou_scores.float().argmax(dim=-1)  # float32; a tie keeps the first candidate in any dtype
         return cls(
             mask_logits=multimask_logits[rows, best].unsqueeze(1),
             iou_scores=multimask_iou_scores[rows, best],

@@ -8,6 +8,7 @@ This file imports only torch and transformers (it is copied flat into Hub reposi
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -62,10 +63,38 @@ class ConvMaskPriorHead(nn.Module):
         return self.conv2(hidden)
 
 
+@functools.lru_cache(maxsize=64)
+def _antialias_weights(in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
+    """The `(out_size, in_size)` float32 matrix of a 1-D bilinear anti-aliased resize: row `i` holds the weights of
+    output sample `i`. Computed on the CPU (the resize of each unit vector by torch's anti-aliased kernel, forward
+    only, in float32) and moved to `device` once per size and device (cached: no copy to the accelerator in the hot
+    path), so no accelerator needs that kernel."""
+    with torch.inference_mode(False), torch.no_grad():  # a plain tensor, usable in training after an inference call
+        # the unit vectors as rows (1 × in images): torch's 2-D kernel resizes both axes with these horizontal weights
+        unit_vectors = torch.eye(in_size, dtype=torch.float32).view(in_size, 1, 1, in_size)
+        resized = F.interpolate(unit_vectors, size=(1, out_size), mode="bilinear", antialias=True)  # (in, 1, 1, out)
+        return resized[:, 0, 0, :].transpose(0, 1).contiguous().to(device)
+
+
+def antialiased_resize(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear, anti-aliased resize of `(N, C, H, W)` to `(N, C, *size)`, in float32 (returned in float32).
+
+    It equals `F.interpolate(logits.float(), size, mode="bilinear", antialias=True)` (the kernel is separable), but
+    runs as two matrix products with the 1-D weight matrices (built on the CPU): the anti-aliased `F.interpolate` has
+    no bfloat16/float16 kernel on CPU (and no kernel on MPS in older torch), and its CUDA backward is not deterministic
+    (`torch.use_deterministic_algorithms(True)`, i.e. the Trainer's `full_determinism`, raises there), while matrix
+    products are deterministic in both directions on every device. The gradient flows to `logits`.
+    """
+    height, width = (int(v) for v in size)
+    weights_h = _antialias_weights(logits.shape[-2], height, logits.device)  # (h, H)
+    weights_w = _antialias_weights(logits.shape[-1], width, logits.device)  # (w, W)
+    return weights_h @ logits.float() @ weights_w.transpose(0, 1)
+
+
 def logits_at_embedding(mask_logits: torch.Tensor, image_embeddings: torch.Tensor) -> torch.Tensor:
-    """Mask logits `(N, 1, H, W)` resized (bilinear, antialiased) to the embedding's `(h, w)`, in its dtype."""
-    resized = F.interpolate(mask_logits, size=image_embeddings.shape[-2:], mode="bilinear", antialias=True)
-    return resized.to(image_embeddings.dtype)
+    """Mask logits `(N, 1, H, W)` resized (bilinear, antialiased, in float32) to the embedding's `(h, w)`:
+    `(N, 1, h, w)` in float32 (the CMA computes its gate in float32)."""
+    return antialiased_resize(mask_logits, image_embeddings.shape[-2:])
 
 
 class MaskPrior:

@@ -230,7 +230,8 @@ class MaskCMAPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_flash_attn = True
-    _supports_flex_attn = True
+    # no flex attention: transformers' Sam2VideoModel does not support it (the CMA runs SDPA under flash kernels)
+    _supports_flex_attn = False
     _supports_attention_backend = True
     # SAM2 stays whole on one device under `device_map` (its decoder, memory and prompt encoder exchange many
     # tensors per frame); the VLM's own blocks are added by transformers from the VLM's `_no_split_modules`
@@ -243,6 +244,7 @@ class MaskCMAPreTrainedModel(PreTrainedModel):
         std = 0.02
         if isinstance(module, MaskGuidedCrossModalAttention):
             init.zeros_(module.gamma)
+            init.ones_(module.warmup_factor_tensor)  # non-persistent: never loaded, so set here after from_pretrained
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:

@@ -35,6 +35,7 @@ from transformers import Sam2VideoModel
 from transformers.models.sam2_video.modeling_sam2_video import Sam2VideoInferenceSession
 
 from .mask_decoding import SamDecoderOutput, SamFrameFeatures, apply_object_presence
+from .precision import run_in_float32
 
 #: The private `Sam2VideoModel` methods this module calls, with their parameter names as checked (the guard test
 #: compares them with the installed transformers).
@@ -88,6 +89,11 @@ class Sam2TrackedFrame:
 class MaskCMASam2VideoModel(Sam2VideoModel):
     """transformers' `Sam2VideoModel` with the conditioning and tracking steps of MaskCMA's video path (module
     docstring). Same modules and checkpoint keys as `Sam2VideoModel`; everything else it does is unchanged."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        # the IoU head picks the candidate mask: float32 scores, so that bf16 rounding cannot tie them (precision.py)
+        run_in_float32(self.mask_decoder.iou_prediction_head)
 
     # -- features --------------------------------------------------------------------------------------------------
 

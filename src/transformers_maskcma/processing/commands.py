@@ -1,14 +1,19 @@
 """``maskcma predict``: segment what a prompt refers to in an image, a video file or a folder of frames.
 
-``maskcma predict --model FOLDER --text "..." INPUT [--output DIR] [--overwrite] [--json] [--key-frames N]
-[--key-frame-sampling first|uniform] [--max-new-tokens N] [--threshold T] [--overlay-format gif|mp4] [--device D]
-[--threads N]``
+``maskcma predict --model FOLDER --text "..." INPUT [INPUT ...] [--batch-size N] [--output DIR] [--overwrite]
+[--json] [--key-frames N] [--key-frame-sampling first|uniform] [--max-new-tokens N] [--threshold T]
+[--overlay-format gif|mp4|webm] [--device D] [--threads N]``
 
 Images: ``DIR/mask_<k>.png`` per object (white = object) and ``DIR/overlay.png``. Videos: ``DIR/masks/object_<k>/
-<frame>.png`` per object and frame, and ``DIR/overlay.gif`` (or ``.mp4``, written with PyAV). ``--json`` prints the
-answer, the scores and every mask as COCO RLE (``masks[object]`` for an image, ``masks[object][frame]`` for a video)
-to stdout; with ``--json`` and no ``--output`` no file is written. Without either, files go to
-``./maskcma_predictions``.
+<frame>.png`` per object and frame, and ``DIR/overlay.gif`` (or ``.mp4`` H.264 / ``.webm`` VP9, written by
+`visualize.write_video` with the encoders browsers play). ``--json`` prints the answer, the scores and every mask
+as COCO RLE (``masks[object]`` for an image, ``masks[object][frame]`` for a video) to stdout; with ``--json`` and no
+``--output`` no file is written. Without either, files go to ``./maskcma_predictions``.
+
+Several inputs (one ``--text`` for all, or one ``--text`` per input, in order) load the model once and write into
+``DIR/<index>_<name>/`` each; ``--json`` prints a list. ``--batch-size N`` puts N images through one model call
+(videos go one at a time); the masks equal batch size 1 within IoU 0.999 and the answers are the same
+(docs/evaluation.md).
 
 The output folder belongs to one prediction (``maskcma_run.json`` records the model, input and settings, and the
 files written): a folder holding another run, or files that are not a maskcma run's, is refused before the model is
@@ -21,8 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +37,10 @@ from tqdm.auto import tqdm
 from ..run_folder import RunFolder, check_weight_files, model_fingerprint
 from .pipeline import infer_media_type
 from .video_io import KEY_FRAME_SAMPLINGS
-from .visualize import mask_to_image, overlay_masks
+from .visualize import BROWSER_VIDEO_CODECS, mask_to_image, overlay_masks, write_video
 
 DEFAULT_OUTPUT = "maskcma_predictions"
-OVERLAY_FORMATS = ("gif", "mp4")
+OVERLAY_FORMATS = ("gif", "mp4", "webm")
 
 
 def register(subparsers) -> None:
@@ -44,9 +50,25 @@ def register(subparsers) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("input", help="an image file, a video file (decoded with PyAV) or a folder of frame images")
+    parser.add_argument(
+        "input",
+        nargs="+",
+        help="an image file, a video file (decoded with PyAV) or a folder of frame images; several inputs write into "
+        "OUTPUT/<index>_<name>/ each",
+    )
     parser.add_argument("--model", required=True, help="a saved MaskCMA folder (save_pretrained / maskcma export)")
-    parser.add_argument("--text", required=True, help="the referring prompt, e.g. 'Please segment the red circle.'")
+    parser.add_argument(
+        "--text",
+        required=True,
+        action="append",
+        help="the referring prompt, e.g. 'Please segment the red circle.'; once for every input, or once per input",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="images per model call (default 1); videos go one at a time. Masks equal batch size 1 within IoU 0.999",
+    )
     parser.add_argument("--output", default=None, help=f"output folder (default ./{DEFAULT_OUTPUT} unless --json)")
     parser.add_argument(
         "--overwrite",
@@ -66,11 +88,12 @@ def register(subparsers) -> None:
 
 def predict_command(args: argparse.Namespace) -> int:
     try:
-        summary = run_predict(
+        summaries = run_predict_many(
             model_path=args.model,
-            text=args.text,
-            input_path=args.input,
+            texts=args.text,
+            input_paths=args.input,
             output_dir=args.output if (args.output or args.json) else DEFAULT_OUTPUT,
+            batch_size=args.batch_size,
             key_frames=args.key_frames,
             key_frame_sampling=args.key_frame_sampling,
             max_new_tokens=args.max_new_tokens,
@@ -85,9 +108,12 @@ def predict_command(args: argparse.Namespace) -> int:
         print(f"maskcma predict: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(summary))
-    else:
+        print(json.dumps(summaries[0] if len(summaries) == 1 else summaries))
+        return 0
+    for summary in summaries:
         scores = ", ".join(f"{obj['score']:.3f}" for obj in summary["objects"]) or "none"
+        if len(summaries) > 1:
+            print(f"{summary['input']}:")
         print(f"answer: {summary['answer']!r}")
         print(f"{len(summary['objects'])} object(s), scores: {scores}")
         print(f"wrote {len(summary['files'])} file(s) to {summary['output']}")
@@ -121,64 +147,156 @@ def run_predict(
         (per object: `index`, `score` and, with `with_rle`, `rle`: one RLE for an image, a list per frame for a
         video), `output` and `files` (paths written).
     """
+    return run_predict_many(
+        model_path, [text], [input_path], output_dir, key_frames=key_frames, key_frame_sampling=key_frame_sampling,
+        max_new_tokens=max_new_tokens, threshold=threshold, overlay_format=overlay_format, fps=fps, device=device,
+        with_rle=with_rle, overwrite=overwrite, show_progress=show_progress,
+    )[0]
+
+
+def _input_folder_name(index: int, path: Path) -> str:
+    """`<index>_<name>`: the output subfolder of one of several inputs."""
+    stem = re.sub(r"[^A-Za-z0-9._+-]+", "_", path.stem if path.is_file() else path.name) or "input"
+    return f"{index:03d}_{stem}"
+
+
+def run_predict_many(
+    model_path: str | os.PathLike,
+    texts: Sequence[str],
+    input_paths: Sequence[str | os.PathLike],
+    output_dir: str | os.PathLike | None,
+    batch_size: int = 1,
+    key_frames: int | None = None,
+    key_frame_sampling: str | None = None,
+    max_new_tokens: int = 32,
+    threshold: float | None = None,
+    overlay_format: str = "gif",
+    fps: float = 10.0,
+    device: str | None = None,
+    with_rle: bool = False,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> list[dict]:
+    """Run a saved model on several inputs (the model is loaded once) and write each one's masks and overlays.
+
+    Args:
+        texts: one prompt for every input, or one per input.
+        input_paths: images, video files or frame folders. One input writes into `output_dir` itself (as
+            `run_predict`); several write into `output_dir/<index>_<name>/` each.
+        batch_size: images per processor call and `model.segment` call (prompts left-padded, each image with its
+            tiles and original size; masks equal batch size 1 within IoU 0.999, answers identical:
+            docs/evaluation.md). Videos go one at a time.
+        other arguments: as `run_predict`.
+
+    Returns:
+        one summary dict per input (see `run_predict`), in input order.
+    """
     import torch
     from transformers import AutoModel, AutoProcessor
 
-    input_path = Path(input_path)
-    if not input_path.exists():
-        raise FileNotFoundError(f"input {str(input_path)!r} does not exist (pass an image, a video file or a folder)")
+    paths = [Path(path) for path in input_paths]
+    if not paths:
+        raise ValueError("no input given; pass an image, a video file or a folder of frames")
+    prompts = list(texts) * len(paths) if len(texts) == 1 else list(texts)
+    if len(prompts) != len(paths):
+        raise ValueError(
+            f"got {len(paths)} inputs but {len(texts)} prompts; pass one --text for every input, or one per input"
+        )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive integer, got {batch_size!r}")
+    for path in paths:
+        if not path.exists():
+            raise FileNotFoundError(f"input {str(path)!r} does not exist (pass an image, a video file or a folder)")
     if not Path(model_path).is_dir():
         raise FileNotFoundError(f"model folder {str(model_path)!r} does not exist (pass a folder saved by maskcma)")
     if overlay_format not in OVERLAY_FORMATS:
         raise ValueError(f"overlay_format={overlay_format!r} is not valid; use one of {list(OVERLAY_FORMATS)}")
-    media_type = infer_media_type(input_path)
+    media_types = [infer_media_type(path) for path in paths]
+    any_video = "video" in media_types
+    codec = _overlay_codec(overlay_format) if any_video and output_dir is not None else None
     check_weight_files(model_path)
+    single = len(paths) == 1
     folder = None
     if output_dir is not None:  # claimed before any work: a used or unwritable folder fails here
+        resolved = [str(path.resolve()) for path in paths]
         fingerprint = {
             "model": model_fingerprint(model_path),
-            "input": str(input_path.resolve()),
-            "text": text,
+            "input": resolved[0] if single else resolved,
+            "text": prompts[0] if single else prompts,
             "key_frames": key_frames,
             "key_frame_sampling": key_frame_sampling,
             "max_new_tokens": max_new_tokens,
             "threshold": threshold,
-            "overlay_format": overlay_format if media_type == "video" else None,
-            "fps": fps if media_type == "video" else None,
+            "overlay_format": overlay_format if any_video else None,
+            "fps": fps if any_video else None,
         }
         folder = RunFolder.claim(output_dir, command="predict", fingerprint=fingerprint, overwrite=overwrite)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModel.from_pretrained(model_path, trust_remote_code=True).to(device).eval()
     processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
 
-    if media_type == "video":
-        inputs = processor(
-            videos=input_path, text=text, num_key_frames=key_frames, key_frame_sampling=key_frame_sampling
-        )
-    else:
-        inputs = processor(images=input_path, text=text)
-    inputs = dict(inputs)
-    dtype = model.dtype
-    for key, value in inputs.items():
-        if isinstance(value, torch.Tensor):
-            inputs[key] = value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
-    frame_source = None
-    if "video_frames" in inputs:
-        frame_source = inputs["video_frames"].frames
-        inputs["video_frames"] = inputs["video_frames"].to(device=device, dtype=dtype)
-    if frame_source is not None:
-        inputs["show_progress"] = show_progress
-    with torch.inference_mode():
-        output = model.segment(**inputs, max_new_tokens=max_new_tokens, mask_threshold=threshold)
-    masks = output.masks[0].cpu().numpy().astype(bool)  # (n, H, W) or (n, T, H, W)
-    scores = [float(s) for s in output.scores[0].float().cpu()]
-    answer = processor.decode_answers(output.answer_ids)[0]
+    def segment(inputs, **extra):
+        inputs = dict(inputs)
+        for key, value in inputs.items():
+            if isinstance(value, torch.Tensor):
+                inputs[key] = value.to(device=device, dtype=model.dtype) if value.is_floating_point() else value.to(device)
+        if "video_frames" in inputs:
+            inputs["video_frames"] = inputs["video_frames"].to(device=device, dtype=model.dtype)
+        with torch.inference_mode():
+            return inputs, model.segment(**inputs, **extra, max_new_tokens=max_new_tokens, mask_threshold=threshold)
 
+    def target(index: int) -> Path | None:
+        if folder is None:
+            return None
+        if single:
+            return folder.path
+        name = _input_folder_name(index, paths[index])
+        folder.record(name)  # recorded before writing, so that --overwrite also removes what a crashed run left
+        (folder.path / name).mkdir(exist_ok=True)
+        return folder.path / name
+
+    summaries: list[dict | None] = [None] * len(paths)
+    images = [index for index, media in enumerate(media_types) if media == "image"]
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        inputs, output = segment(processor(images=[paths[k] for k in chunk], text=[prompts[k] for k in chunk]))
+        for row, index in enumerate(chunk):
+            summaries[index] = _finish_input(
+                processor, output, row, inputs["original_sizes"][row], paths[index], "image", target(index),
+                folder, with_rle, overlay_format, fps, codec, show_progress, frame_source=None,
+            )
+    for index, media in enumerate(media_types):
+        if media != "video":
+            continue
+        video = processor(
+            videos=paths[index], text=prompts[index], num_key_frames=key_frames, key_frame_sampling=key_frame_sampling
+        )
+        frame_source = video["video_frames"].frames
+        try:
+            inputs, output = segment(video, show_progress=show_progress)
+            summaries[index] = _finish_input(
+                processor, output, 0, inputs["original_sizes"][0], paths[index], "video", target(index), folder,
+                with_rle, overlay_format, fps, codec, show_progress, frame_source=frame_source,
+            )
+        finally:
+            frame_source.close()
+    return summaries
+
+
+def _finish_input(
+    processor, output, row: int, original_size, input_path: Path, media_type: str, output_dir: Path | None,
+    folder: RunFolder | None, with_rle: bool, overlay_format: str, fps: float, codec: str | None,
+    show_progress: bool, frame_source,
+) -> dict:
+    """The summary of sample `row` of a `segment` output, and its files written into `output_dir` (when given)."""
+    masks = output.masks[row].cpu().numpy().astype(bool)  # (n, H, W) or (n, T, H, W)
+    scores = [float(s) for s in output.scores[row].float().cpu()]
+    answer = processor.decode_answers([output.answer_ids[row]])[0]
     summary = {
         "input": str(input_path),
         "media_type": media_type,
         "answer": answer,
-        "original_size": [int(v) for v in inputs["original_sizes"][0].tolist()],
+        "original_size": [int(v) for v in original_size.tolist()],
         "objects": [{"index": k, "score": scores[k]} for k in range(masks.shape[0])],
         "output": None if output_dir is None else str(output_dir),
         "files": [],
@@ -190,19 +308,17 @@ def run_predict(
 
         for k, obj in enumerate(summary["objects"]):
             obj["rle"] = encode_rle(masks[k]) if media_type == "image" else [encode_rle(m) for m in masks[k]]
-    if folder is not None:
-        output_dir = folder.path
+    if output_dir is not None:
+        prefix = Path(output_dir).relative_to(folder.path)
         # recorded before writing, so that --overwrite also removes what a crashed run left
         if media_type == "image":
-            folder.record(*[f"mask_{k}.png" for k in range(masks.shape[0])], "overlay.png")
+            folder.record(*[prefix / f"mask_{k}.png" for k in range(masks.shape[0])], prefix / "overlay.png")
             summary["files"] = _write_image_outputs(processor, input_path, masks, output_dir)
         else:
-            folder.record("masks", f"overlay.{overlay_format}")
+            folder.record(prefix / "masks", prefix / f"overlay.{overlay_format}")
             summary["files"] = _write_video_outputs(
-                frame_source, masks, output_dir, overlay_format, fps, show_progress=show_progress
+                frame_source, masks, output_dir, overlay_format, fps, codec, show_progress=show_progress
             )
-    if frame_source is not None:
-        frame_source.close()
     return summary
 
 
@@ -221,8 +337,31 @@ def _write_image_outputs(processor, input_path: Path, masks: np.ndarray, output_
     return files
 
 
+def _overlay_codec(overlay_format: str) -> str | None:
+    """The encoder of `visualize.BROWSER_VIDEO_CODECS` for a video overlay format (`None` for a GIF); checked before
+    the model is loaded."""
+    if overlay_format == "gif":
+        return None
+    import av
+
+    candidates = [codec for codec, suffix in BROWSER_VIDEO_CODECS if suffix == f".{overlay_format}"]
+    for codec in candidates:
+        if codec in av.codecs_available:
+            return codec
+    raise ValueError(
+        f"--overlay-format {overlay_format} needs one of the encoders {candidates}, which the installed PyAV "
+        f"{av.__version__} lacks; use --overlay-format gif, or install a PyAV wheel with them (PyPI's have them)"
+    )
+
+
 def _write_video_outputs(
-    frames, masks: np.ndarray, output_dir: Path, overlay_format: str, fps: float, show_progress: bool = True
+    frames,
+    masks: np.ndarray,
+    output_dir: Path,
+    overlay_format: str,
+    fps: float,
+    codec: str | None,
+    show_progress: bool = True,
 ) -> list[str]:
     """Per-frame mask PNGs and the overlay video; `masks` is `(num_objects, T, H, W)`."""
     num_frames = len(frames)
@@ -246,38 +385,9 @@ def _write_video_outputs(
         duration = max(int(round(1000.0 / fps)), 20)
         first.save(overlay_path, save_all=True, append_images=stream, duration=duration, loop=0)
     else:
-        _write_mp4(overlays(), overlay_path, fps)
+        overlay_path = write_video(overlays(), overlay_path, fps, codec=codec)
     files.append(str(overlay_path))
     return files
-
-
-def _write_mp4(images: Iterator, path: Path, fps: float) -> None:
-    """Encode RGB PIL images to an MP4 with PyAV (H.264 when available, else MPEG-4 part 2); odd sizes are padded
-    by one pixel to the even size YUV 4:2:0 needs."""
-    from fractions import Fraction
-
-    import av
-
-    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-    container = av.open(str(path), mode="w")
-    try:
-        stream = None
-        for image in images:
-            array = np.asarray(image.convert("RGB"))
-            height, width = array.shape[:2]
-            array = np.pad(array, ((0, height % 2), (0, width % 2), (0, 0)), mode="edge")
-            if stream is None:
-                stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
-                stream.width, stream.height = array.shape[1], array.shape[0]
-                stream.pix_fmt = "yuv420p"
-            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        if stream is not None:
-            for packet in stream.encode():
-                container.mux(packet)
-    finally:
-        container.close()
 
 
 __all__ = ["register", "run_predict"]

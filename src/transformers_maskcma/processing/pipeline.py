@@ -73,7 +73,12 @@ class ReferringSegmentationPipeline(Pipeline):
 
     Parameters (at construction or call): `max_new_tokens` (default 32), `mask_threshold` (logit threshold,
     default the model's), `num_key_frames`, `key_frame_sampling` (`"first"`/`"uniform"`), `media_type` (force
-    `"image"`/`"video"`), `generate_kwargs` (dict passed to generation).
+    `"image"`/`"video"`), `generate_kwargs` (dict passed to generation), `batch_size` (default 1).
+
+    Batches: with `batch_size=N` > 1, the images of a list input go through the processor and `model.segment` N at
+    a time (prompts left-padded to the longest of the batch, each image with its own tiles and original size);
+    videos still go one at a time. Results come back in input order; answers equal those of `batch_size=1` and
+    masks equal them up to the floating-point effect of padding (docs/evaluation.md: IoU >= 0.999 per mask).
     """
 
     _load_processor = True
@@ -90,9 +95,47 @@ class ReferringSegmentationPipeline(Pipeline):
                 "processor=... or save the processor beside the model"
             )
 
-    def __call__(self, inputs, text: str | list[str] | None = None, **kwargs):
-        """Segment what the prompt refers to. See the class docstring for inputs and outputs."""
-        return super().__call__(self._pair_inputs(inputs, text), **kwargs)
+    def __call__(self, inputs, text: str | list[str] | None = None, batch_size: int | None = None, **kwargs):
+        """Segment what the prompt refers to. See the class docstring for inputs, outputs and batches."""
+        items = self._pair_inputs(inputs, text)
+        if batch_size is None:
+            batch_size = 1 if self._batch_size is None else self._batch_size
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+        if batch_size == 1 or not isinstance(items, list):
+            # transformers' own batching would pad the processor's outputs with its generic collate function
+            return super().__call__(items, batch_size=1, **kwargs)
+        return self._call_batched(items, batch_size, kwargs)
+
+    def _call_batched(self, items: list[dict], batch_size: int, kwargs: dict) -> list[dict]:
+        """Images `batch_size` at a time through one processor call and one `segment` call; videos alone."""
+        preprocess, forward, postprocess = self._sanitize_parameters(**kwargs)
+        preprocess = {**self._preprocess_params, **preprocess}
+        forward = {**self._forward_params, **forward}
+        postprocess = {**self._postprocess_params, **postprocess}
+        results: list[dict | None] = [None] * len(items)
+        images = []
+        for position, item in enumerate(items):
+            kind = item["media_type"] or preprocess.get("media_type") or infer_media_type(item["media"])
+            if kind == "video":
+                results[position] = self.run_single(item, preprocess, forward, postprocess)
+            else:
+                images.append(position)
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            for position in chunk:
+                if items[position]["text"] is None:
+                    raise ValueError(f"input {items[position]['index']}: no prompt; pass text=... (one prompt per input)")
+            inputs = self.processor(
+                images=[items[position]["media"] for position in chunk],
+                text=[items[position]["text"] for position in chunk],
+                return_tensors="pt",
+            )
+            outputs = self.forward({"model_inputs": dict(inputs), "media_type": "image"}, **forward)
+            for row, position in enumerate(chunk):
+                one = {key: [values[row]] for key, values in outputs.items()}
+                results[position] = self.postprocess(one, **postprocess)
+        return results
 
     @staticmethod
     def _pair_inputs(inputs, text):
@@ -182,14 +225,15 @@ class ReferringSegmentationPipeline(Pipeline):
         output = self.model.segment(
             **inputs, max_new_tokens=max_new_tokens, mask_threshold=mask_threshold, **(generate_kwargs or {})
         )
-        # every value keeps a leading batch dimension of 1, so transformers' batch unrolling leaves them unchanged
+        # one entry per sample of the batch (one sample unless `_call_batched` made the batch)
         return {
-            "answer_ids": output.answer_ids[0][None],
-            "masks": output.masks[0][None],
-            "scores": output.scores[0][None],
+            "answer_ids": list(output.answer_ids),
+            "masks": list(output.masks),
+            "scores": list(output.scores),
         }
 
     def postprocess(self, model_outputs):
+        """The result of the one sample in `model_outputs` (lists of one entry)."""
         return {
             "answer": self.processor.decode_answers(model_outputs["answer_ids"])[0],
             "masks": [mask.cpu().numpy().astype(bool) for mask in model_outputs["masks"][0]],

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -364,6 +366,74 @@ def open_video(video, name: str = "video") -> FrameSource:
 # -- SAM2 frames ---------------------------------------------------------------------------------------------------
 
 
+class FramePrefetcher:
+    """Computes items of a sequence on one background thread, `depth` items ahead of the last one asked for.
+
+    `get(i)` returns `load(i)`. After each call the next `depth` indices in the direction of reading (forward, or
+    backward after an index lower than the previous one) are queued; queued items that left that window are
+    dropped. All `load` calls run on the same single worker thread, one at a time and in the order they were
+    queued, so a decoder that is not thread-safe (PyAV) is only ever used from that thread. An error raised by
+    `load` is raised by the `get` of that index.
+
+    Args:
+        load (`Callable[[int], Any]`): computes item `i` (e.g. decode and preprocess frame `i`).
+        length (`int`): number of items (indices `0 … length − 1`).
+        depth (`int`): items computed ahead (≥ 1).
+    """
+
+    def __init__(self, load: Callable[[int], object], length: int, depth: int):
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"prefetch depth={depth!r} must be an integer >= 1 (use prefetch=0 to turn it off)")
+        self.load = load
+        self.length = int(length)
+        self.depth = depth
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: dict[int, Future] = {}
+        self._last: int | None = None
+        self._lock = threading.Lock()
+
+    def _submit(self, index: int) -> Future:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maskcma-frame-prefetch")
+        return self._executor.submit(self.load, index)
+
+    def window(self, index: int) -> list[int]:
+        """The indices queued after reading `index` (nearest first), given the previous index read."""
+        step = -1 if self._last is not None and index < self._last else 1
+        ahead = (index + step * offset for offset in range(1, self.depth + 1))
+        return [i for i in ahead if 0 <= i < self.length]
+
+    def get(self, index: int):
+        """Item `index`, from the queue when it was prefetched (waits for it) or computed now on the worker."""
+        with self._lock:
+            wanted = self.window(index)
+            for stale in [i for i in self._pending if i != index and i not in wanted]:
+                self._pending.pop(stale).cancel()  # a running one finishes; its result is dropped
+            future = self._pending.pop(index, None) or self._submit(index)
+            for ahead in wanted:
+                if ahead not in self._pending:
+                    self._pending[ahead] = self._submit(ahead)
+            self._last = index
+        return future.result()
+
+    @property
+    def queued(self) -> list[int]:
+        """Indices queued or computed ahead and not yet read (sorted)."""
+        with self._lock:
+            return sorted(self._pending)
+
+    def close(self) -> None:
+        """Drop the queue and stop the worker thread (waits for a running `load`)."""
+        with self._lock:
+            for future in self._pending.values():
+                future.cancel()
+            self._pending.clear()
+            executor, self._executor = self._executor, None
+            self._last = None
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+
+
 class Sam2FrameSource(Sequence):
     """SAM2-ready frames of a video, computed on demand: `source[i]` is the `(3, S, S)` float tensor of frame `i`
     (plain resize to `S`², ImageNet mean/std), so a model can stream the video without holding every frame.
@@ -376,6 +446,10 @@ class Sam2FrameSource(Sequence):
         round_to (`torch.dtype`, *optional*): round each normalised frame to this dtype before `dtype` (Sa2VA's video
             frames: `torch.bfloat16`).
         device, dtype: where and in which dtype the tensors are returned (`to()` gives a copy with other values).
+        prefetch (`int`, defaults to 2): frames decoded and preprocessed ahead on a background thread while the
+            model works on the current one ([`FramePrefetcher`]; forward or backward, following the reads); 0 reads
+            each frame when asked. Copies made by `to()` share the prefetcher, so the frames are read by one thread
+            only; while a source prefetches, read its frames through it (not from `frames` directly).
 
     Attributes:
         original_size (`tuple[int, int]`): `(height, width)` of the frames.
@@ -391,7 +465,10 @@ class Sam2FrameSource(Sequence):
         dtype: torch.dtype = torch.float32,
         resample: str = "bilinear",
         round_to: torch.dtype | None = None,
+        prefetch: int = 2,
     ):
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+            raise ValueError(f"Sam2FrameSource: prefetch={prefetch!r} must be an integer >= 0 (0 turns it off)")
         self.frames = frames
         self.resample = check_sam_resample(resample)
         self.round_to = round_to
@@ -400,12 +477,15 @@ class Sam2FrameSource(Sequence):
         self.image_std = tuple(float(v) for v in image_std)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype
+        self.prefetch = prefetch
+        self.prefetcher = FramePrefetcher(self._preprocess, len(frames), prefetch) if prefetch else None
 
     def __len__(self) -> int:
         return len(self.frames)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        pixels = sam2_preprocess(
+    def _preprocess(self, index: int) -> torch.Tensor:
+        """Frame `index` decoded and preprocessed: `(3, S, S)` float32 on the CPU."""
+        return sam2_preprocess(
             self.frames[index],
             self.image_size,
             self.image_mean,
@@ -413,7 +493,21 @@ class Sam2FrameSource(Sequence):
             resample=self.resample,
             round_to=self.round_to,
         )
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        """Frame `index` as a `(3, S, S)` tensor on `device` in `dtype`."""
+        if self.prefetcher is None:
+            pixels = self._preprocess(index)
+        else:
+            check = getattr(self.frames, "_check_index", None)
+            pixels = self.prefetcher.get(check(index) if check is not None else int(index))
         return pixels.to(device=self.device, dtype=self.dtype)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["prefetcher"] = None  # a thread does not pickle; the copy reads frames when asked
+        state["prefetch"] = 0
+        return state
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         for index in range(len(self)):
@@ -429,7 +523,7 @@ class Sam2FrameSource(Sequence):
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Sam2FrameSource:
         """A source over the same frames returning tensors on `device` / in `dtype`."""
-        return Sam2FrameSource(
+        copy = Sam2FrameSource(
             self.frames,
             self.image_size,
             self.image_mean,
@@ -438,7 +532,10 @@ class Sam2FrameSource(Sequence):
             dtype=self.dtype if dtype is None else dtype,
             resample=self.resample,
             round_to=self.round_to,
+            prefetch=0,
         )
+        copy.prefetch, copy.prefetcher = self.prefetch, self.prefetcher  # one reader thread for both
+        return copy
 
     def stack(self, indices: Sequence[int] | None = None) -> torch.Tensor:
         """Frames `indices` (default: all) as one tensor `(len(indices), 3, S, S)`; holds them all in memory."""
@@ -446,6 +543,8 @@ class Sam2FrameSource(Sequence):
         return torch.stack([self[int(i)] for i in indices])
 
     def close(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.close()
         self.frames.close()
 
     def __repr__(self) -> str:
@@ -457,6 +556,7 @@ class Sam2FrameSource(Sequence):
 
 __all__ = [
     "FolderFrameSource",
+    "FramePrefetcher",
     "FrameSource",
     "ImageListFrameSource",
     "KEY_FRAME_SAMPLINGS",

@@ -1,7 +1,8 @@
-"""Trainer callbacks: the CMA warm-up schedule."""
+"""Trainer callbacks: the CMA warm-up schedule, and the check that trainable weights are float32 master weights."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
@@ -64,11 +65,53 @@ def warmup_factor_at(step: int, max_steps: int, warmup_ratio: float) -> float:
 
 
 def set_warmup_factor(model: nn.Module, factor: float) -> None:
-    """Set the CMA warm-up factor on a plain, peft-wrapped or DDP-wrapped MaskCMA model."""
+    """Set the CMA warm-up factor on a plain, peft-wrapped or DDP-wrapped MaskCMA model.
+
+    Each CMA keeps the factor in its non-persistent 0-d buffer `warmup_factor_tensor`, filled in place: the tensor
+    object never changes, so a `torch.compile`d forward reads the new value without recompiling (a Python float
+    attribute that changes every step would be a new constant to guard on)."""
     base = unwrap_maskcma(model)
     base.set_cma_warmup_factor(factor)  # validates the range
     for module in cma_modules(base):
         module.warmup_factor = float(factor)
+
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def check_float32_master_weights(model: nn.Module, args: TrainingArguments) -> None:
+    """Refuse to train half-precision trainable weights with a plain optimizer.
+
+    AdamW applied to bfloat16 weights rounds every update to 8 bits of mantissa: γ (initialised to 0 and moved by
+    steps of about the learning rate) and the heads lose their small updates. Train a float32 model with
+    `bf16=True` (the Trainer's autocast: float32 master weights, bfloat16 activations) instead. DeepSpeed's bf16/fp16
+    optimizers keep float32 master copies of half-precision weights, so `args.deepspeed` is accepted.
+
+    Args:
+        model: the model handed to the Trainer (plain, peft-wrapped or distributed-wrapped).
+        args: the Trainer's `TrainingArguments`.
+
+    Raises:
+        ValueError: naming the half-precision trainable parameters and the fix.
+    """
+    if getattr(args, "deepspeed", None):
+        return
+    half = [
+        f"{name} ({parameter.dtype})"
+        for name, parameter in model.named_parameters()
+        if parameter.requires_grad and parameter.dtype in HALF_DTYPES
+    ]
+    if half:
+        # the CMA and the heads first: γ is the weight that suffers most (it starts at 0 and moves by ~lr a step)
+        half.sort(key=lambda entry: ("gamma" not in entry, not entry.startswith(("cma.", "seg_proj.", "text_proj."))))
+        shown = ", ".join(half[:4]) + (f" and {len(half) - 4} more" if len(half) > 4 else "")
+        raise ValueError(
+            f"{len(half)} trainable parameters are in half precision: {shown}. An optimizer on bfloat16/float16 "
+            "weights loses small updates (the CMA's gamma starts at 0). Load the model in float32 (dtype=torch.float32"
+            ", the default) and train with bf16=True (or fp16=True): the Trainer's autocast keeps float32 master "
+            "weights and computes in half precision. (DeepSpeed's bf16 optimizer, which keeps float32 master copies, "
+            "is accepted.)"
+        )
 
 
 class GammaWarmupCallback(TrainerCallback):
@@ -119,6 +162,7 @@ class GammaWarmupCallback(TrainerCallback):
 __all__ = [
     "GammaWarmupCallback",
     "active_cma",
+    "check_float32_master_weights",
     "cma_modules",
     "set_warmup_factor",
     "unwrap_maskcma",

@@ -245,7 +245,8 @@ RESUMABLE_TRAINING_FIELDS = frozenset(
     {
         "output_dir", "logging_dir", "max_steps", "num_train_epochs", "logging_steps", "logging_strategy",
         "save_steps", "save_strategy", "save_total_limit", "report_to", "run_name", "disable_tqdm",
-        "dataloader_num_workers", "dataloader_prefetch_factor", "eval_steps", "push_to_hub", "hub_model_id",
+        "dataloader_num_workers", "dataloader_prefetch_factor", "dataloader_persistent_workers", "eval_steps",
+        "push_to_hub", "hub_model_id",
     }
 )
 

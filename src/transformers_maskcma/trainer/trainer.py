@@ -39,7 +39,7 @@ from transformers.utils import logging
 
 from ..modeling import MaskCMAModel
 
-from .callbacks import GammaWarmupCallback, active_cma, unwrap_maskcma
+from .callbacks import GammaWarmupCallback, active_cma, check_float32_master_weights, unwrap_maskcma
 from .sharding import full_scalar_value, tied_parameter_names
 
 logger = logging.get_logger(__name__)
@@ -121,6 +121,7 @@ class MaskCMATrainer(Trainer):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        check_float32_master_weights(self.model, self.args)  # no AdamW on bf16/fp16 weights
         config = unwrap_maskcma(self.model).config
         self.tmc_weight = float(config.tmc_weight if tmc_weight is None else tmc_weight)
         if self.tmc_weight < 0:
