@@ -126,7 +126,6 @@ def build_bench_model(quick: bool, settings: BenchSettings):
     with torch.no_grad():
         model.cma.gamma.fill_(0.5)
     tokenizer = build_tiny_tokenizer()
-    model.tokenizer = tokenizer
     model.vlm.generation_config.eos_token_id = tokenizer.eos_token_id
     model.vlm.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.to(device=settings.device, dtype=settings.dtype).eval(), tokenizer
@@ -151,10 +150,20 @@ def bench_image(setting: str):
 
 @torch.no_grad()
 def two_pass_generate_answer(
-    model, input_ids, attention_mask, pixel_values, text_token_mask, max_new_tokens, **generate_kwargs
-) -> dict:
+    model, input_ids, attention_mask, max_new_tokens, pixel_values, text_token_mask, answer_ids=None, **generate_kwargs
+):
     """The former `MaskCMAModel.generate_answer`: generate, then one more forward of the whole VLM (vision tower
     included, every layer's states returned) over prompt + answer to read the ``[SEG]`` and prompt-token states."""
+    from transformers_maskcma.modeling.modeling_maskcma import forced_answer_generate_kwargs
+
+    if answer_ids is not None:
+        forced = forced_answer_generate_kwargs(answer_ids, input_ids.shape[1], model._eos_token_ids()[0])
+        max_new_tokens = forced.pop("max_new_tokens")
+        generate_kwargs = {**generate_kwargs, **forced}
+    if answer_ids is not None:
+        forced = forced_answer_generate_kwargs(answer_ids, input_ids.shape[1], model._eos_token_ids()[0])
+        max_new_tokens = forced.pop("max_new_tokens")
+        generate_kwargs = {**generate_kwargs, **forced}
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     prompt_len = input_ids.shape[1]
@@ -186,18 +195,15 @@ def two_pass_generate_answer(
     seg_embeds, seg_sample_index, text_tokens, text_mask = model.project_text_and_seg(
         outputs.hidden_states[-1], seg_ids, full_text_mask
     )
-    kept_ids = [row[mask] for row, mask in zip(answer_ids, answer_mask)]
-    answers = None
-    if model.tokenizer is not None:
-        answers = [model._strip_answer(model.tokenizer.decode(ids, skip_special_tokens=False)) for ids in kept_ids]
-    return {
-        "answers": answers,
-        "answer_ids": kept_ids,
-        "seg_embeds": seg_embeds,
-        "seg_sample_index": seg_sample_index,
-        "text_tokens": text_tokens,
-        "text_token_mask": text_mask,
-    }
+    from transformers_maskcma.modeling import MaskCMAAnswer
+
+    return MaskCMAAnswer(
+        answer_ids=[row[mask] for row, mask in zip(answer_ids, answer_mask)],
+        seg_embeds=seg_embeds,
+        seg_sample_index=seg_sample_index,
+        text_tokens=text_tokens,
+        text_token_mask=text_mask,
+    )
 
 
 def _vlm_inputs(inputs) -> dict:
@@ -206,7 +212,7 @@ def _vlm_inputs(inputs) -> dict:
 
 def variant_calls(model, processor, image, settings: BenchSettings) -> dict[str, Any]:
     """variant → zero-argument call from the PIL image to the masks, and the facts of the inputs."""
-    from transformers_maskcma.modeling.video_segmentation import forced_answer_generate_kwargs
+    from transformers_maskcma.modeling.modeling_maskcma import forced_answer_generate_kwargs
 
     device, dtype = settings.device, settings.dtype
     answer_ids = processor.tokenizer(FORCED_ANSWER, add_special_tokens=False).input_ids
@@ -240,14 +246,15 @@ def variant_calls(model, processor, image, settings: BenchSettings) -> dict[str,
     generator = torch.Generator().manual_seed(settings.seed)
     embed_dim = model.config.seg_embed_dim
     num_text = int(inputs["text_token_mask"].sum())
-    floor_answer = {
-        "answers": [FORCED_ANSWER],
-        "answer_ids": [torch.tensor(answer_ids + [eos])],
-        "seg_embeds": torch.randn(1, embed_dim, generator=generator).to(device, dtype),
-        "seg_sample_index": torch.zeros(1, dtype=torch.long, device=device),
-        "text_tokens": torch.randn(1, num_text, embed_dim, generator=generator).to(device, dtype),
-        "text_token_mask": torch.ones(1, num_text, dtype=torch.bool, device=device),
-    }
+    from transformers_maskcma.modeling import MaskCMAAnswer
+
+    floor_answer = MaskCMAAnswer(
+        answer_ids=[torch.tensor(answer_ids + [eos])],
+        seg_embeds=torch.randn(1, embed_dim, generator=generator).to(device, dtype),
+        seg_sample_index=torch.zeros(1, dtype=torch.long, device=device),
+        text_tokens=torch.randn(1, num_text, embed_dim, generator=generator).to(device, dtype),
+        text_token_mask=torch.ones(1, num_text, dtype=torch.bool, device=device),
+    )
 
     @torch.no_grad()
     def floor():
@@ -361,7 +368,7 @@ def measure_setting(setting: str, model, tokenizer, settings: BenchSettings) -> 
     # the two paths give the same masks (outputs of the last round), up to pixels whose logit lies within float
     # rounding of the threshold
     after, before = outputs["after"], outputs["before"]
-    answers_equal = after.answers == before.answers and all(
+    answers_equal = all(
         torch.equal(a, b) for a, b in zip(after.answer_ids, before.answer_ids)
     )
     differing_pixels = int(sum((a != b).sum() for a, b in zip(before.masks, after.masks)))

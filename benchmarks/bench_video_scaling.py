@@ -1,6 +1,6 @@
 """Benchmark 3 — video scaling: time per frame and peak memory of streaming video segmentation, 8 → 128 frames.
 
-The tiny model segments one synthetic video with `iter_segment_video` (streaming: frames are produced lazily one at
+The tiny model segments one synthetic video with `model.segment(..., stream=True)` (streaming: frames are produced lazily one at
 a time by `SyntheticVideo`, SAM2 state that no later frame reads is dropped, each frame's masks are consumed and
 not kept). The VLM's answer is forced to one ``[SEG]`` (`answer_ids`) so that the random model always decodes one
 object; frame 0 is the single key frame (SAM2's conditioning frame) and every other frame is propagated with the
@@ -103,18 +103,16 @@ def build_model(settings: BenchSettings):
 
 def start_stream(model, inputs: dict[str, Any], num_frames: int, settings: BenchSettings):
     """The VLM answers; returns the not yet consumed `VideoSegmentationStream`."""
-    from transformers_maskcma.modeling.video_segmentation import iter_segment_video
-
     video = SyntheticVideo(num_frames, model.sam2.config.image_size, settings.seed, settings.weight_dtype)
     with torch.inference_mode():
-        return iter_segment_video(
-            model,
+        return model.segment(
             input_ids=inputs["input_ids"],
             attention_mask=inputs["attention_mask"],
             pixel_values=inputs["pixel_values"],
             video_frames=video,
             key_frame_indices=[0],
             answer_ids=inputs["answer_ids"],
+            stream=True,
         )
 
 
@@ -267,7 +265,7 @@ def run(settings: BenchSettings) -> dict[str, Any]:
         settings,
         {"frame_counts": list(frame_counts), "memory_only_frame_counts": list(plateau_counts), "repeats": repeats,
          "memory_repeats": MEMORY_REPEATS, "key_frames": [0], "num_objects": 1,
-         "sam2_input_size": TINY_SAM2_IMAGE_SIZE, "streaming": "iter_segment_video, lazy frames, bounded memory"},
+         "sam2_input_size": TINY_SAM2_IMAGE_SIZE, "streaming": "segment(stream=True), lazy frames, bounded memory"},
         results,
         targets_from(results, frame_counts),
         [

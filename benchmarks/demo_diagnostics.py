@@ -63,7 +63,7 @@ def per_kind_ciou(model, processor, records, batch_size: int = 32, shown_answers
     shown = records.select(range(min(shown_answers, len(records))))
     inputs = processor(images=[r["frames"][0] for r in shown], text=list(shown["prompt"]))
     output = model.segment(**inputs, max_new_tokens=16)
-    result["answers"] = [{"prompt": r["prompt"], "answer": a} for r, a in zip(shown, output.answers)]
+    result["answers"] = [{"prompt": r["prompt"], "answer": a} for r, a in zip(shown, processor.decode_answers(output.answer_ids))]
     return result
 
 

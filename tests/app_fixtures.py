@@ -78,7 +78,7 @@ def reference_segment(model, processor, media, prompt: str):
         inputs = processor(videos=media, text=prompt, return_tensors="pt")
     with torch.no_grad():
         output = model.segment(**inputs, max_new_tokens=32)
-    return output.answers[0], output.masks[0].numpy().astype(bool), output.scores[0].numpy()
+    return processor.decode_answers(output.answer_ids)[0], output.masks[0].numpy().astype(bool), output.scores[0].numpy()
 
 
 def decode_video(path) -> tuple[list[np.ndarray], float]:

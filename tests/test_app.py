@@ -314,7 +314,7 @@ def test_router_tokens_are_the_top_k_of_the_routers_scores(demo, model_and_proce
     inputs = processor(images=image, text=IMAGE_PROMPT, return_tensors="pt")
     with torch.no_grad():
         answer = model.generate_answer(
-            inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], inputs["text_token_mask"], 32
+            inputs["input_ids"], inputs["attention_mask"], 32, inputs["pixel_values"], inputs["text_token_mask"]
         )
         seg = answer["seg_embeds"]
         text = answer["text_tokens"][0][answer["text_token_mask"][0]]

@@ -215,7 +215,6 @@ def test_video_propagation_in_bfloat16_matches_float32(monkeypatch):
 
 def _loaded(path, tokenizer, **kwargs):
     model = MaskCMAModel.from_pretrained(path, **kwargs)
-    model.tokenizer = tokenizer
     model.vlm.generation_config.eos_token_id = tokenizer.eos_token_id
     model.vlm.generation_config.pad_token_id = tokenizer.pad_token_id
     return model

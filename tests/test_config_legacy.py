@@ -45,9 +45,11 @@ def test_folder_saved_before_the_change_loads_strictly_with_equal_outputs(name, 
     inputs["sam_pixel_values"] = sam_pixel_values(inputs.pop("coarse_sam_pixel_values"), size)
     with torch.no_grad():
         output = model.eval()(**inputs)
-    # the total loss gained SAM2's IoU and object-score terms after these folders were saved; the rest is unchanged
+    # the total loss gained SAM2's IoU and object-score terms and the TMC term (moved from the trainer into the
+    # forward) after these folders were saved; the rest is unchanged
     config = model.config
     head_losses = config.iou_loss_weight * output.iou_loss + config.object_score_loss_weight * output.object_score_loss
+    head_losses = head_losses + config.tmc_weight * output.tmc_loss
     for field, expected in saved["expected"].items():
         value = output.loss - head_losses if field == "loss" else getattr(output, field)
         torch.testing.assert_close(value, expected, atol=1e-5, rtol=1e-4, msg=field)

@@ -36,7 +36,7 @@ from transformers_maskcma.hub_cards.convert_sa2va import (
 )
 from transformers_maskcma.hub_cards.convert_sam2 import SAM2_SIZE_PRESETS, sam2_key_rules
 from transformers_maskcma.modeling import MaskCMAModel
-from transformers_maskcma.modeling.video_segmentation import forced_answer_generate_kwargs
+from transformers_maskcma.modeling.modeling_maskcma import forced_answer_generate_kwargs
 from transformers_maskcma.processing.processing_maskcma import DEFAULT_CHAT_TEMPLATE
 from transformers_maskcma.processing.samples import draw_sample_shapes
 from transformers_maskcma.tiny import (
@@ -519,7 +519,7 @@ def test_converted_folder_run_as_a_user_gives_sa2va_masks(converted, sa2va_dir):
     with torch.no_grad():
         got = model.segment(**user, **forced(processor, user["input_ids"], "Sure, [SEG] and [SEG]."))
         reference = model.segment(**reference_inputs, **forced(processor, user["input_ids"], "Sure, [SEG] and [SEG]."))
-    assert got.answers == ["Sure, [SEG] and [SEG]."]
+    assert processor.decode_answers(got.answer_ids) == ["Sure, [SEG] and [SEG]."]
     torch.testing.assert_close(got.mask_logits[0], reference.mask_logits[0], rtol=0, atol=1e-5)
     expected = sa2va_masks(reference.mask_logits[0], 128, 128, 192)
     assert got.masks[0].shape == (2, 128, 192)

@@ -8,7 +8,6 @@ import os
 import sys
 from collections import Counter
 
-import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import TrainingArguments
@@ -16,7 +15,7 @@ from transformers import TrainingArguments
 from transformers_maskcma.data.synthetic import SyntheticConfig, generate_synthetic
 from transformers_maskcma.processing.processing_maskcma import MaskCMAProcessor
 from transformers_maskcma.tiny import build_tiny_model
-from transformers_maskcma.trainer import tmc as tmc_module
+from transformers_maskcma.modeling import tmc as tmc_module
 from transformers_maskcma.trainer import trainer as trainer_module
 from transformers_maskcma.trainer.collator import MaskCMADataCollator
 from transformers_maskcma.trainer.data import ProcessedRecords

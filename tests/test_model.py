@@ -12,7 +12,7 @@ from transformers import AutoModel
 
 from model_inputs import chat_text, make_batch
 from transformers_maskcma import MaskCMAModel
-from transformers_maskcma.tiny import build_tiny_model
+from transformers_maskcma.tiny import build_tiny_model, build_tiny_processor
 
 PROMPTS = ["Please segment the red circle.", "Segment the blue square on the left."]
 ANSWERS = ["Sure, [SEG].", "It is [SEG] and [SEG]."]
@@ -68,7 +68,9 @@ def test_every_switch_runs_forward_and_backward(tiny_tokenizer, overrides):
     )
     if output.prior_loss is not None:
         expected = expected + model.config.prior_loss_weight * output.prior_loss
-    torch.testing.assert_close(output.loss, expected)
+    torch.testing.assert_close(output.mask_loss, expected - output.lm_loss)
+    # every loss term comes from the forward, the contrastive one included (CLIP's return_loss)
+    torch.testing.assert_close(output.loss, expected + model.config.tmc_weight * output.tmc_loss)
     output.loss.backward()
     assert output.pred_masks.shape == (3, 32, 32)
     if overrides.get("use_cma", True):
@@ -160,7 +162,14 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, tiny_tokenizer):
     assert all(torch.equal(original[k], restored[k]) for k in original)
     batch = make_batch(tiny_tokenizer, PROMPTS, ANSWERS)
     assert torch.equal(masks_of(model, batch), masks_of(loaded, batch))
-    assert loaded.tokenizer is not None and loaded.config.mask_source == "conv"
+    assert loaded.config.mask_source == "conv" and not hasattr(loaded, "tokenizer")  # text belongs to the processor
+
+
+def test_forward_names_an_unknown_argument(tiny_tokenizer):
+    model, _ = build_tiny_model(seed=0)
+    batch = make_batch(tiny_tokenizer, PROMPTS, ANSWERS)
+    with pytest.raises(TypeError, match="gt_mask"):
+        model(**{**batch, "gt_mask": batch["gt_masks"]})  # a typo is not swallowed
 
 
 @pytest.mark.parametrize("tamper", ["missing", "unexpected"])
@@ -171,10 +180,10 @@ def test_strict_loading_names_the_keys(tmp_path, tamper):
     if tamper == "missing":
         del weights["cma.gamma"]
         del weights["seg_proj.0.weight"]
-        pattern = r"missing_keys: \['cma.gamma', 'seg_proj.0.weight'\]"
+        pattern = r"missing keys \(2\): cma.gamma, seg_proj.0.weight"
     else:
         weights["cma.extra_scale"] = torch.zeros(1)
-        pattern = r"unexpected_keys: \['cma.extra_scale'\]"
+        pattern = r"unexpected keys \(1\): cma.extra_scale"
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=pattern):
         MaskCMAModel.from_pretrained(tmp_path)
@@ -242,7 +251,7 @@ def segment_with_forced_answer(answer: str, original_size: tuple[int, int]):
 
 def test_segment_returns_masks_at_the_original_size():
     out = segment_with_forced_answer("Sure, [SEG] and [SEG].", (90, 170))
-    assert out.answers == ["Sure, [SEG] and [SEG]."]
+    assert build_tiny_processor().decode_answers(out.answer_ids) == ["Sure, [SEG] and [SEG]."]
     assert out.masks[0].shape == (2, 90, 170) and out.masks[0].dtype == torch.bool
     assert out.scores[0].shape == (2,)
     # the masks equal the upsampled, thresholded logits
@@ -252,7 +261,7 @@ def test_segment_returns_masks_at_the_original_size():
 
 def test_segment_without_seg_returns_no_masks():
     out = segment_with_forced_answer("There is no such object.", (40, 50))
-    assert out.answers == ["There is no such object."]
+    assert build_tiny_processor().decode_answers(out.answer_ids) == ["There is no such object."]
     assert out.masks[0].shape == (0, 40, 50)
 
 

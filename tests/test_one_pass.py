@@ -21,10 +21,7 @@ if str(REPO_ROOT) not in sys.path:
 from benchmarks.bench_one_pass import two_pass_generate_answer  # noqa: E402
 from transformers_maskcma.modeling.mask_decoding import upsample_mask_logits  # noqa: E402
 from transformers_maskcma.modeling.modeling_maskcma import LastHiddenStateRecorder  # noqa: E402
-from transformers_maskcma.modeling.video_segmentation import (  # noqa: E402
-    _generate_answers,
-    forced_answer_generate_kwargs,
-)
+from transformers_maskcma.modeling.modeling_maskcma import forced_answer_generate_kwargs  # noqa: E402
 from transformers_maskcma.tiny import (  # noqa: E402
     TINY_IMAGE_SEQ_LENGTH,
     TINY_SAM2_IMAGE_SIZE,
@@ -57,6 +54,11 @@ def image_batch(tokenizer, prompts: list[str]) -> dict:
     shapes = [(70, 140), (90, 90), (60, 180)]
     images = [random_image(*shapes[i % len(shapes)], seed=i) for i in range(len(prompts))]
     return dict(processor(images=images, text=prompts))
+
+
+def texts(tokenizer, answer_ids) -> list[str]:
+    """The answers as the processor decodes them (the model returns token ids only)."""
+    return build_tiny_processor(tokenizer).decode_answers(answer_ids)
 
 
 def forced(tokenizer, answers: list[str], prompt_len: int, max_new_tokens: int | None = None) -> dict:
@@ -162,7 +164,7 @@ def test_image_states_equal_teacher_forcing_with_several_seg_and_one_vision_pass
     kwargs = forced(tokenizer, [answer_text], inputs["input_ids"].shape[1])
     with counter(model) as calls, torch.no_grad():
         answer = model.generate_answer(**vlm_inputs(inputs), **kwargs)
-    assert answer["answers"] == [answer_text]
+    assert texts(tokenizer, answer.answer_ids) == [answer_text]
     new_tokens = answer["answer_ids"][0].numel()  # the answer and its end-of-sequence token
     assert new_tokens == len(tokenizer(answer_text, add_special_tokens=False).input_ids) + 1
     # one vision pass; the language model: the prefill and one step per consumed answer token, nothing more
@@ -180,7 +182,7 @@ def test_left_padded_batch_with_an_early_finished_row_equals_teacher_forcing(tin
     answers = ["It is [SEG], next to [SEG] and [SEG].", "[SEG]."]  # row 1 ends early; generate pads it
     with torch.no_grad():
         answer = model.generate_answer(**vlm_inputs(inputs), **forced(tokenizer, answers, inputs["input_ids"].shape[1]))
-    assert answer["answers"] == answers
+    assert texts(tokenizer, answer.answer_ids) == answers
     assert answer["seg_sample_index"].tolist() == [0, 0, 0, 1]
     assert_states_match_teacher_forcing(model, inputs, answer)
 
@@ -194,7 +196,7 @@ def test_seg_as_the_last_generated_token_takes_one_cached_step(tiny_tokenizer):
     kwargs = forced(tokenizer, [last, "No."], inputs["input_ids"].shape[1], max_new_tokens=limit)
     with counter(model) as calls, torch.no_grad():
         answer = model.generate_answer(**vlm_inputs(inputs), **kwargs)
-    assert answer["answers"] == [last, "No."]
+    assert texts(tokenizer, answer.answer_ids) == [last, "No."]
     assert answer["answer_ids"][0][-1].item() == TINY_SEG_TOKEN_ID and answer["answer_ids"][0].numel() == limit
     # prefill + (limit - 1) steps + the one extra step over the last [SEG]; the vision tower still runs once
     assert calls.counts == {"vision": 1, "language": limit + 1}
@@ -225,7 +227,7 @@ def test_segment_answers_and_masks_unchanged_against_the_two_pass_path(tiny_toke
         two_pass = model.segment(**inputs, **kwargs)
     assert calls.counts["vision"] == 2  # the former path ran the vision tower again
 
-    assert one_pass.answers == two_pass.answers == answers
+    assert texts(tokenizer, one_pass.answer_ids) == texts(tokenizer, two_pass.answer_ids) == answers
     for row in range(len(prompts)):
         assert torch.equal(one_pass.answer_ids[row], two_pass.answer_ids[row])
         torch.testing.assert_close(one_pass.mask_logits[row], two_pass.mask_logits[row], atol=1e-4, rtol=0)
@@ -291,8 +293,8 @@ def test_video_states_equal_teacher_forcing_and_masks_are_unchanged(tiny_tokeniz
     answer_text = "Sure, [SEG] and [SEG]."
     answer_ids = [tokenizer(answer_text, add_special_tokens=False).input_ids]
     with counter(model) as calls, torch.no_grad():
-        answer = _generate_answers(model, **vlm_inputs(inputs), max_new_tokens=32, answer_ids=answer_ids, generate_kwargs={})
-    assert answer["answers"] == [answer_text]
+        answer = model.generate_answer(**vlm_inputs(inputs), max_new_tokens=32, answer_ids=answer_ids)
+    assert texts(tokenizer, answer.answer_ids) == [answer_text]
     assert calls.counts["vision"] == 1  # the key frames' tiles go through the vision tower once
     assert_states_match_teacher_forcing(model, inputs, answer)
 
@@ -301,7 +303,7 @@ def test_video_states_equal_teacher_forcing_and_masks_are_unchanged(tiny_tokeniz
     one_pass = model.segment(**arguments)
     monkeypatch.setattr(model, "generate_answer", functools.partial(two_pass_generate_answer, model))
     two_pass = model.segment(**arguments)
-    assert one_pass.answers == two_pass.answers == [answer_text]
+    assert texts(tokenizer, one_pass.answer_ids) == texts(tokenizer, two_pass.answer_ids) == [answer_text]
     assert one_pass.masks[0].shape == (2, 6, TINY_SAM2_IMAGE_SIZE, TINY_SAM2_IMAGE_SIZE)
     torch.testing.assert_close(one_pass.mask_logits[0], two_pass.mask_logits[0], atol=1e-4, rtol=0)
     assert_same_masks(model, one_pass.masks[0], two_pass.masks[0], one_pass.mask_logits[0])

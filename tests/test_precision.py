@@ -173,7 +173,7 @@ def test_bf16_model_from_parts_saves_and_reloads_in_bf16(tmp_path):
 def test_warmup_factor_is_a_non_persistent_buffer_filled_in_place():
     from transformers_maskcma.trainer.callbacks import set_warmup_factor
 
-    model, _ = build_tiny_model(seed=0)
+    model, tokenizer = build_tiny_model(seed=0)
     buffer = model.cma.warmup_factor_tensor
     assert dict(model.named_buffers())["cma.warmup_factor_tensor"] is buffer and buffer.shape == ()
     assert not any("warmup" in name for name in model.state_dict())  # not saved, never loaded
@@ -184,7 +184,7 @@ def test_warmup_factor_is_a_non_persistent_buffer_filled_in_place():
     with pytest.raises(ValueError, match=r"must lie in \[0, 1\], got 1.5"):
         model.cma.warmup_factor = 1.5
     # built from parts (meta device, then materialised): the buffer is real and 1
-    parts = MaskCMAModel.from_pretrained_parts(model.vlm, model.sam2, tokenizer=model.tokenizer)
+    parts = MaskCMAModel.from_pretrained_parts(model.vlm, model.sam2, tokenizer=tokenizer)
     assert parts.cma.warmup_factor_tensor.device.type == "cpu" and float(parts.cma.warmup_factor_tensor) == 1.0
 
 

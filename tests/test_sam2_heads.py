@@ -18,7 +18,7 @@ from transformers_maskcma.modeling.mask_decoding import (
     object_score_loss,
     upsample_mask_logits,
 )
-from transformers_maskcma.modeling.video_segmentation import forced_answer_generate_kwargs
+from transformers_maskcma.modeling.modeling_maskcma import forced_answer_generate_kwargs
 from transformers_maskcma.tiny import build_tiny_model
 from transformers.models.sam2_video.modeling_sam2_video import NO_OBJ_SCORE
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from transformers_maskcma.trainer.tmc import text_mask_contrastive_loss
+from transformers_maskcma.modeling.tmc import text_mask_contrastive_loss
 
 
 def _normalize(vector: np.ndarray) -> np.ndarray:
@@ -123,7 +123,7 @@ def test_bad_inputs_are_named():
 
 
 def test_sort_based_grouping_equals_unique_dim0_on_random_keys_with_repeats():
-    from transformers_maskcma.trainer.tmc import group_rows
+    from transformers_maskcma.modeling.tmc import group_rows
 
     generator = torch.Generator().manual_seed(0)
     for trial in range(50):

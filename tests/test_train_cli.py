@@ -102,7 +102,8 @@ def test_train_resume_and_saved_model(tmp_path, capsys):
     assert "MaskCMA training finished" in printed and "(LoRA)" in printed
     assert (output / "checkpoint-2").is_dir()
     model = MaskCMAModel.from_pretrained(output / "model")
-    assert model.tokenizer is not None and not any("lora" in name for name, _ in model.named_parameters())
+    assert (output / "model" / "tokenizer_config.json").is_file()
+    assert not any("lora" in name for name, _ in model.named_parameters())
     assert AutoProcessor.from_pretrained(output / "model").gt_mask_resize == "area"  # the YAML's processor settings
 
     content["training"]["max_steps"] = 3

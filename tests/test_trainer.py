@@ -13,7 +13,6 @@ from transformers_maskcma.trainer.callbacks import active_cma
 from transformers_maskcma.trainer.collator import MaskCMADataCollator
 from transformers_maskcma.trainer.data import ProcessedRecords
 from transformers_maskcma.trainer.lora import apply_lora, default_lora_config
-from transformers_maskcma.trainer.tmc import tmc_loss_from_output
 from transformers_maskcma.trainer.trainer import MaskCMATrainer
 
 
@@ -130,9 +129,9 @@ def test_tmc_term_is_the_mean_over_micro_batches(tmp_path, records, processor):
     model, _ = build_tiny_model(seed=0)
     model.set_cma_warmup_factor(0.0)  # the first step of training runs at warm-up factor 0
     with torch.no_grad():
-        two_objects = tmc_loss_from_output(model(**MaskCMADataCollator(processor)([dataset[1]])), 0.15)
-    assert not two_objects.skipped and two_objects.num_objects == 2
-    assert log["tmc_loss"] == pytest.approx(two_objects.loss.item() / 2, rel=1e-4)
+        two_objects = model(**MaskCMADataCollator(processor)([dataset[1]]))
+    assert not two_objects.tmc_skipped
+    assert log["tmc_loss"] == pytest.approx(two_objects.tmc_loss.item() / 2, rel=1e-4)
     assert log["tmc_skipped_fraction"] == pytest.approx(0.5)
     expected = (
         log["lm_loss"] + 2.0 * log["mask_bce"] + 0.5 * log["mask_dice"] + log["iou_loss"] + log["object_score_loss"]

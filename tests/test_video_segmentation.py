@@ -16,13 +16,10 @@ from transformers_maskcma.tiny import (
     TINY_SAM2_IMAGE_SIZE,
     TINY_VLM_IMAGE_SIZE,
 )
-from transformers_maskcma.modeling.video_segmentation import (
-    VideoMaskPropagation,
-    forced_answer_generate_kwargs,
-    iter_segment_video,
-    segment_video,
-)
-from transformers_maskcma.tiny import build_tiny_model
+from transformers_maskcma.modeling import video_segmentation
+from transformers_maskcma.modeling.modeling_maskcma import forced_answer_generate_kwargs
+from transformers_maskcma.modeling.video_segmentation import VideoMaskPropagation
+from transformers_maskcma.tiny import build_tiny_model, build_tiny_processor
 
 NUM_FRAMES = 12
 KEY_FRAMES = [2, 7]  # frames 0-1 are tracked backwards from frame 2, frames 3-6 and 8-11 forwards
@@ -71,6 +68,11 @@ def prompt_inputs(tokenizer, num_key_frames: int) -> dict:
     return {"input_ids": encoded.input_ids, "attention_mask": encoded.attention_mask, "pixel_values": tiles}
 
 
+def answer_texts(tokenizer, answer_ids) -> list[str]:
+    """The answers as the processor decodes them (the model returns token ids only)."""
+    return build_tiny_processor(tokenizer).decode_answers(answer_ids)
+
+
 def answer_ids(tokenizer, answer: str) -> list[list[int]]:
     return [tokenizer(answer, add_special_tokens=False).input_ids]
 
@@ -116,7 +118,7 @@ def object_prompts(model, tokenizer):
     max_new_tokens = forced.pop("max_new_tokens")
     with torch.no_grad():
         answer = model.generate_answer(
-            inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], None, max_new_tokens, **forced
+            inputs["input_ids"], inputs["attention_mask"], max_new_tokens, inputs["pixel_values"], **forced
         )
     return answer["seg_embeds"], answer["text_tokens"][0], answer["text_token_mask"][0]
 
@@ -134,7 +136,7 @@ def test_two_objects_get_a_mask_on_every_frame_and_key_frames_match_the_image_pa
     video = random_video(NUM_FRAMES)
     out = segment(model, tokenizer, sam_pixel_values=video)
 
-    assert out.answers == [TWO_OBJECTS]
+    assert answer_texts(tokenizer, out.answer_ids) == [TWO_OBJECTS]
     masks, logits, scores = out.masks[0], out.mask_logits[0], out.scores[0]
     assert masks.shape == (2, NUM_FRAMES, *SIZE) and masks.dtype == torch.bool
     assert logits.shape == (2, NUM_FRAMES, 32, 32) and scores.shape == (2,)
@@ -237,15 +239,15 @@ def test_answer_without_seg_gives_empty_masks_for_every_frame(tiny_tokenizer, ca
     model, tokenizer = video_model()
     with caplog.at_level(logging.WARNING):
         out = segment(model, tokenizer, answer="There is no such object.")
-    assert out.answers == ["There is no such object."]
+    assert answer_texts(tokenizer, out.answer_ids) == ["There is no such object."]
     assert out.masks[0].shape == (0, NUM_FRAMES, *SIZE)
     assert out.mask_logits[0].shape == (0, NUM_FRAMES, 32, 32)
     assert out.scores[0].shape == (0,)
     assert "no [SEG]" in caplog.text
 
-    stream = iter_segment_video(
-        model,
+    stream = model.segment(
         **prompt_inputs(tokenizer, len(KEY_FRAMES)),
+        stream=True,
         video_frames=GeneratedFrames(NUM_FRAMES),
         key_frame_indices=KEY_FRAMES,
         original_sizes=torch.tensor([SIZE]),
@@ -256,21 +258,56 @@ def test_answer_without_seg_gives_empty_masks_for_every_frame(tiny_tokenizer, ca
     assert all(masks.shape == (0, *SIZE) and scores.shape == (0,) for _, masks, scores in frames)
 
 
+def test_each_frame_is_upsampled_where_sam2_runs_then_moved_to_the_result_device(tiny_tokenizer, monkeypatch):
+    """Video results leave SAM2's device frame by frame, after upsampling there. On a CPU-only machine SAM2's device
+    and the result device are both the CPU, so the result device is made the meta device here: the returned masks,
+    logits and scores must then be meta tensors (they were moved), while every upsampling saw one frame's logits on
+    SAM2's device (it ran there, before the move)."""
+    model, tokenizer = video_model()
+    reference = segment(model, tokenizer)
+    monkeypatch.setattr(video_segmentation, "RESULT_DEVICE", torch.device("meta"))
+    upsampled = []
+    original = video_segmentation.upsample_mask_logits
+
+    def recording(logits, size, intermediate_size=None):
+        upsampled.append((logits.device.type, tuple(logits.shape)))
+        return original(logits, size, intermediate_size)
+
+    monkeypatch.setattr(video_segmentation, "upsample_mask_logits", recording)
+    out = segment(model, tokenizer)
+    assert [tensor.device.type for tensor in (out.masks[0], out.mask_logits[0], out.scores[0])] == ["meta"] * 3
+    assert out.masks[0].shape == reference.masks[0].shape == (2, NUM_FRAMES, *SIZE)
+    assert upsampled == [("cpu", (2, 32, 32))] * NUM_FRAMES  # one frame at a time, on SAM2's device
+    # with the real result device (the CPU) the results are the same as before the move was instrumented
+    assert reference.masks[0].device.type == "cpu" and reference.masks[0].flatten(2).any(dim=2).all()
+
+    stream = model.segment(
+        **prompt_inputs(tokenizer, len(KEY_FRAMES)),
+        video_frames=GeneratedFrames(NUM_FRAMES),
+        key_frame_indices=KEY_FRAMES,
+        original_sizes=torch.tensor([SIZE]),
+        answer_ids=answer_ids(tokenizer, TWO_OBJECTS),
+        stream=True,
+    )
+    _, masks, scores = next(stream)
+    assert masks.device.type == scores.device.type == "meta" and masks.shape == (2, *SIZE)
+
+
 # -- streaming ---------------------------------------------------------------------------------------------------------
 
 
 def test_stream_from_a_lazy_source_reads_each_frame_once_and_matches_segment(tiny_tokenizer):
     model, tokenizer = video_model()
     source = GeneratedFrames(NUM_FRAMES)
-    stream = iter_segment_video(
-        model,
+    stream = model.segment(
         **prompt_inputs(tokenizer, len(KEY_FRAMES)),
+        stream=True,
         video_frames=source,
         key_frame_indices=KEY_FRAMES,
         original_sizes=torch.tensor([SIZE]),
         answer_ids=answer_ids(tokenizer, TWO_OBJECTS),
     )
-    assert stream.answer == TWO_OBJECTS and stream.num_objects == 2 and source.reads == {}  # nothing read yet
+    assert answer_texts(tokenizer, [stream.answer_ids]) == [TWO_OBJECTS] and stream.num_objects == 2 and source.reads == {}  # nothing read yet
     streamed = list(stream)
     assert [index for index, _, _ in streamed] == list(range(NUM_FRAMES))
     assert source.reads == {index: 1 for index in range(NUM_FRAMES)}
@@ -368,15 +405,14 @@ def test_batch_of_two_videos_with_different_lengths_and_object_counts(tiny_token
         "pixel_values": one["pixel_values"].repeat(2, 1, 1, 1),
     }
     answers = [tokenizer(a, add_special_tokens=False).input_ids for a in (TWO_OBJECTS, "It is [SEG].")]
-    out = segment_video(
-        model,
+    out = model.segment(
         **inputs,
         video_frames=[GeneratedFrames(9), GeneratedFrames(5)],
         key_frame_indices=[[0, 4], [1, 3]],
         original_sizes=torch.tensor([[20, 30], [24, 16]]),
         answer_ids=answers,
     )
-    assert out.answers == [TWO_OBJECTS, "It is [SEG]."]
+    assert answer_texts(tokenizer, out.answer_ids) == [TWO_OBJECTS, "It is [SEG]."]
     assert out.masks[0].shape == (2, 9, 20, 30) and out.masks[1].shape == (1, 5, 24, 16)
     assert out.scores[0].shape == (2,) and out.scores[1].shape == (1,)
 
@@ -408,7 +444,7 @@ def test_bad_video_input_is_a_clear_error(tiny_tokenizer, video, message):
     }
     arguments.update(video)
     with pytest.raises(ValueError, match=message):
-        segment_video(model, **arguments)
+        model.segment(**arguments)
 
 
 def test_training_mode_is_refused_with_the_fix(tiny_tokenizer):

@@ -178,14 +178,13 @@ def build_tiny_model(seed: int = 0, **config_overrides) -> tuple[MaskCMAModel, P
     """Build the tiny model (random weights from `seed`) and its tokenizer.
 
     Returns:
-        `(model, tokenizer)`; the tokenizer is also attached as `model.tokenizer`.
+        `(model, tokenizer)`; the tokenizer belongs to the processor (`build_tiny_processor`).
     """
     config = tiny_config(**config_overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = MaskCMAModel(config)
     tokenizer = build_tiny_tokenizer()
-    model.tokenizer = tokenizer
     model.vlm.generation_config.eos_token_id = tokenizer.eos_token_id
     model.vlm.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer

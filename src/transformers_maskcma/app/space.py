@@ -185,6 +185,6 @@ def render_example_overlays(model, processor, output_dir: str | Path, max_new_to
         masks = output.masks[0].cpu().numpy().astype(bool)
         relative = f"examples/overlay_{index + 1}.png"
         overlay_masks(image, list(masks)).save(output_dir / relative)
-        answer = output.answers[0] if output.answers else ""
+        answer = processor.decode_answers(output.answer_ids)[0]
         overlays.append(ExampleOverlay(path=relative, prompt=prompt, answer=answer))
     return overlays

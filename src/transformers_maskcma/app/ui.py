@@ -384,7 +384,7 @@ class MaskCMADemo:
         overlay = overlay_masks(image, list(masks))
         return SegmentationResult(
             kind="image",
-            answer=_answer_text(output),
+            answer=self.processor.decode_answers(output.answer_ids)[0],
             masks=masks,
             scores=[float(score) for score in output.scores[0].float().cpu()],
             seconds=time.perf_counter() - start,
@@ -437,7 +437,7 @@ class MaskCMADemo:
             mask_files.append(archive)
         return SegmentationResult(
             kind="video",
-            answer=_answer_text(output),
+            answer=self.processor.decode_answers(output.answer_ids)[0],
             masks=masks,
             scores=[float(score) for score in output.scores[0].float().cpu()],
             seconds=time.perf_counter() - start,
@@ -468,7 +468,7 @@ class MaskCMADemo:
         masks_off = without_cma.masks[0].cpu().numpy().astype(bool)
         routed = self._routed_tokens(inputs, captured[-1]) if captured and masks_on.shape[0] else []
         return CMAComparison(
-            answer=_answer_text(with_cma),
+            answer=self.processor.decode_answers(with_cma.answer_ids)[0],
             masks_with_cma=masks_on,
             masks_without_cma=masks_off,
             scores_with_cma=[float(s) for s in with_cma.scores[0].float().cpu()],
@@ -541,13 +541,6 @@ class MaskCMADemo:
             progress(0.0, desc="segmenting with and without the CMA")
             result = self.compare_cma(image_path, prompt)
         return result.overlay_with_cma, result.overlay_without_cma, result.difference, comparison_markdown(result)
-
-
-def _answer_text(output) -> str:
-    answers = getattr(output, "answers", None)
-    if answers:
-        return answers[0]
-    return " ".join(str(int(token)) for token in output.answer_ids[0])
 
 
 def _png_bytes(image: Image.Image) -> bytes:

@@ -8,7 +8,6 @@ works without this package's modeling code), and each record goes through ``proc
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
 import numpy as np
 

@@ -667,7 +667,6 @@ def build_sa2va_model(
         raise AssertionError(f"load after the checks still failed: {incompatible}")
     with torch.no_grad():
         model.cma.gamma.zero_()
-    model.tokenizer = tokenizer
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     if eos is not None and eos != tokenizer.unk_token_id:
         model.vlm.generation_config.eos_token_id = eos

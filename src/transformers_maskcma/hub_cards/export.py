@@ -191,15 +191,12 @@ def load_processor(files_dir: Path, model: MaskCMAModel):
 
     if (files_dir / PROCESSOR_CONFIG).is_file():
         return MaskCMAProcessor.from_pretrained(files_dir)
-    tokenizer = model.tokenizer
-    if tokenizer is None and (files_dir / "tokenizer_config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(files_dir)
-    if tokenizer is None:
+    if not (files_dir / "tokenizer_config.json").is_file():
         raise ExportError(
             f"{files_dir} holds no tokenizer (tokenizer_config.json) nor processor ({PROCESSOR_CONFIG}); save the "
             "tokenizer beside the trained model (tokenizer.save_pretrained) and export again"
         )
-    return build_processor_for_model(model, tokenizer)
+    return build_processor_for_model(model, AutoTokenizer.from_pretrained(files_dir))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -446,7 +446,7 @@ image = Image.open("example.jpg").convert("RGB")
 inputs = processor(images=image, text="Please segment the red circle.", return_tensors="pt")
 with torch.no_grad():
     output = model.segment(**inputs, max_new_tokens=16)
-print(output.answers[0])
+print(processor.decode_answers(output.answer_ids)[0])
 masks = output.masks[0]  # (num_objects, height, width) bool, one mask per [SEG] in the answer
 print(tuple(masks.shape), output.scores[0].tolist())
 ```'''

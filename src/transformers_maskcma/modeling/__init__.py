@@ -11,13 +11,22 @@ from .mask_prior import (
     PredictedMaskPrior,
     PreviousFrameMaskPrior,
 )
-from .modeling_maskcma import MaskCMAModel, MaskCMAOutput, MaskCMAPreTrainedModel, MaskCMASegmentationOutput
+from .modeling_maskcma import (
+    MaskCMAAnswer,
+    MaskCMAModel,
+    MaskCMAOutput,
+    MaskCMAPreTrainedModel,
+    MaskCMASegmentationOutput,
+)
+from .tmc import TMCOutput, text_mask_contrastive_loss
+from .video_segmentation import VideoSegmentationStream
 
 __all__ = [
     "ConvHeadMaskPrior",
     "ConvMaskPriorHead",
     "GroundTruthMaskPrior",
     "MaskCMAAttentionConfig",
+    "MaskCMAAnswer",
     "MaskCMAConfig",
     "MaskCMAModel",
     "MaskCMAOutput",
@@ -28,7 +37,10 @@ __all__ = [
     "MaskPriorOutput",
     "PredictedMaskPrior",
     "PreviousFrameMaskPrior",
+    "TMCOutput",
     "TextToVisualAttention",
     "TextTokenRouter",
+    "VideoSegmentationStream",
     "VisualToTextAttention",
+    "text_mask_contrastive_loss",
 ]

@@ -5,10 +5,12 @@ low-resolution mask logits to the original image size. Imports only torch and tr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from transformers.models.sam2_video.modeling_sam2_video import NO_OBJ_SCORE
+from transformers.utils import ModelOutput
 
 
 @dataclass
@@ -34,7 +36,7 @@ class SamFrameFeatures:
 
 
 @dataclass
-class SamDecoderOutput:
+class SamDecoderOutput(ModelOutput):
     """One multimask pass of SAM2's mask decoder, with the mask of highest predicted IoU chosen for each target.
 
     Args:
@@ -45,14 +47,17 @@ class SamDecoderOutput:
             video memory turns it into the object pointer).
         multimask_logits (`torch.FloatTensor` of shape `(num_targets, num_masks, h, w)`): every candidate mask.
         multimask_iou_scores (`torch.FloatTensor` of shape `(num_targets, num_masks)`): their predicted IoUs.
+        prior_logits (`torch.FloatTensor` of shape `(num_targets, 1, h, w)`, *optional*): the mask prior of the CMA
+            that ran before this pass (`MaskCMAModel.decode_masks`), when it was predicted.
     """
 
-    mask_logits: torch.Tensor
-    iou_scores: torch.Tensor
-    object_score_logits: torch.Tensor
-    output_tokens: torch.Tensor
-    multimask_logits: torch.Tensor
-    multimask_iou_scores: torch.Tensor
+    mask_logits: Optional[torch.FloatTensor] = None
+    iou_scores: Optional[torch.FloatTensor] = None
+    object_score_logits: Optional[torch.FloatTensor] = None
+    output_tokens: Optional[torch.FloatTensor] = None
+    multimask_logits: Optional[torch.FloatTensor] = None
+    multimask_iou_scores: Optional[torch.FloatTensor] = None
+    prior_logits: Optional[torch.FloatTensor] = None
 
     @classmethod
     def choose_best(
@@ -83,6 +88,13 @@ class SamDecoderOutput:
 #: `MaskCMAConfig.object_presence` values: keep the decoded mask (Sa2VA), or blank it where SAM2 sees no object.
 OBJECT_PRESENCE_KEEP = "keep"
 OBJECT_PRESENCE_BLANK = "blank"
+
+
+def low_res_targets(gt_masks: torch.Tensor, features: SamFrameFeatures) -> torch.Tensor:
+    """Ground-truth masks `(num_targets, H, W)` at the decoder's low resolution `(num_targets, 4h, 4w)` (nearest), the
+    size of `SamDecoderOutput.mask_logits`."""
+    low_res_size = features.high_res_features[0].shape[-2:]
+    return F.interpolate(gt_masks[:, None].float(), size=low_res_size, mode="nearest")[:, 0]
 
 
 def apply_object_presence(mask_logits: torch.Tensor, object_score_logits: torch.Tensor, rule: str) -> torch.Tensor:

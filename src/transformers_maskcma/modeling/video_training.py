@@ -19,7 +19,7 @@ it ([`VideoMaskPropagation`] in `video_segmentation.py`), with gradients:
 
 Nothing in the clip is detached, so the loss of a propagated frame reaches the memory attention, the memory
 encoder, the object-pointer projection, the CMA and — through the memories of earlier frames — the ``[SEG]``
-prompts of the key frames. The result has the fields of the image path's `_decode_targets` (one row per target, in
+prompts of the key frames. The result has the fields of the image path's `decode_masks` (one row per target, in
 target order), so `MaskCMAModel.forward` computes the same loss terms (BCE, Dice, IoU, object score, prior) over all
 targets and the trainer weights them alike. Prior rows of propagated frames hold the prior the CMA used there (the
 previous frame's mask logits, or the conv head's mask); without the CMA on propagated frames they hold the frame's
@@ -36,10 +36,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from transformers.models.sam2_video.modeling_sam2_video import Sam2VideoInferenceSession
 
-from .mask_decoding import SamDecoderOutput, SamFrameFeatures
+from .mask_decoding import SamDecoderOutput, SamFrameFeatures, low_res_targets
 from .mask_prior import PreviousFrameMaskPrior
 from .target_mapping import SegTargets
 
@@ -95,7 +94,7 @@ def propagates(config, conditioning_frame_mask: torch.Tensor | None, target_fram
 
 
 def _rows(decoded: dict, index: torch.Tensor) -> dict:
-    return {name: None if decoded[name] is None else decoded[name].index_select(0, index) for name in _DECODED_FIELDS}
+    return {name: None if decoded.get(name) is None else decoded[name].index_select(0, index) for name in _DECODED_FIELDS}
 
 
 def _with_candidates(decoded: dict, num_candidates: int) -> dict:
@@ -261,8 +260,8 @@ def decode_targets_with_propagation(
     gt_masks: torch.Tensor | None,
     conditioning_frame_mask: torch.Tensor,
     frame_sample_index: torch.Tensor | None,
-) -> dict[str, torch.Tensor | None]:
-    """`MaskCMAModel._decode_targets` with the clips of the batch propagated through SAM2's memory (module docstring).
+) -> tuple[SamDecoderOutput, SamFrameFeatures]:
+    """The decoding step of `MaskCMAModel.forward` with the clips of the batch propagated through SAM2's memory (module docstring).
 
     Args:
         model ([`MaskCMAModel`]).
@@ -277,10 +276,8 @@ def decode_targets_with_propagation(
             frame per sample).
 
     Returns:
-        The dict of `_decode_targets`: `mask_logits` `(N, 1, h, w)`, `iou_scores` `(N,)`, `prior_logits`
-        `(N, 1, h, w)` or None, `object_score_logits` `(N,)`, `output_tokens` `(N, 256)`, `multimask_logits`
-        `(N, M, h, w)`, `multimask_iou_scores` `(N, M)`, and with `gt_masks` `mask_pooled_embeds` `(N, 256)`,
-        `target_has_mask` `(N,)` and `gt_low_res` `(N, h, w)`.
+        The targets' [`SamDecoderOutput`] (`N` rows, in target order, as the image path's `decode_masks` gives them)
+        and the targets' [`SamFrameFeatures`] (`(N, 256, h, w)`, for the contrastive loss's mask pooling).
     """
     sam2 = model.sam2
     pixels = sam_pixel_values.to(sam2.device)
@@ -304,11 +301,7 @@ def decode_targets_with_propagation(
     target_seg = seg_embeds.to(device)[seg_index]
     text_tokens, text_mask = text_tokens.to(device), text_mask.to(device)
     target_features = features.select(frame_index)
-    gt_low_res = None
-    if gt_masks is not None:
-        gt_masks = gt_masks.to(device)
-        low_res_size = target_features.high_res_features[0].shape[-2:]
-        gt_low_res = F.interpolate(gt_masks[:, None].float(), size=low_res_size, mode="nearest")[:, 0]
+    gt_low_res = None if gt_masks is None else low_res_targets(gt_masks.to(device), target_features)
 
     clip_samples = sorted({int(s) for s in frame_samples[~conditioning].tolist()})
     in_clip = torch.isin(sample_index, torch.tensor(clip_samples, dtype=torch.long, device=device))
@@ -322,7 +315,7 @@ def decode_targets_with_propagation(
             text_mask[sample_index[image_rows]],
             None if gt_low_res is None else gt_low_res[image_rows],
         )
-        parts.append((image_rows, {name: decoded[name] for name in _DECODED_FIELDS}))
+        parts.append((image_rows, {name: decoded.get(name) for name in _DECODED_FIELDS}))
     for sample in clip_samples:
         rows = (sample_index == sample).nonzero(as_tuple=True)[0]
         if rows.numel() == 0:
@@ -358,14 +351,7 @@ def decode_targets_with_propagation(
     for name in _DECODED_FIELDS:
         values = [part[name] for _, part in parts]
         decoded[name] = None if any(v is None for v in values) else torch.cat(values).index_select(0, inverse)
-    if gt_masks is not None:
-        embeddings = target_features.image_embeddings
-        gt_at_embedding = F.interpolate(gt_masks[:, None].float(), size=embeddings.shape[-2:], mode="nearest")
-        area = gt_at_embedding.sum(dim=(2, 3))  # (N, 1)
-        decoded["mask_pooled_embeds"] = (embeddings * gt_at_embedding).sum(dim=(2, 3)) / area.clamp_min(1.0)
-        decoded["target_has_mask"] = area[:, 0] > 0
-        decoded["gt_low_res"] = gt_low_res
-    return decoded
+    return SamDecoderOutput(**decoded), target_features
 
 
 def _cat(values: list) -> torch.Tensor | None:

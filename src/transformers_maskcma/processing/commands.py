@@ -291,7 +291,7 @@ def _finish_input(
     """The summary of sample `row` of a `segment` output, and its files written into `output_dir` (when given)."""
     masks = output.masks[row].cpu().numpy().astype(bool)  # (n, H, W) or (n, T, H, W)
     scores = [float(s) for s in output.scores[row].float().cpu()]
-    answer = output.answers[row] if output.answers is not None else processor.decode(output.answer_ids[row])
+    answer = processor.decode_answers([output.answer_ids[row]])[0]
     summary = {
         "input": str(input_path),
         "media_type": media_type,

@@ -234,12 +234,8 @@ class ReferringSegmentationPipeline(Pipeline):
 
     def postprocess(self, model_outputs):
         """The result of the one sample in `model_outputs` (lists of one entry)."""
-        answer = self.processor.decode(model_outputs["answer_ids"][0], skip_special_tokens=False)
-        for token in (self.processor.end_of_turn_token, self.processor.tokenizer.pad_token):
-            if token:
-                answer = answer.replace(token, "")
         return {
-            "answer": answer.strip(),
+            "answer": self.processor.decode_answers(model_outputs["answer_ids"])[0],
             "masks": [mask.cpu().numpy().astype(bool) for mask in model_outputs["masks"][0]],
             "scores": [float(score) for score in model_outputs["scores"][0].float().cpu()],
         }

@@ -733,6 +733,19 @@ class MaskCMAProcessor(ProcessorMixin):
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)
 
+    def decode_answers(self, answer_ids) -> list[str]:
+        """The answer text of each sample: `answer_ids` is what `MaskCMAModel.segment` returns (a list of 1-D token
+        tensors, or a stream's `[stream.answer_ids]`). ``[SEG]`` stays; the end-of-turn, end-of-sequence and padding
+        tokens are removed and the text is stripped."""
+        removed = {self.end_of_turn_token, self.tokenizer.eos_token, self.tokenizer.pad_token} - {None, ""}
+        answers = []
+        for ids in answer_ids:
+            text = self.tokenizer.decode(ids, skip_special_tokens=False)
+            for token in removed:
+                text = text.replace(token, "")
+            answers.append(text.strip())
+        return answers
+
     def decode(self, *args, **kwargs):
         return self.tokenizer.decode(*args, **kwargs)
 

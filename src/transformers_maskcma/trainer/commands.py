@@ -108,10 +108,10 @@ def build_model_and_processor(config: TrainConfig):
             raise FileNotFoundError(f"{config.source}: model.path {path} is not a folder with a saved MaskCMA model")
         check_weight_files(path)
         model = MaskCMAModel.from_pretrained(path, **settings.config)
-        if model.tokenizer is None:
-            model.tokenizer = AutoTokenizer.from_pretrained(path)
         if settings.processor or not (Path(path) / "processor_config.json").is_file():
-            processor = MaskCMAProcessor.from_model_config(model.config, model.tokenizer, **settings.processor)
+            processor = MaskCMAProcessor.from_model_config(
+                model.config, AutoTokenizer.from_pretrained(path), **settings.processor
+            )
         else:
             processor = MaskCMAProcessor.from_pretrained(path)
         return model, processor

@@ -301,14 +301,12 @@ def merge_lora(peft_model: PeftModel) -> MaskCMAModel:
     """Fold LoRA adapters, `modules_to_save` copies and trained token rows into the base weights.
 
     Returns the plain `MaskCMAModel` (the same object as ``peft_model.get_base_model()`` after unloading), ready
-    for `save_pretrained`. The tokenizer attached to the model, if any, is kept."""
+    for `save_pretrained`."""
     if not isinstance(peft_model, PeftModel):
         raise TypeError(f"merge_lora expects a peft PeftModel, got {type(peft_model).__name__}")
-    tokenizer = getattr(peft_model.get_base_model(), "tokenizer", None)
     merged = peft_model.merge_and_unload()
     if not isinstance(merged, MaskCMAModel):
         raise TypeError(f"merging returned {type(merged).__name__}, expected MaskCMAModel")
-    merged.tokenizer = tokenizer
     return merged
 
 

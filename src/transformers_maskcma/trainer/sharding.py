@@ -66,7 +66,6 @@ def meta_copy(model: MaskCMAModel) -> MaskCMAModel:
 
     with init_empty_weights(include_buffers=False):
         copy = type(model)(model.config)
-    copy.tokenizer = getattr(model, "tokenizer", None)
     return copy
 
 

@@ -1,8 +1,10 @@
 """`MaskCMATrainer`: the `transformers.Trainer` for MaskCMA.
 
-The training objective is the model's loss plus the weighted symmetric TMC loss (docs/training.md)::
+The model's forward returns every loss term (`MaskCMAOutput`: `lm_loss`, the weighted `mask_loss` and its parts,
+`tmc_loss`); the trainer only weights them for the optimizer step and accumulates (docs/training.md)::
 
-    loss = lm + w_bce·bce + w_dice·dice + w_prior·prior + w_iou·iou + w_obj·object_score + tmc_weight · tmc
+    loss = lm_loss + mask_loss + tmc_weight · tmc_loss,  mask_loss = w_bce·bce + w_dice·dice + w_prior·prior
+                                                                    + w_iou·iou + w_obj·object_score
 
 Gradient accumulation and data parallelism are exact for the model's parts: the model averages the LM loss over
 the answer tokens and the mask losses over the targets *of the batch it sees*, so a plain average of micro-batch
@@ -39,7 +41,6 @@ from ..modeling import MaskCMAModel
 
 from .callbacks import GammaWarmupCallback, active_cma, check_float32_master_weights, unwrap_maskcma
 from .sharding import full_scalar_value, tied_parameter_names
-from .tmc import TMCOutput, tmc_loss_from_output
 
 logger = logging.get_logger(__name__)
 
@@ -87,8 +88,8 @@ class MaskCMATrainer(Trainer):
     """`Trainer` with the TMC loss, exact gradient accumulation and per-component logging (module docstring).
 
     Args:
-        tmc_weight (`float`, *optional*): weight of the TMC loss; default the model's ``config.tmc_weight``.
-        tmc_temperature (`float`, *optional*): τ; default ``config.tmc_temperature``.
+        tmc_weight (`float`, *optional*): weight of the model's `tmc_loss`; default the model's ``config.tmc_weight``
+            (its temperature is ``config.tmc_temperature``).
         cma_warmup (`bool`, defaults to `True`): add a `GammaWarmupCallback` (unless one is already among the
             callbacks) so the CMA warm-up factor follows the step.
         cma_warmup_ratio (`float`, *optional*): its ramp length as a fraction of the steps; default
@@ -115,7 +116,6 @@ class MaskCMATrainer(Trainer):
         self,
         *args,
         tmc_weight: float | None = None,
-        tmc_temperature: float | None = None,
         cma_warmup: bool = True,
         cma_warmup_ratio: float | None = None,
         **kwargs,
@@ -124,11 +124,8 @@ class MaskCMATrainer(Trainer):
         check_float32_master_weights(self.model, self.args)  # no AdamW on bf16/fp16 weights
         config = unwrap_maskcma(self.model).config
         self.tmc_weight = float(config.tmc_weight if tmc_weight is None else tmc_weight)
-        self.tmc_temperature = float(config.tmc_temperature if tmc_temperature is None else tmc_temperature)
         if self.tmc_weight < 0:
             raise ValueError(f"MaskCMATrainer: tmc_weight={self.tmc_weight} must be >= 0")
-        if self.tmc_temperature <= 0:
-            raise ValueError(f"MaskCMATrainer: tmc_temperature={self.tmc_temperature} must be > 0")
         if self.args.n_gpu > 1:
             raise ValueError(
                 "MaskCMATrainer does not support torch.nn.DataParallel (several GPUs in one process): the model's "
@@ -169,10 +166,6 @@ class MaskCMATrainer(Trainer):
 
     # -- the loss -------------------------------------------------------------------------------------------------
 
-    def compute_tmc(self, outputs) -> TMCOutput:
-        """The TMC loss of one micro-batch (`trainer.tmc`)."""
-        return tmc_loss_from_output(outputs, self.tmc_temperature)
-
     def compute_loss(
         self,
         model: nn.Module,
@@ -180,11 +173,11 @@ class MaskCMATrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: AccumulationCounts | torch.Tensor | int | None = None,
     ):
-        """Model loss + ``tmc_weight`` × TMC.
+        """``lm_loss + mask_loss + tmc_weight · tmc_loss`` from the model's terms.
 
-        In training (with the `AccumulationCounts` of `get_batch_samples`), the model's parts are rescaled so that
-        the gradients summed over micro-batches and averaged over processes equal those of the whole step's batch
-        (module docstring). Otherwise (evaluation, or a direct call) it is the plain per-batch value.
+        In training (with the `AccumulationCounts` of `get_batch_samples`), each term is rescaled by its share of the
+        optimizer step so that the gradients summed over micro-batches and averaged over processes equal those of the
+        whole step's batch (module docstring). Otherwise (evaluation, or a direct call) it is the plain per-batch value.
         """
         outputs = model(**inputs)
         if outputs.loss is None:
@@ -192,33 +185,27 @@ class MaskCMATrainer(Trainer):
                 "the model returned no loss: a training batch needs `labels` (LM loss) and/or `gt_masks` with "
                 "`sam_pixel_values` (mask losses)"
             )
-        config = unwrap_maskcma(model).config
-        lm = outputs.lm_loss
-        mask_total = self._weighted_mask_loss(outputs, config)
-        use_tmc = self.tmc_weight > 0 and outputs.mask_pooled_embeds is not None
-        tmc = self.compute_tmc(outputs) if use_tmc else None
-        tmc_loss = tmc.loss if tmc is not None else outputs.loss.new_zeros(())
-        if tmc is not None:  # counted on the device; the warning is given when the count is read (logging)
-            skipped = torch.as_tensor(tmc.skipped, device=tmc_loss.device).long()
+        zero = outputs.loss.new_zeros(())
+        lm = zero if outputs.lm_loss is None else outputs.lm_loss
+        mask = zero if outputs.mask_loss is None else outputs.mask_loss
+        use_tmc = self.tmc_weight > 0 and outputs.tmc_loss is not None
+        tmc = outputs.tmc_loss if use_tmc else zero
+        if use_tmc:  # counted on the device; the warning is given when the count is read (logging)
+            skipped = outputs.tmc_skipped.long()
             self._tmc_skipped_count = skipped if self._tmc_skipped_count is None else self._tmc_skipped_count + skipped
 
         counts = num_items_in_batch if isinstance(num_items_in_batch, AccumulationCounts) else None
         if counts is None or not model.training:
-            loss = outputs.loss + self.tmc_weight * tmc_loss
+            loss = lm + mask + self.tmc_weight * tmc
             if model.training:  # a direct training call without counts: plain mean over accumulation steps
                 loss = loss / max(getattr(self, "current_gradient_accumulation_steps", 1), 1)
         else:
             lm_share = self._share(_lm_token_count(inputs, outputs.loss.device), counts.lm_tokens)
             mask_share = self._share(count_mask_targets(inputs), counts.mask_targets)
             tmc_share = 1.0 / (counts.micro_batches * counts.world_size)
-            global_part = outputs.loss.new_zeros(())
-            if lm is not None:
-                global_part = global_part + lm * lm_share
-            if mask_total is not None:
-                global_part = global_part + mask_total * mask_share
             # DDP averages gradients over processes; the shares already sum to one over them, so undo the average
-            loss = counts.world_size * global_part + self.tmc_weight * tmc_loss * (tmc_share * counts.world_size)
-            self._record_components(outputs, tmc, lm_share, mask_share, tmc_share)
+            loss = counts.world_size * (lm * lm_share + mask * mask_share + self.tmc_weight * tmc * tmc_share)
+            self._record_components(outputs, use_tmc, lm_share, mask_share, tmc_share)
         return (loss, outputs) if return_outputs else loss
 
     @staticmethod
@@ -233,22 +220,9 @@ class MaskCMATrainer(Trainer):
         it synchronises with the device."""
         return 0 if self._tmc_skipped_count is None else int(self._tmc_skipped_count)
 
-    @staticmethod
-    def _weighted_mask_loss(outputs, config) -> torch.Tensor | None:
-        if outputs.mask_bce is None:
-            return None
-        total = config.bce_loss_weight * outputs.mask_bce + config.dice_loss_weight * outputs.mask_dice
-        if outputs.iou_loss is not None:
-            total = total + config.iou_loss_weight * outputs.iou_loss
-        if outputs.object_score_loss is not None:
-            total = total + config.object_score_loss_weight * outputs.object_score_loss
-        if outputs.prior_loss is not None:
-            total = total + config.prior_loss_weight * outputs.prior_loss
-        return total
-
     # -- logging --------------------------------------------------------------------------------------------------
 
-    def _record_components(self, outputs, tmc: TMCOutput | None, lm_share, mask_share, tmc_share: float):
+    def _record_components(self, outputs, use_tmc: bool, lm_share, mask_share, tmc_share: float):
         """Add this micro-batch's weighted components to the running sums, on the device (no synchronisation)."""
 
         def weighted(value, share):
@@ -262,10 +236,8 @@ class MaskCMATrainer(Trainer):
             "prior_loss": weighted(outputs.prior_loss, mask_share),
             "iou_loss": weighted(outputs.iou_loss, mask_share),
             "object_score_loss": weighted(outputs.object_score_loss, mask_share),
-            "tmc_loss": None if tmc is None else weighted(tmc.loss, tmc_share),
-            "tmc_skipped_fraction": (
-                None if tmc is None else torch.as_tensor(tmc.skipped, device=device).float() * tmc_share
-            ),
+            "tmc_loss": weighted(outputs.tmc_loss, tmc_share) if use_tmc else None,
+            "tmc_skipped_fraction": weighted(outputs.tmc_skipped, tmc_share) if use_tmc else None,
         }
         if self._component_last_logged_step is None:
             self._component_last_logged_step = self.state.global_step

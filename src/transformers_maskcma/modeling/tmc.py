@@ -14,7 +14,8 @@ With ``logits[i, j] = <v_i, t_j> / τ`` the loss is the symmetric InfoNCE
 are never used as negatives of each other — their entries are removed from both softmaxes, the diagonal stays.
 
 The loss needs at least two distinct (sample, object) groups; with fewer it is 0 (the output says it was skipped,
-and `MaskCMATrainer` logs how often that happened).
+and `MaskCMATrainer` logs how often that happened). `MaskCMAModel.forward` computes it whenever it gets `gt_masks`.
+Imports only torch.
 """
 
 from __future__ import annotations
@@ -35,10 +36,6 @@ class TMCOutput:
         num_objects (`int` or `torch.LongTensor` of shape `()`): distinct (sample, object) groups among them.
         skipped (`bool` or `torch.BoolTensor` of shape `()`): `True` when fewer than two distinct objects were
             present, so the loss is 0.
-        logits (`torch.FloatTensor` of shape `(num_seg, num_seg)` or `None`): ``v·tᵀ/τ`` over every ``[SEG]``,
-            before masking; the rows that took part are `row_mask`.
-        row_mask (`torch.BoolTensor` of shape `(num_seg,)` or `None`): the ``[SEG]`` rows that took part.
-        group_index (`torch.LongTensor` of shape `(num_seg,)` or `None`): (sample, object) group of each ``[SEG]``.
 
     The counts are 0-d tensors on the loss's device when computed (reading them is a host synchronisation, which
     the trainer does only when it logs); plain Python values for an empty batch.
@@ -48,9 +45,6 @@ class TMCOutput:
     num_rows: int | torch.Tensor
     num_objects: int | torch.Tensor
     skipped: bool | torch.Tensor
-    logits: torch.Tensor | None = None
-    row_mask: torch.Tensor | None = None
-    group_index: torch.Tensor | None = None
 
 
 def _zero_loss(*tensors: torch.Tensor | None) -> torch.Tensor:
@@ -63,6 +57,20 @@ def _zero_loss(*tensors: torch.Tensor | None) -> torch.Tensor:
     if total is None:
         raise ValueError("text_mask_contrastive_loss needs seg_embeds and mask_pooled_embeds tensors")
     return total
+
+
+def mask_pooled_embeddings(image_embeddings: torch.Tensor, gt_masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM2's image embedding averaged over each target's ground-truth mask (resized with nearest to the grid).
+
+    Args:
+        image_embeddings: `(num_targets, D, h, w)`; gt_masks: `(num_targets, H, W)` in [0, 1].
+
+    Returns:
+        `(pooled (num_targets, D), has_mask (num_targets,))`; rows of empty masks are 0 and `has_mask` False.
+    """
+    masks = F.interpolate(gt_masks[:, None].float(), size=image_embeddings.shape[-2:], mode="nearest")
+    area = masks.sum(dim=(2, 3))  # (N, 1)
+    return (image_embeddings * masks).sum(dim=(2, 3)) / area.clamp_min(1.0), area[:, 0] > 0
 
 
 def seg_visual_embeddings(
@@ -186,28 +194,7 @@ def text_mask_contrastive_loss(
     weights = has_visual.float()
     loss = 0.5 * (per_row * weights).sum() / weights.sum().clamp_min(1.0)
     loss = torch.where(skipped, _zero_loss(seg_embeds, mask_pooled_embeds), loss)
-    return TMCOutput(
-        loss=loss, num_rows=num_rows, num_objects=num_objects, skipped=skipped, logits=logits, row_mask=has_visual,
-        group_index=group_index,
-    )
+    return TMCOutput(loss=loss, num_rows=num_rows, num_objects=num_objects, skipped=skipped)
 
 
-def tmc_loss_from_output(outputs, temperature: float) -> TMCOutput:
-    """`text_mask_contrastive_loss` on a `MaskCMAOutput` (needs the forward to have received `gt_masks`)."""
-    if outputs.mask_pooled_embeds is None or outputs.target_has_mask is None:
-        raise ValueError(
-            "the TMC loss needs mask_pooled_embeds and target_has_mask in the model output: pass gt_masks and "
-            "sam_pixel_values to the forward (or set tmc_weight=0)"
-        )
-    return text_mask_contrastive_loss(
-        seg_embeds=outputs.seg_embeds,
-        mask_pooled_embeds=outputs.mask_pooled_embeds,
-        target_seg_index=outputs.target_seg_index,
-        target_has_mask=outputs.target_has_mask,
-        seg_sample_index=outputs.seg_sample_index,
-        seg_object_ids=outputs.seg_object_ids,
-        temperature=temperature,
-    )
-
-
-__all__ = ["TMCOutput", "group_rows", "seg_visual_embeddings", "text_mask_contrastive_loss", "tmc_loss_from_output"]
+__all__ = ["TMCOutput", "group_rows", "mask_pooled_embeddings", "seg_visual_embeddings", "text_mask_contrastive_loss"]
