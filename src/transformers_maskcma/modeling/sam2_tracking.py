@@ -373,8 +373,12 @@ class MaskCMASam2VideoModel(Sam2VideoModel):
             mask_logits=low_res[:, 0],
             iou_scores=torch.cat([entry.iou_scores for entry in decoded]),
             object_score_logits=object_scores.reshape(-1),
-            decoded=SamDecoderOutput(
-                **{name: torch.cat([getattr(entry, name) for entry in decoded]) for name in _DECODER_FIELDS}
+            decoded=SamDecoderOutput(  # fields every object has (no prior: SAM2's own pass)
+                **{
+                    name: torch.cat([getattr(entry, name) for entry in decoded])
+                    for name in _DECODER_FIELDS
+                    if getattr(decoded[0], name) is not None
+                }
             ),
         )
 
