@@ -32,7 +32,7 @@ from .mask_decoding import (
     sigmoid_bce_loss,
     upsample_mask_logits,
 )
-from .mask_prior import ConvMaskPriorHead, resolve_mask_prior, resolve_propagation_mask_prior
+from .mask_prior import ConvMaskPriorHead, MaskPriorOutput, resolve_mask_prior, resolve_propagation_mask_prior
 from .sam2_tracking import MaskCMASam2VideoModel
 from .target_mapping import build_seg_targets
 from .tmc import mask_pooled_embeddings, text_mask_contrastive_loss
@@ -374,6 +374,34 @@ class MaskCMAModel(MaskCMAPreTrainedModel):
         kept (`MaskCMASam2VideoModel.decode`); `image_embeddings` `(N, 256, h, w)`, `seg_embeds` `(N, 256)`."""
         seg_embeds = seg_embeds.to(image_embeddings.device)  # SAM2 may sit on another device than the heads
         return self.sam2.decode(image_embeddings, high_res_features, seg_embeds, multimask_output=True)
+
+    def refine_propagated_frame(
+        self,
+        conditioned: torch.Tensor,
+        seg_embed: torch.Tensor,
+        text_tokens: torch.Tensor,
+        text_token_mask: torch.Tensor,
+        previous_mask_logits: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, MaskPriorOutput]:
+        """The CMA on a frame SAM2 propagates from its memory (`config.cma_on_propagation`), for one object:
+        `F' = cma(F_mem, T ∪ {s}, G)` with the propagation prior `G` (inference and `video_training="propagate"`).
+
+        Args:
+            conditioned (`torch.FloatTensor` of shape `(1, 256, h, w)`): SAM2's memory-conditioned embedding.
+            seg_embed (`torch.FloatTensor` of shape `(1, 256)`): the object's ``[SEG]`` embedding.
+            text_tokens (`torch.FloatTensor` of shape `(num_text_tokens, 256)`), text_token_mask (`torch.BoolTensor`
+                of shape `(num_text_tokens,)`): the sample's projected prompt tokens.
+            previous_mask_logits (`torch.FloatTensor` of shape `(1, 1, 4h, 4w)`, *optional*): the object's mask
+                logits on the previous frame (the prior with `propagation_mask_source="previous"`).
+
+        Returns:
+            The refined embedding `(1, 256, h, w)` and the [`MaskPriorOutput`] the CMA used.
+        """
+        prior = self.propagation_mask_prior(conditioned, seg_embed, previous_mask_logits=previous_mask_logits)
+        refined = self.cma(
+            conditioned, text_tokens[None], text_token_mask[None], seg_embed, prior.embedding_logits.to(conditioned.dtype)
+        )
+        return refined.image_embeddings, prior
 
     def decode_masks(
         self,

@@ -197,7 +197,6 @@ class MaskCMASam2VideoModel(Sam2VideoModel):
 
     # -- key frames ------------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def store_conditioning_frame(
         self,
         inference_session: Sam2VideoInferenceSession,
@@ -207,7 +206,9 @@ class MaskCMASam2VideoModel(Sam2VideoModel):
     ) -> Sam2TrackedFrame:
         """Make frame `frame_idx` a conditioning frame of every object from masks decoded elsewhere (the ``[SEG]``
         prompts): store its masks (after the presence rule), object pointers and object scores, and encode its
-        memory. Runs without gradients (inference); `conditioning_step` is the same step with them (training).
+        memory. Runs under the caller's autograd mode: inference calls it under `torch.no_grad()`; with gradients
+        enabled (`video_training`) the stored pointers and memory features stay attached to `decoded` (and through it
+        to the ``[SEG]`` prompts), so later frames' losses reach them.
 
         Args:
             inference_session (`Sam2VideoInferenceSession`): objects `0..N-1` already registered.
@@ -215,18 +216,6 @@ class MaskCMASam2VideoModel(Sam2VideoModel):
             decoded ([`SamDecoderOutput`]): the decoder output of the N objects on this frame.
             object_presence (`str`): `"keep"` or `"blank"`.
         """
-        return self.conditioning_step(inference_session, frame_idx, decoded, object_presence)
-
-    def conditioning_step(
-        self,
-        inference_session: Sam2VideoInferenceSession,
-        frame_idx: int,
-        decoded: SamDecoderOutput,
-        object_presence: str,
-    ) -> Sam2TrackedFrame:
-        """`store_conditioning_frame` under the caller's autograd mode: with gradients enabled, the stored pointers
-        and memory features stay attached to `decoded` (and through it to the ``[SEG]`` prompts), so later frames'
-        losses reach them (`video_training`). Same arguments and results."""
         low_res, high_res, pointer, object_scores = self._memory_state(decoded, object_presence)
         for obj in range(low_res.shape[0]):
             inference_session.store_output(
@@ -289,7 +278,6 @@ class MaskCMASam2VideoModel(Sam2VideoModel):
         # one prompt per row: drop the point-batch axis
         return SamDecoderOutput.choose_best(mask_logits[:, 0], iou_scores[:, 0], output_tokens[:, 0], object_scores)
 
-    @torch.no_grad()
     def track_frame(
         self,
         inference_session: Sam2VideoInferenceSession,
@@ -299,22 +287,10 @@ class MaskCMASam2VideoModel(Sam2VideoModel):
         refine_memory_features: MemoryFeatureRefiner | None = None,
     ) -> Sam2TrackedFrame:
         """One propagation step of every object of the session on frame `frame_idx` (not a conditioning frame),
-        without gradients (inference); `tracking_step` is the same step with them (training). See `tracking_step`
-        for the arguments."""
-        return self.tracking_step(inference_session, frame_idx, reverse, object_presence, refine_memory_features)
-
-    def tracking_step(
-        self,
-        inference_session: Sam2VideoInferenceSession,
-        frame_idx: int,
-        reverse: bool,
-        object_presence: str,
-        refine_memory_features: MemoryFeatureRefiner | None = None,
-    ) -> Sam2TrackedFrame:
-        """One propagation step of every object of the session on frame `frame_idx` (not a conditioning frame),
-        under the caller's autograd mode: with gradients enabled, the result and the stored state (pointer, memory
-        features) stay attached to the memory read, so a loss on this frame reaches the memory attention, the
-        memory encoder and the object pointers of earlier frames (`video_training`).
+        under the caller's autograd mode (inference calls it under `torch.no_grad()`): with gradients enabled, the
+        result and the stored state (pointer, memory features) stay attached to the memory read, so a loss on this
+        frame reaches the memory attention, the memory encoder and the object pointers of earlier frames
+        (`video_training`).
 
         For each object: SAM2's memory attention over its memory bank and object pointers, then
         `refine_memory_features` (when given) on the memory-conditioned embedding, then SAM2's mask decoder without

@@ -302,6 +302,7 @@ class VideoMaskPropagation:
         self._release_state(remaining=None)
         return VideoFrameMasks(frame_index, stored.mask_logits, stored.iou_scores, stored.object_score_logits, True)
 
+    @torch.no_grad()
     def _propagate(self, frame_index: int, reverse: bool) -> VideoFrameMasks:
         """One step of SAM2's propagation (all objects), with the CMA on the memory-conditioned embedding."""
         tracked = self.model.sam2.track_frame(
@@ -319,15 +320,10 @@ class VideoMaskPropagation:
         previous_logits = None
         if self.prior_from_previous_frame:
             previous_logits = self._stored_mask_logits(object_index, frame_index + 1 if reverse else frame_index - 1)
-        prior = self.model.propagation_mask_prior(conditioned, seg_embed, previous_mask_logits=previous_logits)
-        refined = self.model.cma(
-            conditioned,
-            self.text_tokens[None],
-            self.text_token_mask[None],
-            seg_embed,
-            prior.embedding_logits.to(conditioned.dtype),
+        refined, _ = self.model.refine_propagated_frame(
+            conditioned, seg_embed, self.text_tokens, self.text_token_mask, previous_logits
         )
-        return refined.image_embeddings
+        return refined
 
     def _stored_mask_logits(self, object_index: int, frame_index: int) -> torch.Tensor:
         outputs = self.inference_session.output_dict_per_obj[object_index]

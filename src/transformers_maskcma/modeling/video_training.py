@@ -9,9 +9,9 @@ it ([`VideoMaskPropagation`] in `video_segmentation.py`), with gradients:
    nothing is encoded twice and the image encoder trains when it is trainable);
 2. the clip's *conditioning* frames (the key frames the VLM saw, `conditioning_frame_mask`) are decoded from the
    ``[SEG]`` prompts with the CMA exactly as an image is (`MaskCMAModel.decode_masks`) and stored as SAM2
-   conditioning frames (`MaskCMASam2VideoModel.conditioning_step`: masks after the presence rule, object pointers
+   conditioning frames (`MaskCMASam2VideoModel.store_conditioning_frame`: masks after the presence rule, object pointers
    from the output tokens, memory encoding);
-3. every other frame is propagated (`MaskCMASam2VideoModel.tracking_step`): memory attention over the conditioning
+3. every other frame is propagated (`MaskCMASam2VideoModel.track_frame`): memory attention over the conditioning
    and recent frames' memories and object pointers, the CMA on the memory-conditioned embedding when
    `cma_on_propagation` (prior: the previous frame's mask, or the conv head with `mask_source="conv"`), SAM2's mask
    decoder without prompt, then the frame's own memory. Frames before the first conditioning frame are tracked
@@ -187,14 +187,14 @@ class ClipPropagation:
             index = torch.arange(k * num_objects, (k + 1) * num_objects, device=rows.device)
             frame = _rows(decoded, index)
             final = SamDecoderOutput(**{name: frame[name] for name in _DECODED_FIELDS if name != "prior_logits"})
-            self.sam2.conditioning_step(self.session, t, final, self.object_presence)
+            self.sam2.store_conditioning_frame(self.session, t, final, self.object_presence)
             for obj in range(num_objects):
                 results[(obj, t)] = _rows(frame, index.new_tensor([obj]))
         first = keys[0]
         order = [(t, True) for t in range(first - 1, -1, -1)]
         order += [(t, False) for t in range(first + 1, len(self.frame_rows)) if t not in keys]
         for t, reverse in order:
-            tracked = self.sam2.tracking_step(
+            tracked = self.sam2.track_frame(
                 self.session,
                 t,
                 reverse,
@@ -236,18 +236,13 @@ class ClipPropagation:
             entry = outputs["non_cond_frame_outputs"].get(previous, outputs["cond_frame_outputs"].get(previous))
             logits = entry["pred_masks"]
             previous_logits = logits.reshape(1, 1, *logits.shape[-2:])
-        prior = self.model.propagation_mask_prior(conditioned, seg_embed, previous_mask_logits=previous_logits)
+        refined, prior = self.model.refine_propagated_frame(
+            conditioned, seg_embed, self.text_tokens, self.text_token_mask, previous_logits
+        )
         prior_mask = prior.mask_logits if prior.mask_logits is not None else previous_logits
         if prior_mask is not None:
             self.priors[(obj, t)] = prior_mask
-        refined = self.model.cma(
-            conditioned,
-            self.text_tokens[None],
-            self.text_token_mask[None],
-            seg_embed,
-            prior.embedding_logits.to(conditioned.dtype),
-        )
-        return refined.image_embeddings
+        return refined
 
 
 def decode_targets_with_propagation(
