@@ -83,17 +83,11 @@ def make_batch(frames: int, mode: str, seed: int, device: str, dtype: torch.dtyp
 
 def make_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], float]:
     """One optimiser step as `MaskCMATrainer` runs it; returns the loss."""
-    from transformers_maskcma.trainer.tmc import tmc_loss_from_output
-
-    config = model.config
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
 
     def step() -> float:
-        outputs = model(**batch)
-        loss = outputs.loss
-        if config.tmc_weight > 0:
-            loss = loss + config.tmc_weight * tmc_loss_from_output(outputs, config.tmc_temperature).loss
+        loss = model(**batch).loss  # LM + mask + tmc_weight·TMC (the model's total)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP)
         optimizer.step()

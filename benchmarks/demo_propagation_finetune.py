@@ -27,7 +27,6 @@ from transformers_maskcma.modeling import MaskCMAModel
 from transformers_maskcma.processing import MaskCMAProcessor
 from transformers_maskcma.trainer.collator import MaskCMADataCollator
 from transformers_maskcma.trainer.data import ProcessedRecords
-from transformers_maskcma.trainer.tmc import tmc_loss_from_output
 
 from .common import DEFAULT_OUTPUT_DIR
 
@@ -77,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         model.train()
         rows = torch.randint(0, len(dataset), (args.batch_size,), generator=generator).tolist()
         output = model(**collator([dataset[row] for row in rows]))
-        loss = output.loss + model.config.tmc_weight * tmc_loss_from_output(output, model.config.tmc_temperature).loss
+        loss = output.loss  # LM + mask + tmc_weight·TMC (the model's total)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
         optimizer.step()
