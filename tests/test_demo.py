@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import datasets
+
 import numpy as np
 import pytest
 
@@ -103,6 +105,11 @@ def test_split_object_pairs_splits_or_keeps_each_scene_and_queries_follow_the_ma
     whole = [r["sample_id"] for r in mixed if "#" not in r["sample_id"]]
     assert 0 < len(whole) < len(scenes) and len(mixed) == 2 * len(scenes) - len(whole)
     assert mixed["sample_id"] == split_object_pairs(scenes, keep_fraction=0.5, seed=3)["sample_id"]  # seeded
+    # the frames are the scene's PNG bytes, carried over as they are (not decoded and encoded again)
+    assert split.features == scenes.features
+    encoded = datasets.Sequence(datasets.Image(decode=False))
+    scene_frames = scenes.cast_column("frames", encoded)["frames"]
+    assert split.cast_column("frames", encoded)["frames"] == [frames for frames in scene_frames for _ in range(2)]
 
 
 @pytest.mark.parametrize(

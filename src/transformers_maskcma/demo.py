@@ -92,9 +92,9 @@ class DemoSettings:
       ``[SEG]`` state depend on the prompt within the budget.
     """
 
-    train_samples: int = 6000
+    train_samples: int = 5000
     eval_samples: int = 200
-    steps: int = 2400
+    steps: int = 1200
     batch_size: int = 4
     learning_rate: float = 1e-4
     llm_lr_scale: float = 10.0
@@ -194,7 +194,9 @@ def split_object_pairs(records: datasets.Dataset, keep_fraction: float = 0.0, se
     (`record_queries` picks a split record's own query) and gets an empty answer (the processor's default)."""
     columns = {name: [] for name in records.column_names}
     keep = np.random.default_rng(seed).random(len(records)) < keep_fraction
-    for index, record in enumerate(records):
+    # frames stay encoded (PNG bytes): nothing is decoded here or encoded again by `from_dict`
+    encoded = records.cast_column("frames", datasets.Sequence(datasets.Image(decode=False)))
+    for index, record in enumerate(encoded):
         parts = record["prompt"].split(" and ")
         if len(record["masks"]) == 1 or keep[index]:
             pieces = [(record["prompt"], record["masks"], record["sample_id"])]
@@ -213,7 +215,7 @@ def split_object_pairs(records: datasets.Dataset, keep_fraction: float = 0.0, se
                 columns[name].append(record[name])
             columns["prompt"][-1], columns["masks"][-1], columns["sample_id"][-1] = prompt, masks, sample_id
             columns["answer"][-1] = ""
-    return datasets.Dataset.from_dict(columns, features=records.features)
+    return datasets.Dataset.from_dict(columns, features=encoded.features).cast(records.features)
 
 
 def scene_id(sample_id: str) -> str:
