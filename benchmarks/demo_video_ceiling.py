@@ -1,6 +1,8 @@
 """What limits the demo's propagated frames: how fast the tiny SAM2's memory learns when the query is known.
 
     python -m benchmarks.demo_video_ceiling [--steps 300] [--eval-at 100 200 300] [--mode propagate|independent]
+        [--memory-masks predicted|ground-truth] [--memory-layers 1] [--memory-mlp 256] [--train-clips 400]
+        [--eval-clips 40]
 
 The video counterpart of `benchmarks/demo_ceiling.py`. The ``[SEG]`` embedding is replaced by the oracle query
 embedding of that script (learned vectors for the query's colour, shape, position and, for clips, motion, summed), so nothing of the
@@ -10,7 +12,12 @@ memory (`modeling/video_training.py`: the first 5 frames decoded from the query 
 frames 5–7 propagated, a loss on all 8), with `--mode independent` every frame decoded from the query. At each
 `--eval-at` step the held-out clips are segmented by the inference path (`VideoMaskPropagation`: key frames 0–4 from
 the query, 5–7 propagated) and scored with J&F separately on key and propagated frames, beside the same with the
-queries shuffled across clips. Results go to ``<output-dir>/demo_video_ceiling_<mode>.json``.
+queries shuffled across clips. With `--memory-masks ground-truth` the key frames' memories are encoded from the
+ground-truth masks while training (the decoded masks still get their loss), which tells whether the memory path is
+held back by poor key-frame masks early on. Results go to ``<output-dir>/demo_video_ceiling_<mode>.json``
+(``..._gt_memory.json`` with ground-truth memories). The recorded runs (docs/training.md, "Can the demo's budget
+reach the video targets?"): ``--steps 3000 --eval-at 250 500 1000 1500 2000 2500 3000 --train-clips 1500`` and the
+same with ``--steps 2000 --memory-masks ground-truth``.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from transformers_maskcma.data.schema import decode_rle
@@ -35,7 +43,7 @@ from transformers_maskcma.modeling.video_training import ClipPropagation
 from transformers_maskcma.processing import MaskCMAProcessor
 from transformers_maskcma.processing.image_io import sam2_preprocess
 from transformers_maskcma.processing.training_features import resize_masks
-from transformers_maskcma.tiny import build_tiny_model
+from transformers_maskcma.tiny import build_tiny_model, tiny_sam2_config
 
 from .common import DEFAULT_OUTPUT_DIR
 from .demo_ceiling import QUERY_FIELDS, OracleQueryEmbedding
@@ -89,7 +97,30 @@ def single_object_clips(split: str, count: int, scenes: SyntheticConfig):
     return records.select(keep)
 
 
-def clip_loss(model, oracle, batch_pixels, batch_queries, batch_targets, mode: str) -> torch.Tensor:
+class GroundTruthMemories:
+    """While active, the key frames' memories are encoded from the ground-truth mask (logits ±10, SAM2's mask-input
+    scale) instead of the decoded one; the decoded mask still gets its loss. Used with `--memory-masks
+    ground-truth` to tell how fast the memory path learns once the key frames' memories are right."""
+
+    def __init__(self, sam2, targets: torch.Tensor):
+        self.sam2, self.targets, self.store = sam2, targets, sam2.store_conditioning_frame
+
+    def __enter__(self):
+        def store(session, frame_idx, decoded, object_presence):
+            truth = self.targets[frame_idx].to(decoded.multimask_logits.dtype)
+            truth = F.interpolate(truth[None, None], size=decoded.multimask_logits.shape[-2:], mode="bilinear")[0]
+            forced = replace(decoded, multimask_logits=(20.0 * (truth > 0.5) - 10.0).expand_as(decoded.multimask_logits))
+            return self.store(session, frame_idx, forced, object_presence)
+
+        self.sam2.store_conditioning_frame = store
+        return self
+
+    def __exit__(self, *exc_info):
+        del self.sam2.store_conditioning_frame
+
+
+def clip_loss(model, oracle, batch_pixels, batch_queries, batch_targets, mode: str,
+              memory_masks: str = "predicted") -> torch.Tensor:
     """BCE + Dice over every frame of a batch of clips `(B, T, 3, S, S)`."""
     sam2 = model.sam2
     num_clips, num_frames = batch_pixels.shape[:2]
@@ -101,10 +132,15 @@ def clip_loss(model, oracle, batch_pixels, batch_queries, batch_targets, mode: s
     for clip in range(num_clips):
         rows = list(range(clip * num_frames, (clip + 1) * num_frames))
         if mode == "propagate":
-            results = ClipPropagation(
+            propagation = ClipPropagation(
                 model, levels, positions, features, rows, [t < KEY_FRAMES for t in range(num_frames)],
                 prompts[clip : clip + 1], no_text, no_text_mask,
-            ).run()
+            )
+            if memory_masks == "ground-truth":
+                with GroundTruthMemories(sam2, batch_targets[clip]):
+                    results = propagation.run()
+            else:
+                results = propagation.run()
             logits.append(torch.cat([results[(0, t)]["mask_logits"][:, 0] for t in range(num_frames)]))
         else:
             decoded = model.decode_masks(
@@ -143,11 +179,18 @@ def evaluate(model, oracle, clips: dict, shuffle: bool) -> dict:
 
 
 def run(mode: str, steps: int, eval_at: list[int], batch_size: int, learning_rate: float, train_clips: int,
-        eval_clips: int, seed: int) -> dict:
+        eval_clips: int, seed: int, memory_masks: str = "predicted", memory_layers: int | None = None,
+        memory_mlp: int | None = None) -> dict:
     torch.manual_seed(seed)
     scenes = replace(DemoSettings().synthetic_config(), video_fraction=1.0, multi_object_fraction=0.0, seed=seed)
+    sam2_config = tiny_sam2_config()
+    if memory_layers is not None:
+        sam2_config.memory_attention_num_layers = memory_layers
+    if memory_mlp is not None:
+        sam2_config.memory_attention_feed_forward_hidden_size = memory_mlp
     model, tokenizer = build_tiny_model(
-        seed=seed, use_cma=False, video_training=mode, freeze_sam2_image_encoder=False, freeze_vision_tower=False
+        seed=seed, use_cma=False, video_training=mode, freeze_sam2_image_encoder=False, freeze_vision_tower=False,
+        sam2_config=sam2_config,
     )
     processor = MaskCMAProcessor.from_model_config(model.config, tokenizer)
     train = prepare_clips(single_object_clips("train", train_clips, scenes), processor)
@@ -160,7 +203,8 @@ def run(mode: str, steps: int, eval_at: list[int], batch_size: int, learning_rat
     history, losses, started = [], [], time.time()
     for step in tqdm(range(1, steps + 1), desc=f"video ceiling ({mode})"):
         rows = torch.randint(0, train["pixels"].shape[0], (batch_size,), generator=generator)
-        loss = clip_loss(model, oracle, train["pixels"][rows], train["queries"][rows], train["targets"][rows], mode)
+        loss = clip_loss(model, oracle, train["pixels"][rows], train["queries"][rows], train["targets"][rows], mode,
+                         memory_masks)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
@@ -179,7 +223,9 @@ def run(mode: str, steps: int, eval_at: list[int], batch_size: int, learning_rat
                 f"{row['held_out']['propagated_frames']['J&F']:.3f} (shuffled queries "
                 f"{row['shuffled_queries']['propagated_frames']['J&F']:.3f})", flush=True,
             )
-    return {"mode": mode, "batch_size": batch_size, "learning_rate": learning_rate, "train_clips":
+    return {"mode": mode, "memory_masks": memory_masks, "memory_attention_layers":
+            model.sam2.config.memory_attention_num_layers, "memory_attention_mlp":
+            model.sam2.config.memory_attention_feed_forward_hidden_size, "batch_size": batch_size, "learning_rate": learning_rate, "train_clips":
             int(train["pixels"].shape[0]), "eval_clips": int(held_out["pixels"].shape[0]), "seed": seed,
             "history": history}
 
@@ -194,13 +240,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-clips", type=int, default=400)
     parser.add_argument("--eval-clips", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--memory-masks", choices=("predicted", "ground-truth"), default="predicted",
+        help="what the key frames' memories encode while training (evaluation always uses the decoded masks)",
+    )
+    parser.add_argument("--memory-layers", type=int, default=None, help="memory-attention layers (tiny default: 1)")
+    parser.add_argument("--memory-mlp", type=int, default=None, help="memory-attention MLP width (tiny default: 256)")
     parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     result = run(args.mode, args.steps, args.eval_at or [args.steps], args.batch_size, args.learning_rate,
-                 args.train_clips, args.eval_clips, args.seed)
+                 args.train_clips, args.eval_clips, args.seed, args.memory_masks, args.memory_layers, args.memory_mlp)
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    path = args.output_dir / f"demo_video_ceiling_{args.mode}.json"
+    suffix = "" if args.memory_masks == "predicted" else "_gt_memory"
+    if args.memory_layers is not None or args.memory_mlp is not None:
+        suffix += f"_memory_{result['memory_attention_layers']}x{result['memory_attention_mlp']}"
+    path = args.output_dir / f"demo_video_ceiling_{args.mode}{suffix}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written to {path}")
     return 0

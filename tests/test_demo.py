@@ -155,6 +155,24 @@ def test_scene_groups_keep_the_samples_of_a_scene_together():
         SceneGroups([0], records)
 
 
+def test_the_clip_share_of_training_is_set_apart_from_the_held_out_split():
+    from dataclasses import replace
+
+    from transformers_maskcma.demo import QUICK_SETTINGS, demo_data
+
+    def clip_count(records):
+        return sum(len(frames) > 1 for frames in records.cast_column(
+            "frames", datasets.Sequence(datasets.Image(decode=False)))["frames"])
+
+    settings = replace(QUICK_SETTINGS, train_samples=8, eval_samples=6, train_video_fraction=1.0,
+                       synthetic={"video_fraction": 0.0})
+    train, test = demo_data(settings)
+    assert clip_count(train) == len(train) and clip_count(test) == 0
+    # None: the training scenes follow `synthetic` too
+    train, test = demo_data(replace(settings, train_video_fraction=None))
+    assert clip_count(train) == 0 and clip_count(test) == 0
+
+
 def test_bad_demo_data_settings_are_named():
     from dataclasses import replace
 
