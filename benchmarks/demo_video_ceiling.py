@@ -15,9 +15,11 @@ the query, 5–7 propagated) and scored with J&F separately on key and propagate
 queries shuffled across clips. With `--memory-masks ground-truth` the key frames' memories are encoded from the
 ground-truth masks while training (the decoded masks still get their loss), which tells whether the memory path is
 held back by poor key-frame masks early on. Results go to ``<output-dir>/demo_video_ceiling_<mode>.json``
-(``..._gt_memory.json`` with ground-truth memories). The recorded runs (docs/training.md, "Can the demo's budget
-reach the video targets?"): ``--steps 3000 --eval-at 250 500 1000 1500 2000 2500 3000 --train-clips 1500`` and the
-same with ``--steps 2000 --memory-masks ground-truth``.
+(``..._gt_memory.json`` with ground-truth memories, ``..._memory_<layers>x<mlp>.json`` with another memory size).
+The recorded runs (docs/training.md, "Can the demo's budget reach the video targets?"): ``--steps 3000 --eval-at 250
+500 1000 1500 2000 2500 3000 --train-clips 1500`` and the same with ``--steps 2000 --memory-masks ground-truth``;
+and, with the memory attention of the SAM2 releases, ``--steps 3000 --eval-at 500 1000 1500 2000 2500 3000
+--train-clips 1500 --memory-layers 4 --memory-mlp 2048``.
 """
 
 from __future__ import annotations
