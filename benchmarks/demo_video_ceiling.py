@@ -14,12 +14,13 @@ frames 5–7 propagated, a loss on all 8), with `--mode independent` every frame
 the query, 5–7 propagated) and scored with J&F separately on key and propagated frames, beside the same with the
 queries shuffled across clips. With `--memory-masks ground-truth` the key frames' memories are encoded from the
 ground-truth masks while training (the decoded masks still get their loss), which tells whether the memory path is
-held back by poor key-frame masks early on. Results go to ``<output-dir>/demo_video_ceiling_<mode>.json``
-(``..._gt_memory.json`` with ground-truth memories, ``..._memory_<layers>x<mlp>.json`` with another memory size).
-The recorded runs (docs/training.md, "Can the demo's budget reach the video targets?"): ``--steps 3000 --eval-at 250
-500 1000 1500 2000 2500 3000 --train-clips 1500`` and the same with ``--steps 2000 --memory-masks ground-truth``;
-and, with the memory attention of the SAM2 releases, ``--steps 3000 --eval-at 500 1000 1500 2000 2500 3000
---train-clips 1500 --memory-layers 4 --memory-mlp 2048``.
+held back by poor key-frame masks early on. Each evaluation row records `train_s`, the seconds spent in training
+steps so far (evaluation excluded), for comparing the step cost of two settings. Results go to
+``<output-dir>/demo_video_ceiling_<mode>.json`` (``..._gt_memory.json`` with ground-truth memories,
+``..._memory_<layers>x<mlp>.json`` with another memory size). The recorded runs (docs/training.md, "Can the demo's
+budget reach the video targets?"): ``--steps 3000 --eval-at 250 500 1000 1500 2000 2500 3000 --train-clips 1500`` and
+the same with ``--steps 2000 --memory-masks ground-truth``; and, with the memory attention of the SAM2 releases,
+``--steps 3000 --eval-at 500 1000 1500 2000 2500 3000 --train-clips 1500 --memory-layers 4 --memory-mlp 2048``.
 """
 
 from __future__ import annotations
@@ -202,8 +203,9 @@ def run(mode: str, steps: int, eval_at: list[int], batch_size: int, learning_rat
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.05)
     generator = torch.Generator().manual_seed(seed)
     model.train()
-    history, losses, started = [], [], time.time()
+    history, losses, started, train_seconds = [], [], time.time(), 0.0
     for step in tqdm(range(1, steps + 1), desc=f"video ceiling ({mode})"):
+        step_started = time.perf_counter()
         rows = torch.randint(0, train["pixels"].shape[0], (batch_size,), generator=generator)
         loss = clip_loss(model, oracle, train["pixels"][rows], train["queries"][rows], train["targets"][rows], mode,
                          memory_masks)
@@ -212,12 +214,13 @@ def run(mode: str, steps: int, eval_at: list[int], batch_size: int, learning_rat
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
+        train_seconds += time.perf_counter() - step_started
         if step in eval_at:
             history.append({
                 "step": step, "clips_seen": step * batch_size, "train_loss_last_50": float(np.mean(losses[-50:])),
                 "held_out": evaluate(model, oracle, held_out, shuffle=False),
                 "shuffled_queries": evaluate(model, oracle, held_out, shuffle=True),
-                "elapsed_s": time.time() - started,
+                "train_s": train_seconds, "elapsed_s": time.time() - started,
             })
             row = history[-1]
             print(

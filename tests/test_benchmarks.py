@@ -339,6 +339,42 @@ def test_demo_ceiling_quick_run_writes_every_run(tmp_path):
     assert payload["results"]["demo_scenes"]["scenes"]["max_shapes"] == 3
 
 
+def test_demo_video_ceiling_builds_the_asked_memory_and_names_its_file(tmp_path):
+    from benchmarks.demo_video_ceiling import main
+
+    argv = ["--steps", "2", "--eval-at", "1", "2", "--train-clips", "6", "--eval-clips", "2",
+            "--memory-layers", "2", "--memory-mlp", "64", "--output-dir", str(tmp_path)]
+    assert main(argv) == 0
+    assert [path.name for path in tmp_path.iterdir()] == ["demo_video_ceiling_propagate_memory_2x64.json"]
+    payload = _strict_json(tmp_path / "demo_video_ceiling_propagate_memory_2x64.json")
+    assert (payload["memory_attention_layers"], payload["memory_attention_mlp"]) == (2, 64)
+    assert [row["step"] for row in payload["history"]] == [1, 2]
+    first, second = payload["history"]
+    assert 0.0 < first["train_s"] < second["train_s"] < second["elapsed_s"]
+    for row in payload["history"]:
+        for scores in (row["held_out"], row["shuffled_queries"]):
+            for frames in ("key_frames", "propagated_frames"):
+                assert 0.0 <= scores[frames]["J&F"] <= 1.0
+
+
+def test_training_md_table_of_the_four_layer_memory_is_the_recorded_run():
+    """docs/training.md's table of the 4-layer-memory ceiling repeats the numbers of its recorded JSON."""
+    recorded = json.loads((REPO_ROOT / "docs/benchmarks/demo_video_ceiling_propagate_memory_4x2048.json").read_text())
+    assert (recorded["memory_attention_layers"], recorded["memory_attention_mlp"]) == (4, 2048)
+    training_md = (REPO_ROOT / "docs/training.md").read_text()
+    for row in recorded["history"]:
+        key = row["held_out"]["key_frames"]["J&F"]
+        propagated = row["held_out"]["propagated_frames"]["J&F"]
+        shuffled_key = row["shuffled_queries"]["key_frames"]["J&F"]
+        shuffled_propagated = row["shuffled_queries"]["propagated_frames"]["J&F"]
+        cells = [f"{row['clips_seen']:,}".replace(",", " "), f"{key:.3f}", f"{shuffled_key:.3f}", f"{propagated:.3f}",
+                 f"{shuffled_propagated:.3f}", f"{propagated / key:.3f}", f"{propagated - shuffled_propagated:+.2f}"]
+        row_start = f"| {cells[0]} | {cells[1]} |"
+        line = next((line for line in training_md.splitlines() if line.strip().startswith(row_start)), None)
+        assert line is not None, f"no row for {cells[0]} clips in docs/training.md"
+        assert [cell.strip().strip("*") for cell in line.strip().strip("|").split("|")] == cells
+
+
 def test_linear_probe_reads_a_separable_field_and_not_a_random_one():
     from benchmarks.demo_diagnostics import linear_probe_accuracy
 
